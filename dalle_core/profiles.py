@@ -1,0 +1,109 @@
+"""Run profiles: one config object per size, selectable everywhere.
+
+`tiny` trains in seconds on CPU and is what the tests use; `small` is the
+laptop demo; `paper-1.3B` and `paper-12B` are the paper's shapes. Only the
+profile (and the resources) change between a laptop and a GPU cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The data stage: crawl, filters, shards (paper section 2.3 and appendix C)."""
+
+    image_size: int  # side of the square images stored in shards (resize + centre crop)
+    image_format: str = "png"  # "png" (lossless, demo) or "jpg"
+    jpeg_quality: int = 95
+    # filters
+    min_caption_words: int = 3
+    max_caption_chars: int = 400
+    min_image_side: int = 32  # originals smaller than this on either side are dropped
+    aspect_ratio_range: tuple[float, float] = (0.5, 2.0)  # the paper's [1/2, 2]
+    english_min_confidence: float = 0.5  # normalised langid probability for "en"
+    near_duplicate_max_distance: int = 6  # Hamming distance between 64-bit pHashes
+    # shards
+    shard_size: int = 10_000  # samples per WebDataset shard (img2dataset's default)
+    # crawler
+    crawl_part_size: int = 10_000  # rows of a URL list crawled and written as one unit
+    crawl_workers: int = 64
+    crawl_timeout_s: float = 10.0
+    crawl_retries: int = 2
+    crawl_backoff_s: float = 0.5
+    # the built-in demo world (only used when the crawl source is the demo world)
+    demo_items_per_batch: int = 0
+    demo_batches: int = 0
+    demo_eval_items: int = 0
+    demo_seed: int = 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    data: DataConfig
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def with_data(self, **changes) -> "Profile":
+        return replace(self, data=replace(self.data, **changes))
+
+
+PROFILES: dict[str, Profile] = {
+    "tiny": Profile(
+        name="tiny",
+        data=DataConfig(
+            image_size=32,
+            min_image_side=24,
+            shard_size=40,
+            crawl_part_size=40,
+            crawl_workers=8,
+            crawl_timeout_s=1.0,
+            crawl_retries=2,
+            crawl_backoff_s=0.05,
+            demo_items_per_batch=120,
+            demo_batches=2,
+            demo_eval_items=16,
+        ),
+    ),
+    "small": Profile(
+        name="small",
+        data=DataConfig(
+            image_size=64,
+            min_image_side=32,
+            shard_size=500,
+            crawl_part_size=500,
+            crawl_workers=16,
+            crawl_timeout_s=2.0,
+            crawl_retries=2,
+            crawl_backoff_s=0.1,
+            demo_items_per_batch=1500,
+            demo_batches=2,
+            demo_eval_items=200,
+        ),
+    ),
+    "paper-1.3B": Profile(
+        name="paper-1.3B",
+        data=DataConfig(image_size=256, image_format="jpg", min_image_side=64),
+    ),
+    "paper-12B": Profile(
+        name="paper-12B",
+        data=DataConfig(image_size=256, image_format="jpg", min_image_side=64),
+    ),
+}
+
+
+class UnknownProfileError(ValueError):
+    pass
+
+
+def get_profile(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise UnknownProfileError(
+            f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}"
+        ) from None
