@@ -1,0 +1,44 @@
+"""Great Expectations suites as blocking Dagster asset checks: a failing suite
+stops the assets downstream and says which expectation failed on how many rows."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+
+from assets.data import FILTERED, SHARDS, filtered_pairs, load_eval_phashes, shards_asset
+from assets.metadata import md
+from dalle_core.data import expectations, shards
+from dalle_core.data.shards import Manifest
+from orchestration.resources import ProfileResource, StorageResource
+
+
+def _result(quality, rows: int) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        passed=quality.success,
+        metadata={
+            "rows_checked": rows,
+            "failed_expectations": len(quality.failures),
+            "result": md(quality.to_markdown()),
+        },
+    )
+
+
+@dg.asset_check(asset=filtered_pairs, blocking=True, description="Great Expectations suite over the filtered pairs")
+def filtered_pairs_expectations(storage: StorageResource, profile: ProfileResource) -> dg.AssetCheckResult:
+    store, prof = storage.get(), profile.get()
+    frame = expectations.pairs_frame(shards.read_shards(store, FILTERED), eval_phashes=load_eval_phashes(store))
+    return _result(expectations.validate_filtered_pairs(frame, prof.data), len(frame))
+
+
+@dg.asset_check(asset=shards_asset, blocking=True, description="Shard checksums and counts match the manifest and the filtered pairs")
+def shards_expectations(storage: StorageResource) -> dg.AssetCheckResult:
+    store = storage.get()
+    manifest = Manifest.load(store, SHARDS)
+    problems = shards.verify_shards(store, SHARDS)
+    n_expected = json.loads(store.get_text(f"{FILTERED}/report.json"))["kept"]
+    return _result(expectations.validate_shards(manifest, problems, n_expected), len(manifest.shards))
+
+
+data_checks = [filtered_pairs_expectations, shards_expectations]

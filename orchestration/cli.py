@@ -1,0 +1,187 @@
+"""The `dalle` command line.
+
+User errors (unknown profile, missing file, bad URL list) print one line naming
+the cause and exit with status 2; no stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from dalle_core.profiles import PROFILES, UnknownProfileError, get_profile
+
+
+class UserError(Exception):
+    pass
+
+
+USER_ERRORS = (UserError, UnknownProfileError, FileNotFoundError, ValueError)
+
+
+def _settings(args):
+    from orchestration.settings import Settings
+
+    overrides = {}
+    if getattr(args, "run_dir", None):
+        overrides["run_dir"] = Path(args.run_dir)
+    if getattr(args, "profile", None):
+        overrides["profile"] = args.profile
+    return Settings.from_env(**overrides)
+
+
+def cmd_demo(args) -> int:
+    from orchestration.demo import run_demo
+
+    run_demo(_settings(args))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    """Dagster UI (dagster dev: webserver + daemon) and the MLflow UI, on 127.0.0.1."""
+    from orchestration.demo import prepare_instance
+
+    settings = _settings(args)
+    prepare_instance(settings)
+    env = {**os.environ, **settings.export()}
+    bindir = Path(sys.executable).parent
+    root = Path(__file__).resolve().parent.parent
+    procs = [
+        subprocess.Popen(
+            [str(bindir / "dagster"), "dev", "-w", str(root / "workspace.yaml"),
+             "-h", "127.0.0.1", "-p", str(args.dagster_port)],
+            env=env, cwd=root,
+        ),
+        subprocess.Popen(
+            [str(bindir / "mlflow"), "ui", "--backend-store-uri", settings.mlflow_tracking_uri,
+             "--default-artifact-root", Path(settings.mlflow_artifact_root).resolve().as_uri(),
+             "--host", "127.0.0.1", "--port", str(args.mlflow_port)],
+            env=env, cwd=root,
+        ),
+    ]
+    print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}   (instance {settings.dagster_home})")
+    print(f"MLflow UI:  http://127.0.0.1:{args.mlflow_port}   (tracking {settings.mlflow_tracking_uri})")
+    print("Ctrl-C stops both.")
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return 0
+
+
+def cmd_demo_world_serve(args) -> int:
+    from dalle_core.data.demo_server import serve_demo_world
+    from orchestration.resources import demo_world_for
+
+    world = demo_world_for(get_profile(args.profile))
+    base = f"http://{args.host}:{args.port}"
+    out = Path(args.out)
+    lists = world.write_url_lists(out / "url_lists", base)
+    eval_json = world.write_eval_set(out / "coco_eval")
+    with serve_demo_world(world, host=args.host, port=args.port) as server:
+        print(f"demo world ({args.profile}) serving at {server.url}")
+        for p in lists:
+            print(f"  URL list: {p}")
+        print(f"  evaluation set (MS-COCO captions format): {eval_json}")
+        print("Ctrl-C stops it.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def cmd_crawl(args) -> int:
+    from dalle_core.data.crawl import crawl
+    from dalle_core.storage import open_storage
+
+    profile = get_profile(args.profile)
+    url_list = Path(args.url_list)
+    if not url_list.is_file():
+        raise UserError(f"URL list not found: {url_list}")
+    prefix = args.prefix or f"raw_pairs/{url_list.name.split('.')[0]}"
+    storage = open_storage(args.storage, endpoint_url=args.endpoint_url)
+
+    def progress(p):
+        print(f"\r{p}", end="", file=sys.stderr, flush=True)
+
+    result = crawl(url_list, storage, prefix, profile.data, progress=progress)
+    print(file=sys.stderr)
+    print(f"crawled {result.n_rows} rows: {result.n_ok} ok, {result.n_failed} failed "
+          f"({result.pairs_per_s:.1f} pairs/s) -> {storage.uri(prefix)}")
+    for reason, n in sorted(result.failures_by_reason.items(), key=lambda kv: -kv[1]):
+        print(f"  {reason:20s} {n}")
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    for name, p in PROFILES.items():
+        print(f"{name:12s} image_size={p.data.image_size} shard_size={p.data.shard_size}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dalle", description="DALL-E platform command line")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the whole lineage on the built-in demo world")
+    p.add_argument("--profile", default=None, help="tiny | small (default: $DALLE_PROFILE or small)")
+    p.add_argument("--run-dir", default=None, help="where everything goes (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("ui", help="start the Dagster UI and the MLflow UI on 127.0.0.1")
+    p.add_argument("--run-dir", default=None)
+    p.add_argument("--profile", default=None)
+    p.add_argument("--dagster-port", type=int, default=3000)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
+    p = sub.add_parser("demo-world", help="the built-in synthetic web")
+    dsub = p.add_subparsers(dest="demo_world_command", required=True)
+    s = dsub.add_parser("serve", help="write its URL lists and eval set, and serve it over HTTP")
+    s.add_argument("--profile", default="small")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--out", default="runs/demo-world")
+    s.set_defaults(func=cmd_demo_world_serve)
+
+    p = sub.add_parser("crawl", help="download a URL list (parquet/csv/tsv with url, caption) into shards")
+    p.add_argument("url_list")
+    p.add_argument("--storage", required=True, help="local directory or s3://bucket/prefix")
+    p.add_argument("--prefix", default=None, help="key prefix inside storage (default raw_pairs/<list name>)")
+    p.add_argument("--profile", default="small")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto, ...)")
+    p.set_defaults(func=cmd_crawl)
+
+    p = sub.add_parser("profiles", help="list the run profiles")
+    p.set_defaults(func=cmd_profiles)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"dalle {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The one `Definitions` of the platform, built from per-domain modules."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.asset_checks import data_checks
+from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
+from orchestration.jobs import crawl_job, data_job
+from orchestration.resources import (
+    CrawlSourceResource,
+    MlflowResource,
+    ProfileResource,
+    StorageResource,
+)
+from orchestration.sensors import new_url_list_sensor
+from orchestration.settings import Settings
+
+
+def build_resources(settings: Settings) -> dict:
+    return {
+        "storage": StorageResource(root=settings.storage_root, endpoint_url=settings.s3_endpoint_url),
+        "profile": ProfileResource(name=settings.profile),
+        "mlflow": MlflowResource(
+            tracking_uri=settings.mlflow_tracking_uri,
+            artifact_root=settings.mlflow_artifact_root,
+            ui_url=settings.mlflow_ui_url,
+        ),
+        "crawl_source": CrawlSourceResource(
+            url_list_dir=settings.url_list_dir,
+            demo_world=settings.demo_world,
+            demo_port=settings.demo_port,
+        ),
+    }
+
+
+def build_definitions(settings: Settings) -> dg.Definitions:
+    return dg.Definitions(
+        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset],
+        asset_checks=data_checks,
+        jobs=[crawl_job, data_job],
+        sensors=[new_url_list_sensor],
+        resources=build_resources(settings),
+    )
+
+
+defs = build_definitions(Settings.from_env())

@@ -1,0 +1,18 @@
+"""Jobs: the crawl of one batch (a partition), and the data stage after it."""
+
+import dagster as dg
+
+from assets.data import crawl_batches
+
+crawl_job = dg.define_asset_job(
+    "crawl_job",
+    selection=dg.AssetSelection.assets("raw_pairs"),
+    partitions_def=crawl_batches,
+    description="Crawl one URL list (a crawl_batches partition).",
+)
+
+data_job = dg.define_asset_job(
+    "data_job",
+    selection=dg.AssetSelection.assets("coco_eval_set", "filtered_pairs", "shards"),
+    description="Evaluation set, filters and shards over every completed crawl batch, with their checks.",
+)

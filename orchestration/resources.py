@@ -1,0 +1,140 @@
+"""Dagster resources: storage, MLflow tracking, run profile, crawl source.
+
+Each is a typed `ConfigurableResource` with a local default (a directory, SQLite
+MLflow, the built-in demo world) and a cluster form (S3 with any endpoint, an
+MLflow server URL, URL lists landing in a folder or S3 prefix).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import Iterator, Optional
+
+import dagster as dg
+
+from dalle_core.profiles import Profile, get_profile
+from dalle_core.storage import Storage, open_storage
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Where every asset writes its files: a local directory or `s3://bucket/prefix`."""
+
+    root: str
+    endpoint_url: Optional[str] = None  # e.g. a MinIO or moto server; credentials from env
+
+    def get(self) -> Storage:
+        return open_storage(self.root, endpoint_url=self.endpoint_url)
+
+
+class ProfileResource(dg.ConfigurableResource):
+    """Which size of everything to run: tiny / small / paper-1.3B / paper-12B."""
+
+    name: str = "small"
+
+    def get(self) -> Profile:
+        return get_profile(self.name)
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """A thin wrapper over MLflow for assets (dagster-mlflow targets op-style jobs).
+
+    Default: a SQLite backend and a local artifact root under the run directory.
+    """
+
+    tracking_uri: str
+    artifact_root: Optional[str] = None
+    experiment: str = "dalle"
+    ui_url: Optional[str] = None  # where `make ui` serves MLflow, for links in metadata
+
+    def _client_setup(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is None:
+            location = None
+            if self.artifact_root:
+                Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
+                location = Path(self.artifact_root).resolve().as_uri()
+            exp_id = mlflow.create_experiment(self.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        return mlflow, exp_id
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str, tags: dict | None = None) -> Iterator[object]:
+        mlflow, exp_id = self._client_setup()
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags or {}) as run:
+            yield run
+
+    def run_url(self, run) -> str:
+        base = self.ui_url or self.tracking_uri
+        return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+class CrawlSourceResource(dg.ConfigurableResource):
+    """Where crawl batches come from: a folder of URL lists (each file a partition).
+
+    With `demo_world=True` the built-in demo world is served on host:port for the
+    duration of a crawl (unless something already serves it), so its URL lists
+    can be recrawled from the UI at any time.
+    """
+
+    url_list_dir: str
+    demo_world: bool = True
+    demo_host: str = "127.0.0.1"
+    demo_port: int = 8765
+
+    def demo_base_url(self) -> str:
+        return f"http://{self.demo_host}:{self.demo_port}"
+
+    def url_lists(self) -> list[str]:
+        d = Path(self.url_list_dir)
+        if not d.is_dir():
+            return []
+        return sorted(
+            p.name for p in d.iterdir() if p.suffix in (".parquet", ".csv", ".tsv") or p.name.endswith((".csv.gz", ".tsv.gz"))
+        )
+
+    def url_list_path(self, name: str) -> Path:
+        p = Path(self.url_list_dir) / name
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"URL list {name!r} not found in url_list_dir={self.url_list_dir!r}"
+            )
+        return p
+
+    @contextlib.contextmanager
+    def serving(self, profile: Profile) -> Iterator[None]:
+        if not self.demo_world or _port_open(self.demo_host, self.demo_port):
+            yield
+            return
+        from dalle_core.data.demo_server import serve_demo_world
+
+        with serve_demo_world(demo_world_for(profile), host=self.demo_host, port=self.demo_port):
+            yield
+
+
+def demo_world_for(profile: Profile):
+    from dalle_core.data.demo_world import DemoWorld
+
+    d = profile.data
+    return DemoWorld(
+        seed=d.demo_seed,
+        items_per_batch=d.demo_items_per_batch,
+        n_batches=d.demo_batches,
+        n_eval=d.demo_eval_items,
+    )
+
+
+def default_run_dir() -> Path:
+    return Path(os.environ.get("DALLE_RUN_DIR", "runs/demo")).resolve()
