@@ -285,18 +285,10 @@ def verify_shards(storage: Storage, prefix: str) -> list[ShardProblem]:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_one(path: Path, info: ShardInfo, verify: bool) -> Iterator[Pair]:
+def _iter_tar(path: Path, name: str) -> Iterator[Pair]:
+    """Pairs of one tar through webdataset; a damaged tar raises CorruptShardError naming it."""
     import webdataset as wds
 
-    if verify:
-        size = path.stat().st_size
-        if size != info.bytes:
-            raise CorruptShardError(info.name, f"{size} bytes, manifest says {info.bytes}")
-        digest = file_sha256(path)
-        if digest != info.sha256:
-            raise CorruptShardError(
-                info.name, f"sha256 {digest} does not match the manifest's {info.sha256}"
-            )
     ds = wds.WebDataset(
         str(path),
         shardshuffle=False,
@@ -313,12 +305,34 @@ def _read_one(path: Path, info: ShardInfo, verify: bool) -> Iterator[Pair]:
             break
         except Exception as e:  # tarfile / webdataset errors on a damaged tar
             raise CorruptShardError(
-                info.name, f"does not parse after {n} samples: {type(e).__name__}: {e}"
+                name, f"does not parse after {n} samples: {type(e).__name__}: {e}"
             ) from e
         try:
             pair = Pair.from_sample(sample)
         except InvalidSampleError as e:
-            raise CorruptShardError(info.name, f"bad sample after {n} samples: {e}") from e
+            raise CorruptShardError(name, f"bad sample after {n} samples: {e}") from e
+        n += 1
+        yield pair
+
+
+def read_tar(storage: Storage, key: str) -> Iterator[Pair]:
+    """Pairs of one tar that has no manifest (a crawl part); damage raises CorruptShardError."""
+    with storage.local_copy(key) as path:
+        yield from _iter_tar(Path(path), key)
+
+
+def _read_one(path: Path, info: ShardInfo, verify: bool) -> Iterator[Pair]:
+    if verify:
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise CorruptShardError(info.name, f"{size} bytes, manifest says {info.bytes}")
+        digest = file_sha256(path)
+        if digest != info.sha256:
+            raise CorruptShardError(
+                info.name, f"sha256 {digest} does not match the manifest's {info.sha256}"
+            )
+    n = 0
+    for pair in _iter_tar(path, info.name):
         n += 1
         yield pair
     if n != info.count:
