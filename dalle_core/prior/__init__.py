@@ -1,0 +1,54 @@
+"""The transformer prior (paper section 2.2, appendix B): one decoder-only
+transformer over 256 text + 1024 image tokens with row / column / convolutional
+attention masks, trained with 1/8 text + 7/8 image cross-entropy.
+
+config.py   PriorConfig, PRIOR_PRESETS (tiny / small / paper-1.3B / paper-12B), count_parameters
+masks.py    the attention masks and the paper's layer pattern
+model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCache, optimizer groups
+"""
+
+from .config import (
+    ATTENTION_KINDS,
+    PAPER_1_3B,
+    PAPER_12B,
+    PRIOR_PRESETS,
+    SHAPE_FIELDS,
+    PriorConfig,
+    count_parameters,
+    get_prior_config,
+)
+from .masks import (
+    attention_mask,
+    build_attention_mask,
+    column_attention_mask,
+    column_image_mask,
+    conv_image_mask,
+    convolutional_attention_mask,
+    format_mask,
+    layer_attention_kind,
+    row_attention_mask,
+    row_image_mask,
+    text_causal_mask,
+)
+from .model import (
+    MLP,
+    AttentionResblock,
+    Block,
+    DalleTransformer,
+    FP32LayerNorm,
+    KVCache,
+    MLPResblock,
+    SelfAttention,
+    build_optimizer,
+    optimizer_param_groups,
+)
+
+__all__ = [
+    "ATTENTION_KINDS", "PAPER_1_3B", "PAPER_12B", "PRIOR_PRESETS", "SHAPE_FIELDS", "PriorConfig",
+    "count_parameters", "get_prior_config",
+    "attention_mask", "build_attention_mask", "column_attention_mask", "column_image_mask",
+    "conv_image_mask", "convolutional_attention_mask", "format_mask", "layer_attention_kind",
+    "row_attention_mask", "row_image_mask", "text_causal_mask",
+    "MLP", "AttentionResblock", "Block", "DalleTransformer", "FP32LayerNorm", "KVCache", "MLPResblock",
+    "SelfAttention", "build_optimizer", "optimizer_param_groups",
+]

@@ -1,0 +1,366 @@
+"""Per-resblock gradient scaling (paper section 2.4): underflow, overflow,
+exactness, scale dynamics and checkpoints, on CPU.
+
+fp16 is simulated the way autocast does it: fp32 master parameters and residual
+stream, the resblock's branch computed in fp16 (weights cast on the fly), so the
+branch's backward runs in fp16 and can underflow or overflow.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_core.precision import PerResblockGradScaler, ScaledResblock, apply_per_resblock_grad_scaling
+from dalle_core.prior import PRIOR_PRESETS, DalleTransformer, build_optimizer
+
+D = 16
+
+
+class ToyResblock(nn.Module):
+    """x + out_factor * MLP(LN(x)), the MLP in fp16 (or fp32 for the reference).
+    `out_factor` (applied in fp32) sets the size of the gradient entering the
+    branch: large -> the block's fp16 backward overflows under a big scale; tiny
+    -> it underflows under a small one."""
+
+    def __init__(self, out_factor: float = 1.0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(D, D), nn.Linear(D, D)
+        self.out_factor = out_factor
+        self.fp16 = True
+
+    def branch(self, x):
+        dt = torch.float16 if self.fp16 else x.dtype
+        h = F.layer_norm(x, (D,)).to(dt)  # pre-LN (fp32), then the fp16 MLP
+        h = torch.tanh(F.linear(h, self.fc1.weight.to(dt), self.fc1.bias.to(dt)))
+        h = F.linear(h, self.fc2.weight.to(dt), self.fc2.bias.to(dt))
+        return h.float() * self.out_factor
+
+    def forward(self, x):
+        return x + self.branch(x)
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, out_factor):
+        super().__init__()
+        self.res = ToyResblock(out_factor)
+
+    def forward(self, x):
+        return self.res(x)
+
+
+class Toy(nn.Module):
+    def __init__(self, factors):
+        super().__init__()
+        self.blocks = nn.ModuleList(ToyBlock(f) for f in factors)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def make_toy(factors, seed=0):
+    torch.manual_seed(seed)
+    return Toy(factors)
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(8, D, generator=g), torch.randn(8, D, generator=g)
+
+
+def backward(model, fp16, loss_scale=1.0):
+    """Gradients (divided by loss_scale) of each block's parameters and of the input."""
+    for b in model.blocks:
+        inner = b.res.resblock if isinstance(b.res, ScaledResblock) else b.res
+        inner.fp16 = fp16
+    model.zero_grad(set_to_none=True)
+    x, c = data()
+    x.requires_grad_(True)
+    # per-element output gradients c / 64: a loss averaged over many tokens
+    ((model(x) * c).sum() / 64 * loss_scale).backward()
+    grads = [torch.cat([p.grad.flatten() for p in b.res.parameters()]) / loss_scale for b in model.blocks]
+    return grads, x.grad / loss_scale
+
+
+def wrap(model, scaler):
+    return apply_per_resblock_grad_scaling(model, scaler, resblock_names=("res",))
+
+
+def block_grads(model):
+    return [torch.cat([p.grad.flatten() for p in b.res.parameters()]) for b in model.blocks]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# --- (a) underflow ----------------------------------------------------------------------
+
+def test_one_loss_scale_underflows_a_small_block_per_resblock_scales_do_not():
+    factors = [2.0**10, 2.0**-30]  # block 0: large gradients; block 1: tiny ones
+    model = make_toy(factors)
+    ref, _ = backward(model, fp16=False)
+
+    # one global loss scale: the largest power of two at which block 0 does not overflow
+    safe = None
+    for k in range(24, -1, -1):
+        grads, _ = backward(model, fp16=True, loss_scale=2.0**k)
+        if all(torch.isfinite(g).all() for g in grads):
+            safe = k
+            break
+    assert safe is not None and safe <= 12, safe  # 2^13 (the paper's initial scale) already overflows
+    grads, _ = backward(model, fp16=True, loss_scale=2.0**safe)
+    assert rel_err(grads[0], ref[0]) < 1e-2
+    assert (grads[1] == 0).all(), "the small block's gradients underflow to zero"
+    assert ref[1].abs().max() > 0
+
+    # per-resblock scales: each block gets the scale it needs
+    scaler = PerResblockGradScaler(2)
+    wrap(model, scaler)
+    scaler.set_scale(0, 2.0**safe)
+    scaler.set_scale(1, 2.0**24)
+    backward(model, fp16=True)
+    assert scaler.unscale_() == [False, False]
+    got = block_grads(model)
+    assert (got[1] != 0).all()
+    assert rel_err(got[1], ref[1]) < 1e-2
+    assert rel_err(got[0], ref[0]) < 1e-2
+
+
+def test_scales_back_off_until_the_large_block_fits():
+    model = make_toy([2.0**10, 2.0**-30])
+    scaler = PerResblockGradScaler(2)  # both start at 2^13
+    wrap(model, scaler)
+    history = []
+    for _ in range(20):
+        backward(model, fp16=True)
+        flags = scaler.unscale_()
+        history.append(flags[0])
+        assert not flags[1]
+        scaler.update()
+        if not flags[0]:
+            break
+    assert history[-1] is False and sum(history) >= 1
+    assert scaler.scales[0] < 2.0**13 and scaler.scales[1] > 2.0**13
+    # each overflow divided block 0's scale by sqrt(2); each clean step grew block 1's
+    n = len(history)
+    assert scaler.scales[0] == pytest.approx(2.0**13 * 2 ** (-0.5 * (n - 1)) * 2 ** (1 / 1000))
+    assert scaler.scales[1] == pytest.approx(2.0**13 * 2 ** (n / 1000))
+
+
+# --- (b) overflow -----------------------------------------------------------------------
+
+def test_overflowing_block_is_filtered_backed_off_and_the_step_skipped():
+    factors = [2.0**12, 1.0, 1.0]  # block 0 overflows at scale 2^13 (2^25 x its gradient)
+    model = make_toy(factors)
+    ref, _ = backward(model, fp16=False)
+    scaler = PerResblockGradScaler(3)
+    wrap(model, scaler)
+    _, x_grad = backward(model, fp16=True)
+    assert torch.isfinite(x_grad).all()  # filtered before it left the block
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert scaler.step(opt) is False  # skipped
+    assert scaler.found_nonfinite() == [True, False, False]
+    got = block_grads(model)
+    assert (got[0] == 0).all()  # the flagged block's parameter gradients are zeroed
+    for i in (1, 2):  # the others are finite and right
+        assert torch.isfinite(got[i]).all()
+        assert rel_err(got[i], ref[i]) < 1e-2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    scaler.update()
+    assert scaler.scales[0] == pytest.approx(2.0**13 / math.sqrt(2))
+    assert scaler.scales[1] == scaler.scales[2] == pytest.approx(2.0**13 * 2 ** (1 / 1000))
+    assert scaler.n_skipped == 1 and scaler.last_step_skipped
+
+
+def test_overflow_in_a_middle_block_leaves_the_others_finite():
+    model = make_toy([1.0, 2.0**12, 1.0])
+    scaler = PerResblockGradScaler(3)
+    wrap(model, scaler)
+    _, x_grad = backward(model, fp16=True)
+    assert scaler.unscale_() == [False, True, False]
+    got = block_grads(model)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[2]).all() and (got[1] == 0).all()
+    assert torch.isfinite(x_grad).all()
+
+
+def test_skips_at_most_once_per_skip_interval():
+    model = make_toy([2.0**16, 1.0])
+    scaler = PerResblockGradScaler(2, skip_interval=3)
+    wrap(model, scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepped = []
+    for _ in range(7):
+        before = [p.detach().clone() for p in model.blocks[1].parameters()]
+        frozen = [p.detach().clone() for p in model.blocks[0].parameters()]
+        backward(model, fp16=True)
+        stepped.append(scaler.step(opt))
+        assert scaler.found_nonfinite()[0]  # block 0 keeps overflowing (its scale floors at 2^7)
+        changed = any(not torch.equal(a, b) for a, b in zip(before, model.blocks[1].parameters()))
+        assert changed == stepped[-1]
+        # the overflowing block never moves: its gradients were filtered to zero
+        assert all(torch.equal(a, b) for a, b in zip(frozen, model.blocks[0].parameters()))
+        scaler.update()
+    assert stepped == [False, True, True, False, True, True, False]
+    assert scaler.n_skipped == 3 and scaler.n_filtered == 4
+
+
+def test_non_finite_gradients_outside_the_blocks_are_filtered():
+    model = make_toy([1.0])
+    extra = nn.Parameter(torch.ones(3))
+    scaler = PerResblockGradScaler(1)
+    wrap(model, scaler)
+    opt = torch.optim.SGD(list(model.parameters()) + [extra], lr=0.1)
+    backward(model, fp16=True)
+    extra.grad = torch.tensor([1.0, float("nan"), float("inf")])
+    assert scaler.step(opt) is False
+    assert torch.equal(extra.grad, torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.equal(extra.detach(), torch.ones(3))
+
+
+# --- (c) exactness without overflow ---------------------------------------------------------
+
+def test_scaled_gradients_equal_plain_fp32_gradients_exactly():
+    model = make_toy([1.0, 0.5, 2.0])
+    ref, ref_x = backward(model, fp16=False)
+    scaler = PerResblockGradScaler(3, init_scale=2.0**13)
+    wrap(model, scaler)
+    for i, k in enumerate((7, 13, 24)):
+        scaler.set_scale(i, 2.0**k)
+    _, x_grad = backward(model, fp16=False)
+    scaler.unscale_()
+    for got, want in zip(block_grads(model), ref):
+        assert torch.equal(got, want)
+    assert torch.equal(x_grad, ref_x)
+
+
+def test_prior_with_per_resblock_scaling_matches_plain_gradients():
+    cfg = PRIOR_PRESETS["tiny"]
+    torch.manual_seed(0)
+    plain = DalleTransformer(cfg)
+    torch.manual_seed(0)
+    scaled = DalleTransformer(cfg)
+    scaler = PerResblockGradScaler(list(scaled.resblocks()))
+    apply_per_resblock_grad_scaling(scaled, scaler)
+    assert all(isinstance(r, ScaledResblock) for r in scaled.resblocks())
+    assert len(scaler.scales) == cfg.n_resblocks
+    for i in range(cfg.n_resblocks):
+        scaler.set_scale(i, 2.0 ** (7 + 2 * i))
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, cfg.text_embedding_size, (2, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab_size, (2, cfg.image_len), generator=g)
+    plain.loss(text, image)["total"].backward()
+    scaled.loss(text, image)["total"].backward()
+    scaler.unscale_()
+    for (n1, p1), (n2, p2) in zip(plain.named_parameters(), scaled.named_parameters()):
+        assert n1 == n2.replace("resblock.", "")
+        torch.testing.assert_close(p2.grad, p1.grad, rtol=1e-6, atol=0, msg=n1)
+
+
+def test_prior_trains_in_fp16_autocast_with_per_resblock_scaling():
+    cfg = PRIOR_PRESETS["tiny"]
+    torch.manual_seed(0)
+    model = DalleTransformer(cfg)
+    scaler = PerResblockGradScaler(cfg.n_resblocks)
+    apply_per_resblock_grad_scaling(model, scaler)
+    opt = build_optimizer(model, cfg)
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, cfg.text_embedding_size, (4, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab_size, (4, cfg.image_len), generator=g)
+    losses = []
+    for _ in range(12):
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model.loss(text, image)["total"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        assert scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert scaler.n_skipped == 0
+
+
+# --- (d) scale dynamics and checkpoints ------------------------------------------------------
+
+def test_paper_defaults_depend_on_data_parallel_ranks():
+    s = PerResblockGradScaler(4, n_data_parallel=8)
+    assert s.scales == [8 * 2.0**13] * 4
+    assert (s.min_scale, s.max_scale) == (8 * 2.0**7, 8 * 2.0**24)
+    assert s.growth == 2 ** (1 / 1000) and s.backoff == pytest.approx(1 / math.sqrt(2))
+    assert s.skip_interval == 125
+
+
+def test_scales_grow_per_clean_step_and_clamp_at_the_bounds():
+    model = make_toy([1.0, 1.0])
+    scaler = PerResblockGradScaler(2)
+    wrap(model, scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for _ in range(3):
+        backward(model, fp16=False)
+        assert scaler.step(opt)
+        scaler.update()
+    assert scaler.scales == [pytest.approx(2.0**13 * 2 ** (3 / 1000))] * 2
+    scaler.set_scale(0, 2.0**24 / 2 ** (0.5 / 1000))  # half a growth step below the maximum
+    backward(model, fp16=False)
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.scales[0] == 2.0**24
+    scaler.set_scale(1, 1e12)
+    assert scaler.scales[1] == 2.0**24  # set_scale clamps too
+    # the minimum: a block that keeps overflowing floors at M * 2^7
+    hot = make_toy([2.0**16])
+    hs = PerResblockGradScaler(1)
+    wrap(hot, hs)
+    hs.set_scale(0, 2.0**7 * 1.2)
+    backward(hot, fp16=True)
+    assert hs.unscale_() == [True]
+    hs.update()
+    assert hs.scales[0] == 2.0**7
+
+
+def test_state_dict_round_trip():
+    model = make_toy([2.0**12, 1.0])
+    scaler = PerResblockGradScaler(2, skip_interval=5)
+    wrap(model, scaler)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        backward(model, fp16=True)
+        scaler.step(opt)
+        scaler.update()
+    state = scaler.state_dict()
+    json.dumps(state)  # plain Python: goes into any checkpoint
+    fresh = PerResblockGradScaler(2)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict() == state
+    assert fresh.scales == scaler.scales and fresh.skip_interval == 5
+    assert (fresh.step_count, fresh.last_skip_step, fresh.n_skipped) == (3, 0, 1)
+    with pytest.raises(ValueError, match="gradient scales"):
+        PerResblockGradScaler(3).load_state_dict(state)
+
+
+def test_wrapped_model_checkpoints_load_into_plain_models_and_back():
+    cfg = PRIOR_PRESETS["tiny"]
+    plain = DalleTransformer(cfg)
+    scaled = DalleTransformer(cfg)
+    apply_per_resblock_grad_scaling(scaled, PerResblockGradScaler(cfg.n_resblocks))
+    assert list(scaled.state_dict()) == list(plain.state_dict())
+    scaled.load_state_dict(plain.state_dict())  # plain -> wrapped
+    fresh = DalleTransformer(cfg)
+    fresh.load_state_dict(scaled.state_dict())  # wrapped -> plain
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(0, cfg.text_embedding_size, (1, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab_size, (1, cfg.image_len), generator=g)
+    with torch.no_grad():
+        a, b, c = plain(text, image)[1], scaled(text, image)[1], fresh(text, image)[1]
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert scaled.blocks[0].attn.kind == "row"  # attributes fall through to the resblock
+    with pytest.raises(ValueError, match="already"):
+        apply_per_resblock_grad_scaling(scaled, PerResblockGradScaler(cfg.n_resblocks))
