@@ -1,0 +1,124 @@
+"""The dVAE objective: the evidence lower bound (ELB) with a logit-Laplace
+likelihood and a gumbel-softmax relaxation (paper section 2.1, appendix A.3).
+
+Per image, the loss minimised is
+
+    -ELB / n_values = ( sum_pixels NLL_logit-Laplace(x | z)  +  beta * sum_positions KL(q(z|x) || U) ) / n_values
+
+with n_values = C * H * W, the number of pixel values (256 * 256 * 3 for the
+paper), and then averaged over the batch. So `recon` is the negative
+log-likelihood in nats per pixel value and `kl` the KL in nats per pixel value
+(the per-position KL, summed over the code grid, divided by n_values); `total` =
+recon + beta * kl.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .model import map_pixels
+
+__all__ = [
+    "logit_laplace_nll",
+    "kl_to_uniform",
+    "gumbel_softmax_relaxation",
+    "elb_loss",
+    "code_stats",
+    "map_pixels",
+]
+
+
+def logit_laplace_nll(x_mapped: torch.Tensor, mu: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Negative log-density of the logit-Laplace distribution, elementwise.
+
+    The paper's density on (0, 1) (appendix A.3) with location mu and scale b:
+
+        f(x | mu, b) = 1 / (2 b x (1 - x)) * exp(-|logit(x) - mu| / b)
+
+    i.e. a Laplace on logit(x), pushed through the sigmoid. `x_mapped` are pixels
+    after `map_pixels` (in [eps, 1 - eps], so logit(x) is finite); `mu` and
+    `log_scale` = ln(b) are the decoder's two output halves. The terms
+    log x + log(1 - x) + log 2 do not depend on the model; they are kept so the
+    value is a true NLL (it can be negative: a density may exceed 1).
+    """
+    x = x_mapped.float()
+    mu = mu.float()
+    log_scale = log_scale.float()
+    logit_x = torch.log(x) - torch.log1p(-x)
+    return (math.log(2.0) + log_scale + torch.log(x) + torch.log1p(-x)
+            + torch.abs(logit_x - mu) * torch.exp(-log_scale))
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q || uniform) per code position, q = softmax(encoder logits) over dim 1.
+
+    logits [B, K, h, w] -> [B, h, w]: sum_k q_k log q_k + log K. The paper's KL
+    term uses the encoder logits (not the relaxed sample), against a uniform prior.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    return (logp.exp() * logp).sum(dim=1) + math.log(logits.shape[1])
+
+
+def gumbel_softmax_relaxation(logits: torch.Tensor, temperature: float, dim: int = 1,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """A relaxed one-hot sample: softmax((logits + g) / temperature), g ~ Gumbel(0, 1).
+
+    The same computation as torch.nn.functional.gumbel_softmax(hard=False),
+    written out so that the noise can come from the trainer's own
+    `torch.Generator`: a resumed run then redraws exactly the same noise, no
+    matter what else used torch's global RNG (data loading, augmentation).
+    The paper trains on the soft relaxation (no straight-through estimator);
+    the gradient flows to the encoder logits through the softmax. As the
+    temperature falls the sample tends to a one-hot vector.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    # -log(E), E ~ Exp(1), is a standard Gumbel sample (as in F.gumbel_softmax)
+    gumbels = -torch.empty_like(logits).exponential_(generator=generator).log()
+    return F.softmax((logits + gumbels) / temperature, dim=dim)
+
+
+def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tensor,
+             kl_weight: float) -> dict[str, torch.Tensor]:
+    """The ELB loss of a batch, normalised per pixel value (see the module docstring).
+
+    images: targets in [0, 1], [B, C, H, W] (mapped here with map_pixels);
+    logits: encoder logits [B, K, h, w]; decoder_out: [B, 2C, H, W] (mu, ln b).
+    Returns {"total", "recon", "kl"}: scalars, each in nats per pixel value,
+    averaged over the batch; total = recon + kl_weight * kl.
+    """
+    b, c, h, w = images.shape
+    if decoder_out.shape != (b, 2 * c, h, w):
+        raise ValueError(f"decoder output shape {tuple(decoder_out.shape)} does not match "
+                         f"images {tuple(images.shape)} (expected {(b, 2 * c, h, w)})")
+    n_values = c * h * w  # 256 * 256 * 3 in the paper
+    x = map_pixels(images.float())
+    mu, log_scale = decoder_out[:, :c], decoder_out[:, c:]
+    recon = logit_laplace_nll(x, mu, log_scale).flatten(1).sum(1) / n_values
+    kl = kl_to_uniform(logits).flatten(1).sum(1) / n_values
+    recon, kl = recon.mean(), kl.mean()
+    return {"total": recon + kl_weight * kl, "recon": recon, "kl": kl}
+
+
+@torch.no_grad()
+def code_stats(logits: torch.Tensor) -> dict[str, float]:
+    """Codebook health of a batch: `usage` = fraction of the vocabulary that is
+    the argmax somewhere in the batch; `perplexity` = exp(entropy) of the
+    average code distribution (mean of softmax(logits) over batch and positions);
+    `hard_perplexity` the same for the argmax histogram."""
+    k = logits.shape[1]
+    codes = logits.argmax(dim=1).flatten()
+    counts = torch.bincount(codes, minlength=k).float()
+    usage = float((counts > 0).float().mean())
+    p_soft = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    p_hard = counts / counts.sum()
+
+    def perplexity(p: torch.Tensor) -> float:
+        p = p[p > 0]
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    return {"usage": usage, "perplexity": perplexity(p_soft), "hard_perplexity": perplexity(p_hard)}

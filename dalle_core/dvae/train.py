@@ -1,0 +1,413 @@
+"""dVAE training loop (paper appendix A.2), checkpointing and model files.
+
+    result = train_dvae(config, batches, checkpoint_dir, on_log=print)
+
+* AdamW with the cosine learning-rate, temperature and KL-weight schedules of
+  `schedules.py`; an EMA of the weights (the exported model); fp32 on CPU,
+  `torch.autocast` on CUDA (bf16, or fp16 with a GradScaler).
+* Logged every `log_every` steps: total / recon / kl (nats per pixel value, see
+  losses.py), temperature, beta (KL weight), lr, grad_norm, codebook usage and
+  perplexity: the numbers that show the KL term hurting reconstruction or the
+  codebook collapsing.
+* Checkpoints every `checkpoint_every` steps and at the end, written atomically
+  (temporary file, fsync, rename), holding model + EMA + optimizer + scaler +
+  step + config dict + RNG states + log history. A run killed at any step and
+  started again with `resume=True` continues from its newest readable
+  checkpoint and ends with exactly the parameters of an uninterrupted run, as
+  long as the data source replays the same batches (see `BatchSource`).
+
+Data: `batches` is either
+  - a callable `start_step -> iterator of batches` (preferred): on resume it is
+    called with the step to continue from and must yield the batch for that step
+    first; or
+  - a re-iterable (list, Dataset-backed DataLoader without shuffling, an object
+    whose __iter__ replays the same order): it is cycled epoch after epoch, and
+    on resume the first `start_step` batches are read and skipped.
+Each batch is a float32 tensor [B, C, H, W] with values in [0, 1].
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Union
+
+import torch
+import torch.nn as nn
+
+from .config import SHAPE_FIELDS, DVAEConfig
+from .losses import code_stats, elb_loss, gumbel_softmax_relaxation
+from .model import Decoder, Encoder, build_dvae, map_pixels, validate_images
+from .schedules import kl_weight_at, lr_at, temperature_at
+
+BatchSource = Union[Callable[[int], Iterable[torch.Tensor]], Iterable[torch.Tensor]]
+LogFn = Callable[[int, dict], None]
+
+CHECKPOINT_FORMAT = "dalle-dvae-train/1"
+MODEL_FORMAT = "dalle-dvae/1"
+CHECKPOINT_GLOB = "dvae-step-*.pt"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"dvae-step-{step:09d}.pt"
+
+
+@dataclass
+class TrainResult:
+    encoder: Encoder  # EMA weights: what is exported and evaluated
+    decoder: Decoder
+    config: DVAEConfig
+    step: int
+    history: list[dict] = field(default_factory=list)  # one dict per logged step
+    checkpoint_path: Path | None = None  # the last training checkpoint
+    model_path: Path | None = None  # save_dvae file of the EMA weights
+    resumed_from: int | None = None  # step the run resumed from, if it did
+    raw_encoder: Encoder | None = None  # the optimised (non-EMA) weights
+    raw_decoder: Decoder | None = None
+
+    @property
+    def final_metrics(self) -> dict:
+        return dict(self.history[-1]) if self.history else {}
+
+
+# -----------------------------------------------------------------------------
+# EMA of the weights
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers.
+
+    The decay used at update n is min(decay, (1 + n) / (10 + n)), so the average
+    is not dominated by the random initialisation in short runs (the paper's
+    0.999 applies unchanged once n > ~9000)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema = [p for p in self.module.parameters()]
+        cur = [p.detach() for p in module.parameters()]
+        torch._foreach_lerp_(ema, cur, 1.0 - d)
+        for be, bc in zip(self.module.buffers(), module.buffers()):
+            be.copy_(bc)
+        self.updates += 1
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+
+def _open_batches(batches: BatchSource, start_step: int) -> Iterator[torch.Tensor]:
+    if callable(batches):
+        return iter(batches(start_step))
+
+    def cycle() -> Iterator[torch.Tensor]:
+        epoch = 0
+        while True:
+            n = 0
+            for b in batches:
+                n += 1
+                yield b
+            if n == 0:
+                what = "is empty" if epoch == 0 else "yielded nothing when iterated again (a one-shot generator?)"
+                raise ValueError(f"batches {what}; pass a list / re-iterable, or a callable "
+                                 f"start_step -> iterator")
+            epoch += 1
+
+    it = cycle()
+    for _ in itertools.islice(it, start_step):  # replay to the resume point
+        pass
+    return it
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint files (atomic writes)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    out = []
+    for p in Path(checkpoint_dir).glob(CHECKPOINT_GLOB):
+        try:
+            out.append((int(p.stem.split("-")[-1]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def _load_latest_checkpoint(checkpoint_dir: Path) -> tuple[dict, Path] | None:
+    """The newest checkpoint that reads back; unreadable ones are skipped with a warning."""
+    for step, path in reversed(_list_checkpoints(checkpoint_dir)):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+                raise ValueError("not a dVAE training checkpoint")
+            return ckpt, path
+        except Exception as e:  # a truncated / corrupted file: fall back to the one before
+            warnings.warn(f"skipping unreadable dVAE checkpoint {path}: {e}")
+    return None
+
+
+def _check_resume_config(saved: dict, config: DVAEConfig, path: Path) -> None:
+    diff = {k: (saved.get(k), getattr(config, k)) for k in SHAPE_FIELDS if saved.get(k) != getattr(config, k)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume from {path}: the model shape differs ({detail}); "
+                         f"use another checkpoint_dir or resume=False")
+    other = {k: (v, config.to_dict().get(k)) for k, v in saved.items()
+             if k not in SHAPE_FIELDS and config.to_dict().get(k) != v}
+    if other:
+        warnings.warn(f"resuming from {path} with changed training settings "
+                      f"{ {k: f'{a} -> {b}' for k, (a, b) in other.items()} }; the result will "
+                      f"differ from an uninterrupted run")
+
+
+# -----------------------------------------------------------------------------
+# Model files: weights + the pinned config
+
+
+def save_dvae(path: str | Path, encoder: Encoder, decoder: Decoder, config: DVAEConfig) -> Path:
+    """Write encoder + decoder weights with the config pinned in the file (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    obj = {
+        "format": MODEL_FORMAT,
+        "config": config.to_dict(),
+        "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+    }
+    _atomic_save(obj, path)
+    return path
+
+
+def _load_state(module: nn.Module, state: dict, what: str, path: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: {what} weights do not match its pinned config: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
+    module.load_state_dict(state)
+
+
+def load_dvae(path: str | Path, device: torch.device | str = "cpu",
+              requires_grad: bool = False) -> tuple[Encoder, Decoder, DVAEConfig]:
+    """Read a `save_dvae` file (or a training checkpoint: its EMA weights).
+
+    The model is built from the config pinned in the file, not from today's
+    defaults. Only tensors and plain containers are unpickled (weights_only)."""
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable dVAE file ({e})") from e
+    if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
+        raise ValueError(f"{path}: not a dVAE model file (format {obj.get('format') if isinstance(obj, dict) else None!r})")
+    config = DVAEConfig.from_dict(obj["config"])
+    enc, dec = build_dvae(config, requires_grad=requires_grad)
+    if obj["format"] == CHECKPOINT_FORMAT:
+        enc_sd, dec_sd = obj["ema_encoder"], obj["ema_decoder"]
+    else:
+        enc_sd, dec_sd = obj["encoder"], obj["decoder"]
+    _load_state(enc, enc_sd, "encoder", path)
+    _load_state(dec, dec_sd, "decoder", path)
+    return enc.to(device), dec.to(device), config
+
+
+# -----------------------------------------------------------------------------
+# The training loop
+
+
+def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | Path,
+               on_log: LogFn | None = None, device: str | torch.device = "cpu",
+               resume: bool = True) -> TrainResult:
+    """Train a dVAE for `config.total_steps` updates (see the module docstring).
+
+    With resume=True the newest readable checkpoint in `checkpoint_dir` is
+    continued (a finished run is just loaded back); with resume=False training
+    starts from scratch and old step checkpoints in the directory are removed.
+    Raises ValueError for a bad batch (naming the step and the problem) and
+    FloatingPointError on a non-finite loss in fp32/bf16.
+    """
+    device = torch.device(device)
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    on_cuda = device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.amp_dtype]
+    use_amp = on_cuda and amp_dtype is not None  # fp32 on CPU
+    use_scaler = use_amp and amp_dtype == torch.float16
+
+    # Models are initialised on the CPU from config.seed (same init on any device),
+    # without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        encoder, decoder = build_dvae(config, requires_grad=True, use_mixed_precision=use_amp)
+    encoder.to(device).train()
+    decoder.to(device).train()
+    ema_enc, ema_dec = EMA(encoder, config.ema_decay), EMA(decoder, config.ema_decay)
+
+    params = list(encoder.parameters()) + list(decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
+                            weight_decay=config.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if on_cuda else None
+    # the gumbel noise has its own generator, so a resume redraws the same noise
+    noise_gen = torch.Generator(device=device)
+    noise_gen.manual_seed(config.seed + 1)
+
+    step, history, resumed_from, last_ckpt = 0, [], None, None
+    if resume:
+        found = _load_latest_checkpoint(checkpoint_dir)
+        if found is not None:
+            ckpt, last_ckpt = found
+            _check_resume_config(ckpt["config"], config, last_ckpt)
+            encoder.load_state_dict(ckpt["encoder"])
+            decoder.load_state_dict(ckpt["decoder"])
+            ema_enc.module.load_state_dict(ckpt["ema_encoder"])
+            ema_dec.module.load_state_dict(ckpt["ema_decoder"])
+            ema_enc.updates = ema_dec.updates = int(ckpt["ema_updates"])
+            opt.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            noise_gen.set_state(ckpt["rng"]["noise"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if on_cuda and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+            step = resumed_from = int(ckpt["step"])
+            history = list(ckpt.get("history", []))
+    else:
+        for _, p in _list_checkpoints(checkpoint_dir):
+            p.unlink()
+    for tmp in checkpoint_dir.glob("*.pt.tmp-*"):  # left by a run killed while writing
+        tmp.unlink(missing_ok=True)
+
+    def save_checkpoint() -> Path:
+        obj = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "config": config.to_dict(),
+            "encoder": encoder.state_dict(),
+            "decoder": decoder.state_dict(),
+            "ema_encoder": ema_enc.module.state_dict(),
+            "ema_decoder": ema_dec.module.state_dict(),
+            "ema_updates": ema_enc.updates,
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None and use_scaler else None,
+            "rng": {
+                "noise": noise_gen.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if on_cuda else None,
+            },
+            "history": history,
+        }
+        path = checkpoint_dir / checkpoint_name(step)
+        _atomic_save(obj, path)
+        for _, old in _list_checkpoints(checkpoint_dir)[: -config.keep_checkpoints]:
+            old.unlink(missing_ok=True)
+        return path
+
+    data = _open_batches(batches, step) if step < config.total_steps else iter(())
+    t_last = time.perf_counter()
+    while step < config.total_steps:
+        try:
+            images = next(data)
+        except StopIteration:
+            raise ValueError(f"batches ran out at step {step} of {config.total_steps}; the source "
+                             f"must yield one batch per step (cycle your data)") from None
+        validate_images(images, config.image_size, config.input_channels, what=f"batch for step {step}")
+        images = images.to(device, non_blocking=True)
+
+        # schedules for this update
+        tau, beta, lr = temperature_at(step, config), kl_weight_at(step, config), lr_at(step, config)
+        for g in opt.param_groups:
+            g["lr"] = lr
+
+        # forward: encoder logits -> relaxed one-hot sample -> decoder (mu, ln b)
+        with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
+            logits = encoder(map_pixels(images))
+            z = gumbel_softmax_relaxation(logits, tau, generator=noise_gen)
+            stats = decoder(z)
+        losses = elb_loss(images, logits.float(), stats.float(), beta)
+        loss = losses["total"]
+        losses = {k: v.detach() for k, v in losses.items()}
+        if not torch.isfinite(loss) and not use_scaler:
+            raise FloatingPointError(
+                f"non-finite dVAE loss at step {step} (recon {float(losses['recon'])}, kl "
+                f"{float(losses['kl'])}); last checkpoint: {last_ckpt}")
+
+        # backward + update
+        opt.zero_grad(set_to_none=True)
+        if use_scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            scaler.step(opt)  # skipped by the scaler if the gradients are not finite
+            scaler.update()
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
+            opt.step()
+        ema_enc.update(encoder)
+        ema_dec.update(decoder)
+        step += 1
+
+        log_now = step % config.log_every == 0 or step == config.total_steps
+        if log_now:
+            now = time.perf_counter()
+            metrics = {
+                "step": step,
+                "total": float(losses["total"]),
+                "recon": float(losses["recon"]),
+                "kl": float(losses["kl"]),
+                "temperature": tau,
+                "beta": beta,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                **code_stats(logits.detach()),
+                "sec_per_step": (now - t_last) / config.log_every,
+            }
+            t_last = now
+            history.append(metrics)
+        # checkpoint before reporting, so a failing logger never loses the step
+        if step % config.checkpoint_every == 0 or step == config.total_steps:
+            last_ckpt = save_checkpoint()
+        if log_now and on_log is not None:
+            on_log(step, history[-1])
+
+    if last_ckpt is None:  # total_steps already reached and nothing on disk (cannot happen normally)
+        last_ckpt = save_checkpoint()
+    ema_enc.module.requires_grad = ema_dec.module.requires_grad = False
+    model_path = save_dvae(checkpoint_dir / "dvae.pt", ema_enc.module, ema_dec.module, config)
+    return TrainResult(
+        encoder=ema_enc.module, decoder=ema_dec.module, config=config, step=step, history=history,
+        checkpoint_path=last_ckpt, model_path=model_path, resumed_from=resumed_from,
+        raw_encoder=encoder, raw_decoder=decoder,
+    )
+
+
+__all__ = ["TrainResult", "EMA", "BatchSource", "train_dvae", "save_dvae", "load_dvae", "checkpoint_name"]
