@@ -1,7 +1,6 @@
 """Great Expectations suites as blocking Dagster asset checks: a failing suite
 stops the assets downstream and says which expectation failed on how many rows."""
 
-from __future__ import annotations
 
 import json
 
@@ -37,7 +36,7 @@ def shards_expectations(storage: StorageResource) -> dg.AssetCheckResult:
     store = storage.get()
     manifest = Manifest.load(store, SHARDS)
     problems = shards.verify_shards(store, SHARDS)
-    n_expected = json.loads(store.get_text(f"{FILTERED}/report.json"))["kept"]
+    n_expected = json.loads(store.get_text(f"{FILTERED}/report.json"))["kept_count"]
     return _result(expectations.validate_shards(manifest, problems, n_expected), len(manifest.shards))
 
 

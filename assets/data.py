@@ -1,7 +1,6 @@
 """The data stage as Dagster assets: raw_pairs -> filtered_pairs -> shards, and the
 zero-shot evaluation set. Thin wrappers: the work is in dalle_core.data."""
 
-from __future__ import annotations
 
 import json
 import random
@@ -131,7 +130,7 @@ def coco_eval_set(
             store.put_file(f"{EVAL}/images/{im.file_name}", im.path)
             img = crawling.load_rgb(im.path.read_bytes())
             square = crawling.resize_center_crop(img, prof.data.image_size)
-            phashes[im.file_name] = filters.phash_hex(square)
+            phashes[im.file_name] = filters.compute_phash(square)
             if len(preview) < 16:
                 preview.append(square)
         coco.write_coco_captions(images, Path(tmp) / "captions.json")
@@ -175,11 +174,10 @@ def filtered_pairs(
         if len(examples) < 4:
             examples.append(pair.image)
 
-    pipeline.on_reject = on_reject
     accepted_preview: list = []
 
     def kept():
-        for pair in pipeline.apply(iter_raw_pairs(store, batches)):
+        for pair in pipeline.apply(iter_raw_pairs(store, batches), on_reject=on_reject):
             if len(accepted_preview) < 16:
                 accepted_preview.append(pair.image)
             yield pair
@@ -189,15 +187,15 @@ def filtered_pairs(
     manifest = shards.write_shards(kept(), store, FILTERED, prof.data.shard_size)
     report = pipeline.report.to_dict()
     store.put_text(f"{FILTERED}/report.json", json.dumps(report, indent=2))
-    context.log.info(f"filtered {report['input']} -> {report['kept']} pairs from {len(batches)} batches")
+    context.log.info(f"filtered {report['input_count']} -> {report['kept_count']} pairs from {len(batches)} batches")
 
     rows = [(name, n, "; ".join(f"{e['caption'][:40]!r}: {e['reason']}" for e in report["examples"].get(name, [])[:2]))
             for name, n in report["removed"].items()]
     rejected_imgs = [im for ims in rejected.values() for im in ims]
     return dg.MaterializeResult(
         metadata={
-            "input": report["input"],
-            "kept": report["kept"],
+            "input": report["input_count"],
+            "kept": report["kept_count"],
             "batches": md("\n".join(f"- {b}" for b in batches)),
             "removed_per_filter": md(md_table(["filter", "removed", "examples"], rows)),
             "accepted_preview": md(md_image(png_bytes(image_grid(accepted_preview)), "accepted")),
@@ -232,7 +230,7 @@ def shards_asset(
         import mlflow as mlf
 
         mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size})
-        mlf.log_metrics({"pairs_in": report["input"], "pairs_kept": report["kept"], "shards": len(manifest.shards)})
+        mlf.log_metrics({"pairs_in": report["input_count"], "pairs_kept": report["kept_count"], "shards": len(manifest.shards)})
         mlf.log_metrics({f"removed_{k}": v for k, v in report["removed"].items()})
         mlf.log_dict(manifest.to_dict(), "manifest.json")
         mlf.log_dict(report, "filter_report.json")
@@ -247,3 +245,13 @@ def shards_asset(
             "mlflow_run": dg.MetadataValue.url(run_url),
         }
     )
+
+
+def load_eval_images(store, image_size: int, cache_dir: Path) -> list[tuple[object, str]]:
+    """(square image at `image_size`, first caption) for every evaluation image in storage."""
+    captions_json = store.get_file(f"{EVAL}/captions.json", cache_dir / "captions.json")
+    out = []
+    for im in coco.load_coco_captions(captions_json, None):
+        data = store.get_bytes(f"{EVAL}/images/{im.file_name}")
+        out.append((crawling.resize_center_crop(crawling.load_rgb(data), image_size), im.captions[0]))
+    return out

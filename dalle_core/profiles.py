@@ -46,7 +46,21 @@ class Profile:
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "text": self.text.to_dict(), "dvae": self.dvae.to_dict()}
+
+    @property
+    def text(self):
+        """The BPE tokenizer's config (vocab size, text positions) at this size."""
+        from dalle_core.text.bpe import text_config
+
+        return text_config(self.name)
+
+    @property
+    def dvae(self):
+        """The dVAE's shape and training schedule at this size."""
+        from dalle_core.dvae.config import get_dvae_config
+
+        return get_dvae_config(self.name)
 
     def with_data(self, **changes) -> "Profile":
         return replace(self, data=replace(self.data, **changes))

@@ -6,7 +6,9 @@ import dagster as dg
 
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
-from orchestration.jobs import crawl_job, data_job
+from assets.dvae import dvae, image_codes
+from assets.text import bpe_tokenizer
+from orchestration.jobs import crawl_job, data_job, dvae_job
 from orchestration.resources import (
     CrawlSourceResource,
     MlflowResource,
@@ -19,7 +21,11 @@ from orchestration.settings import Settings
 
 def build_resources(settings: Settings) -> dict:
     return {
-        "storage": StorageResource(root=settings.storage_root, endpoint_url=settings.s3_endpoint_url),
+        "storage": StorageResource(
+            root=settings.storage_root,
+            endpoint_url=settings.s3_endpoint_url,
+            scratch_dir=str(settings.run_dir / "scratch"),
+        ),
         "profile": ProfileResource(name=settings.profile),
         "mlflow": MlflowResource(
             tracking_uri=settings.mlflow_tracking_uri,
@@ -36,9 +42,9 @@ def build_resources(settings: Settings) -> dict:
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset],
+        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job],
+        jobs=[crawl_job, data_job, dvae_job],
         sensors=[new_url_list_sensor],
         resources=build_resources(settings),
     )

@@ -85,6 +85,14 @@ def run_demo(settings: Settings, say=print) -> dict:
     if not res.success:
         raise SystemExit("the data stage failed: see the run in the Dagster UI (make ui)")
 
+    t = time.monotonic()
+    say("[demo] training the BPE tokenizer and the dVAE, then encoding the shards ...")
+    res = defs.resolve_job_def("dvae_job").execute_in_process(instance=instance, raise_on_error=False)
+    results["dvae"] = res.success
+    say(f"[demo] tokenizer, dVAE and image codes: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
+    if not res.success:
+        raise SystemExit("stage one (tokenizer / dVAE / image codes) failed: see the run in the Dagster UI (make ui)")
+
     summary = summarize(settings, instance)
     say("")
     say(f"[demo] done in {time.monotonic() - t0:.0f}s. What it produced:")
@@ -109,6 +117,9 @@ def summarize(settings: Settings, instance) -> dict:
         ("coco_eval_set", ("images",)),
         ("filtered_pairs", ("input", "kept")),
         ("shards", ("samples", "shards")),
+        ("bpe_tokenizer", ("trained_vocab", "mean_tokens_per_caption")),
+        ("dvae", ("steps", "caption_match_reconstruction", "caption_match_original", "eval_codebook_usage", "model_version")),
+        ("image_codes", ("samples", "grid")),
     ]:
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         if event is None:

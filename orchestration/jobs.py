@@ -2,12 +2,9 @@
 
 import dagster as dg
 
-from assets.data import crawl_batches
-
 crawl_job = dg.define_asset_job(
     "crawl_job",
     selection=dg.AssetSelection.assets("raw_pairs"),
-    partitions_def=crawl_batches,
     description="Crawl one URL list (a crawl_batches partition).",
 )
 
@@ -15,4 +12,10 @@ data_job = dg.define_asset_job(
     "data_job",
     selection=dg.AssetSelection.assets("coco_eval_set", "filtered_pairs", "shards"),
     description="Evaluation set, filters and shards over every completed crawl batch, with their checks.",
+)
+
+dvae_job = dg.define_asset_job(
+    "dvae_job",
+    selection=dg.AssetSelection.assets("bpe_tokenizer", "dvae", "image_codes"),
+    description="Stage one: the BPE tokenizer, the dVAE and the image codes the prior reads.",
 )

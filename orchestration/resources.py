@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -24,9 +25,16 @@ class StorageResource(dg.ConfigurableResource):
 
     root: str
     endpoint_url: Optional[str] = None  # e.g. a MinIO or moto server; credentials from env
+    scratch_dir: str = ""  # local working space (shard caches, training checkpoints)
 
     def get(self) -> Storage:
         return open_storage(self.root, endpoint_url=self.endpoint_url)
+
+    def scratch(self, name: str) -> Path:
+        base = Path(self.scratch_dir) if self.scratch_dir else Path(tempfile.gettempdir()) / "dalle-scratch"
+        path = base / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
 
 class ProfileResource(dg.ConfigurableResource):

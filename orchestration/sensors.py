@@ -1,6 +1,5 @@
 """Sensors: a new URL list landing in the inbox becomes a crawl batch partition."""
 
-from __future__ import annotations
 
 import dagster as dg
 

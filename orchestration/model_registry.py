@@ -1,0 +1,73 @@
+"""Models in the MLflow registry: logged as pyfunc models whose artifact is our own
+weights file (config pinned inside), registered under a name with an alias that
+downstream assets and the CLI resolve (`models:/dvae@champion`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+
+WEIGHTS = "weights"
+DEFAULT_ALIAS = "champion"
+
+
+class DVAEModel(mlflow.pyfunc.PythonModel):
+    """pyfunc face of the dVAE: RGB uint8 images [B, H, W, 3] -> token grids [B, h, w]."""
+
+    def load_context(self, context):
+        from dalle_core.dvae.train import load_dvae
+
+        self.encoder, self.decoder, self.config = load_dvae(context.artifacts[WEIGHTS])
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        from dalle_core.dvae.model import encode_to_codes
+
+        x = torch.from_numpy(np.asarray(model_input, dtype=np.float32) / 255.0).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            return encode_to_codes(self.encoder, x).numpy()
+
+
+def log_and_register(model_file: Path, name: str, python_model, alias: str = DEFAULT_ALIAS) -> str:
+    """Log the weights as a pyfunc model in the active run, register it, point `alias` at it."""
+    import torch
+
+    info = mlflow.pyfunc.log_model(
+        name=name,
+        python_model=python_model,
+        artifacts={WEIGHTS: str(model_file)},
+        registered_model_name=name,
+        # explicit requirements: inference would load the model in a subprocess
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dalle-platform"],
+    )
+    version = str(info.registered_model_version)
+    mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
+    return version
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_weights(spec: str, default_name: str) -> Path:
+    """A local weights file from a path, `models:/name@alias`, `models:/name/3`, or `@alias`."""
+    path = Path(spec)
+    if path.exists():
+        return path
+    uri = spec
+    if spec.startswith("@"):
+        uri = f"models:/{default_name}{spec}"
+    if not uri.startswith("models:/"):
+        raise ModelNotFoundError(f"model {spec!r}: no such file, and not a models:/ URI or @alias")
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as e:  # MlflowException: unknown model or alias
+        raise ModelNotFoundError(f"model {uri!r} not found in the MLflow registry ({mlflow.get_tracking_uri()}): {e}") from None
+    found = sorted(p for p in (local / "artifacts").glob("*") if p.is_file())
+    if not found:
+        raise ModelNotFoundError(f"model {uri!r} has no weights file in its artifacts")
+    return found[0]

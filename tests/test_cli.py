@@ -1,0 +1,30 @@
+"""The `dalle` command line: user errors name their cause, no stack trace."""
+
+import subprocess
+import sys
+
+from orchestration.cli import main
+
+
+def test_unknown_profile_is_a_one_line_error(capsys, tmp_path):
+    assert main(["demo", "--profile", "huge", "--run-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown profile 'huge'" in err and "Traceback" not in err
+
+
+def test_crawl_missing_url_list(capsys, tmp_path):
+    assert main(["crawl", str(tmp_path / "nope.parquet"), "--storage", str(tmp_path / "s")]) == 2
+    assert "nope.parquet" in capsys.readouterr().err
+
+
+def test_crawl_wrong_columns_names_the_column(capsys, tmp_path):
+    bad = tmp_path / "list.csv"
+    bad.write_text("link,text\nhttp://127.0.0.1:1/x,a red circle\n")
+    assert main(["crawl", str(bad), "--storage", str(tmp_path / "s"), "--profile", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "url" in err and "link" in err
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "orchestration.cli", "profiles"], capture_output=True, text=True, check=True)
+    assert "paper-12B" in out.stdout

@@ -1,0 +1,151 @@
+"""The data stage as Dagster assets, materialized in process on the tiny profile."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from services import free_port
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One tiny demo run of the data lineage on a persistent local instance."""
+    from orchestration.demo import run_demo
+    from orchestration.settings import Settings
+
+    run_dir = tmp_path_factory.mktemp("run")
+    settings = Settings(run_dir=run_dir, profile="tiny", demo_port=free_port())
+    lines: list[str] = []
+    summary = run_demo(settings, say=lines.append)
+    return settings, summary, lines
+
+
+def _store(settings):
+    from dalle_core.storage import open_storage
+
+    return open_storage(settings.storage_root)
+
+
+def _world(settings):
+    from dalle_core.profiles import get_profile
+    from orchestration.resources import demo_world_for
+
+    return demo_world_for(get_profile(settings.profile))
+
+
+def test_definitions_load_with_every_asset_and_check():
+    from orchestration.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert {"raw_pairs", "coco_eval_set", "filtered_pairs", "shards"} <= keys
+    check_names = {k.name for k in graph.asset_check_keys}
+    assert {"filtered_pairs_expectations", "shards_expectations"} <= check_names
+
+
+@pytest.mark.slow
+def test_demo_lineage_keeps_exactly_what_the_world_says(demo_run):
+    """Every item the demo world marks 'keep' is in the shards, and nothing else."""
+    from dalle_core.data import shards
+
+    settings, summary, lines = demo_run
+    store = _store(settings)
+    world = _world(settings)
+    items = [it for b in range(world.n_batches) for it in world.batch_items(b)]
+    expected_keep = {it.key for it in items if it.expected == "keep"}
+    kept = [p for p in shards.read_shards(store, "shards")]
+    kept_keys = {p.meta["url"].rsplit("/", 1)[-1] for p in kept}
+    assert len(kept) == len(kept_keys), "duplicates in shards"
+    assert kept_keys == expected_keep, (
+        f"missing {sorted(expected_keep - kept_keys)[:5]}, unexpected {sorted(kept_keys - expected_keep)[:5]}"
+    )
+    report = json.loads(store.get_text("filtered_pairs/report.json"))
+    by_expectation: dict[str, int] = {}
+    for it in items:
+        by_expectation[it.expected] = by_expectation.get(it.expected, 0) + 1
+    # each drop reason the world planted was removed by some filter
+    assert sum(report["removed"].values()) == report["input_count"] - report["kept_count"]
+    assert report["kept_count"] == len(expected_keep)
+    assert any("done in" in l for l in lines)
+
+
+@pytest.mark.slow
+def test_demo_checks_pass_and_metadata_is_there(demo_run):
+    from dagster import DagsterInstance
+
+    settings, summary, lines = demo_run
+    instance = DagsterInstance.from_config(str(settings.dagster_home))
+    for key in ("raw_pairs", "coco_eval_set", "filtered_pairs", "shards"):
+        assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+    meta = instance.get_latest_materialization_event(dg.AssetKey("filtered_pairs")).asset_materialization.metadata
+    assert "data:image/png;base64," in meta["accepted_preview"].value
+    assert "non_english" in meta["removed_per_filter"].value
+    assert any("check filtered_pairs_expectations: passed" in l for l in lines)
+    assert any("check shards_expectations: passed" in l for l in lines)
+    manifest = json.loads(_store(settings).get_text("shards/manifest.json"))
+    assert manifest["total"] == sum(s["count"] for s in manifest["shards"])
+
+
+@pytest.mark.slow
+def test_failing_expectation_blocks_shards(demo_run, tmp_path):
+    """A bad filtered batch fails the blocking GE check, and `shards` is not materialized."""
+    from dalle_core.data import shards
+    from dalle_core.data.pairs import Pair
+    from orchestration.definitions import build_definitions
+    from orchestration.demo import prepare_instance
+
+    settings, _, _ = demo_run
+    store = _store(settings)
+    good = list(shards.read_shards(store, "filtered_pairs"))
+    bad = good[0]
+    french = Pair(key="bad-french", caption="un petit cercle rouge au-dessus d'un carré bleu",
+                  image_bytes=bad.image_bytes, image_ext=bad.image_ext, meta={**bad.meta, "sha256": "0" * 64})
+    wide = Pair(key="bad-wide", caption=good[1].caption, image_bytes=good[1].image_bytes,
+                image_ext=good[1].image_ext, meta={**good[1].meta, "original_width": 300, "original_height": 100, "sha256": "1" * 64})
+    backup = {k: store.get_bytes(k) for k in store.list("filtered_pairs/")}
+    try:
+        shards.write_shards(good + [french, wide], store, "filtered_pairs", 1000)
+        instance = prepare_instance(settings)
+        defs = build_definitions(settings)
+        before = instance.get_latest_materialization_event(dg.AssetKey("shards")).run_id
+        job = dg.define_asset_job(
+            "check_then_shards",
+            selection=dg.AssetSelection.checks_for_assets(dg.AssetKey("filtered_pairs")) | dg.AssetSelection.assets("shards"),
+        )
+        defs = dg.Definitions.merge(defs, dg.Definitions(jobs=[job]))
+        result = defs.resolve_job_def("check_then_shards").execute_in_process(instance=instance, raise_on_error=False)
+        evals = result.get_asset_check_evaluations()
+        assert len(evals) == 1 and not evals[0].passed
+        text = evals[0].metadata["result"].value
+        assert "lang" in text.lower() and "aspect" in text.lower(), text
+        after = instance.get_latest_materialization_event(dg.AssetKey("shards")).run_id
+        assert after == before, "shards was materialized despite the failing blocking check"
+    finally:
+        for k in store.list("filtered_pairs/"):
+            store.delete(k)
+        for k, v in backup.items():
+            store.put_bytes(k, v)
+
+
+def test_sensor_adds_a_partition_per_new_url_list(tmp_path):
+    from assets.data import crawl_batches
+    from orchestration.resources import CrawlSourceResource
+    from orchestration.sensors import new_url_list_sensor
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "batch-000.csv").write_text("url,caption\nhttp://127.0.0.1:1/img/a,a red circle above a blue square\n")
+    (inbox / "notes.txt").write_text("ignored")
+    instance = dg.DagsterInstance.ephemeral()
+    source = CrawlSourceResource(url_list_dir=str(inbox), demo_world=False)
+    ctx = dg.build_sensor_context(instance=instance, resources={"crawl_source": source})
+    result = new_url_list_sensor(ctx)
+    assert [r.partition_key for r in result.run_requests] == ["batch-000.csv"]
+    assert result.dynamic_partitions_requests[0].partition_keys == ["batch-000.csv"]
+    instance.add_dynamic_partitions(crawl_batches.name, ["batch-000.csv"])
+    skipped = new_url_list_sensor(dg.build_sensor_context(instance=instance, resources={"crawl_source": source}))
+    assert isinstance(skipped, dg.SkipReason)
