@@ -130,6 +130,93 @@ def cmd_crawl(args) -> int:
     return 0
 
 
+def _load_dvae_cli(args):
+    import mlflow
+
+    from dalle_core.dvae.train import load_dvae
+    from orchestration.model_registry import resolve_weights
+
+    mlflow.set_tracking_uri(_settings(args).mlflow_tracking_uri)
+    return load_dvae(resolve_weights(args.model, "dvae"))
+
+
+def _read_image(path: Path, size: int, resize: bool):
+    from PIL import Image, UnidentifiedImageError
+
+    from dalle_core.data.crawl import resize_center_crop
+    from dalle_core.data.loader import image_to_tensor
+
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            image = im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"{path}: not a readable image ({e})") from None
+    if resize:
+        image = resize_center_crop(image.convert("RGB"), size)
+    try:
+        return image_to_tensor(image, size, name=str(path))
+    except ValueError as e:
+        raise UserError(f"{e} (use --resize to convert it)") from None
+
+
+def _save_image(tensor, out: Path) -> None:
+    from dalle_core.dvae.evaluate import tensor_to_image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensor_to_image(tensor).save(out)
+
+
+def cmd_dvae_encode(args) -> int:
+    import json
+
+    import numpy as np
+
+    from dalle_core.dvae.model import decode_codes, encode_to_codes
+
+    encoder, decoder, cfg = _load_dvae_cli(args)
+    x = _read_image(Path(args.image), cfg.image_size, args.resize)
+    codes = encode_to_codes(encoder, x[None])[0]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, codes.numpy().astype(np.int16))
+    else:
+        out.write_text(json.dumps({"grid": cfg.grid_size, "vocab": cfg.vocab_size, "codes": codes.tolist()}))
+    used = len(set(codes.flatten().tolist()))
+    print(f"{args.image} -> {out}: {cfg.grid_size}x{cfg.grid_size} codes, {used} distinct of {cfg.vocab_size}")
+    if args.reconstruction:
+        _save_image(decode_codes(decoder, codes[None])[0], Path(args.reconstruction))
+        print(f"reconstruction: {args.reconstruction}")
+    return 0
+
+
+def cmd_dvae_decode(args) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from dalle_core.dvae.model import decode_codes
+
+    _, decoder, cfg = _load_dvae_cli(args)
+    src = Path(args.codes)
+    if not src.is_file():
+        raise UserError(f"codes file not found: {src}")
+    try:
+        grid = np.load(src) if src.suffix == ".npy" else np.asarray(json.loads(src.read_text())["codes"])
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"{src}: not a codes file written by 'dalle dvae encode' ({e})") from None
+    if grid.shape != (cfg.grid_size, cfg.grid_size):
+        raise UserError(f"{src}: expected a {cfg.grid_size}x{cfg.grid_size} grid for this dVAE, got {tuple(grid.shape)}")
+    image = decode_codes(decoder, torch.as_tensor(grid, dtype=torch.long)[None])[0]
+    _save_image(image, Path(args.out))
+    print(f"{src} -> {args.out} ({cfg.image_size}x{cfg.image_size})")
+    return 0
+
+
 def cmd_profiles(args) -> int:
     for name, p in PROFILES.items():
         print(f"{name:12s} image_size={p.data.image_size} shard_size={p.data.shard_size}")
@@ -168,6 +255,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="small")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (MinIO, moto, ...)")
     p.set_defaults(func=cmd_crawl)
+
+    p = sub.add_parser("dvae", help="look at what the dVAE does to an image")
+    dsub = p.add_subparsers(dest="dvae_command", required=True)
+    s = dsub.add_parser("encode", help="image -> token grid (argmax of the encoder logits)")
+    s.add_argument("image")
+    s.add_argument("--out", required=True, help="codes file (.json or .npy)")
+    s.add_argument("--model", default="@champion", help="weights file, models:/dvae@alias, or @alias (default @champion)")
+    s.add_argument("--reconstruction", default=None, help="also write the decoded image here (.png)")
+    s.add_argument("--resize", action="store_true", help="resize + centre-crop instead of refusing other sizes")
+    s.add_argument("--run-dir", default=None)
+    s.set_defaults(func=cmd_dvae_encode)
+    s = dsub.add_parser("decode", help="token grid -> image")
+    s.add_argument("codes")
+    s.add_argument("--out", required=True, help="image file (.png)")
+    s.add_argument("--model", default="@champion")
+    s.add_argument("--run-dir", default=None)
+    s.set_defaults(func=cmd_dvae_decode)
 
     p = sub.add_parser("profiles", help="list the run profiles")
     p.set_defaults(func=cmd_profiles)

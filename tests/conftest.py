@@ -37,3 +37,17 @@ def s3_bucket(s3_endpoint):
     name = f"dalle-test-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One tiny demo run of the data lineage on a persistent local instance."""
+    from orchestration.demo import run_demo
+    from services import free_port
+    from orchestration.settings import Settings
+
+    run_dir = tmp_path_factory.mktemp("run")
+    settings = Settings(run_dir=run_dir, profile="tiny", demo_port=free_port())
+    lines: list[str] = []
+    summary = run_demo(settings, say=lines.append)
+    return settings, summary, lines

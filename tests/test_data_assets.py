@@ -8,20 +8,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from services import free_port
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    """One tiny demo run of the data lineage on a persistent local instance."""
-    from orchestration.demo import run_demo
-    from orchestration.settings import Settings
-
-    run_dir = tmp_path_factory.mktemp("run")
-    settings = Settings(run_dir=run_dir, profile="tiny", demo_port=free_port())
-    lines: list[str] = []
-    summary = run_demo(settings, say=lines.append)
-    return settings, summary, lines
 
 
 def _store(settings):

@@ -1,0 +1,105 @@
+"""The analytic planner, against arithmetic done by hand, and the paper's 12B figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from dalle_core.distributed.plan import plan
+from dalle_core.distributed.powersgd import paper_compression, sent_numel, should_compress
+from dalle_core.prior.config import PAPER_12B, PriorConfig, count_parameters
+
+# d = 2 heads x 4 = 8, 2 layers, text: 16 BPE + 4 pads (L = 4), image: 8 codes on a 2 x 2 grid.
+SMALL = PriorConfig(n_layer=2, n_head=2, d_head=4, text_vocab_size=16, text_len=4, image_vocab_size=8,
+                    image_grid=2, conv_kernel=1)
+
+
+def test_small_config_by_hand():
+    p = plan(SMALL, nodes=2, gpus_per_node=2, batch_size_per_gpu=3, powersgd_rank=1,
+             activation_checkpointing=True)
+    # Parameters.
+    #   root: text embedding (16 + 4) x 8 = 160, BOS 8, text positions 4 x 8 = 32, image embedding
+    #         8 x 8 = 64, image rows 2 x 8 = 16, columns 16, final LN 16, text head 160, image head 64
+    #         = 536
+    #   layer: attention LN 16 + qkv 24 x 8 = 192 (+24) + proj 64 (+8) = 304;
+    #          MLP LN 16 + fc 32 x 8 = 256 (+32) + proj 8 x 32 = 256 (+8) = 568; 872 a layer
+    assert p.n_params_root == 536
+    assert p.n_params_layers == 2 * 872
+    assert p.n_params == 2280 == count_parameters(SMALL)
+    # Every first dimension is even: shards are exact halves, 1140 parameters per GPU.
+    assert p.params_per_gpu == 1140
+    # Memory (2-byte params and grads, 12 bytes of Adam + master per parameter).
+    assert p.mem_params == 1140 * 2 == 2280
+    assert p.mem_grads == 2280
+    assert p.mem_optimizer == 1140 * 12 == 13680
+    # gathered: (root + 2 layers) x 2 bytes + (root + 1 layer) x 2 bytes = 4560 + 2816
+    assert p.mem_unsharded == 7376
+    # activations, B = 3, S = 4 + 4 = 8, T = 24 tokens, d = 8, h = 2:
+    #   checkpointed layer inputs: 2 layers x 24 x 8 x 4 bytes = 1536
+    #   one layer's working set: 24 x 8 x (2 x 4 + 14 x 2) = 6912, attention 2 x 3 x 2 x 8^2 x 2 = 1536
+    #   logits and their gradient, fp32: 2 x 4 x 3 x (4 x 20 + 4 x 8) = 2688
+    assert p.mem_activations == 1536 + 6912 + 1536 + 2688
+    assert p.mem_total == 2280 + 2280 + 13680 + 7376 + 12672
+    # Inside a machine (g = 2 sends (g-1)/g = 1/2 of each collective's buffer):
+    #   all-gather: every parameter in forward (2280) + the layers again in backward (1744), 2 bytes
+    assert p.intra_allgather_bytes == (2280 + 1744) * 2 // 2 == 4024
+    #   reduce-scatter of all gradients, 2 bytes
+    assert p.intra_reduce_scatter_bytes == 2280 * 2 // 2 == 2280
+    # Across machines (n = 2: a ring all-reduce sends 2 (n-1)/n = 1 x the buffer):
+    assert p.inter_bytes_uncompressed == 1140 * 2
+    # PowerSGD at rank 1, compress a shard (a x b) when (a + b) x 1 x 2 < a b:
+    #   root: text emb [10, 8] -> 18, text pos [2, 8] stays 16, image emb [4, 8] -> 12,
+    #         rows / cols [1, 8] stay 8 + 8, heads [10, 8] -> 18 and [4, 8] -> 12,
+    #         BOS 4 + final LN 8 uncompressed: 104
+    #   layer: LNs 8 + 8, qkv [12, 8] -> 20 (+12 bias), proj [4, 8] -> 12 (+4),
+    #          fc [16, 8] -> 24 (+16), MLP proj [4, 32] -> 36 (+4): 144
+    sent = 104 + 2 * 144
+    assert sent == 392
+    assert p.inter_bytes_powersgd == sent * 2
+    assert p.compression == pytest.approx(1 - 392 / 1140)
+    # the paper's formula with r = 1 x 2 GPUs, d = 8: 1 - 10 / 64
+    assert p.paper_formula_compression == pytest.approx(1 - 10 / 64)
+    assert p.inter_bytes == p.inter_bytes_powersgd
+    table = p.to_table()
+    assert "PowerSGD" in table and "2,280" in table
+
+
+def test_padding_one_machine_and_no_checkpointing():
+    # g = 3 does not divide the first dimensions: FSDP pads dim 0 to a multiple of 3.
+    #   root: text emb ceil(20/3) = 7 rows x 8 = 56, BOS 3, text pos 2 x 8 = 16, image emb 3 x 8 = 24,
+    #         rows 8, cols 8, final LN 3 + 3, heads 56 + 24: 201
+    #   layer: LN 6, qkv 8 x 8 = 64 (+8), proj 3 x 8 = 24 (+3); LN 6, fc 11 x 8 = 88 (+11),
+    #          proj 3 x 32 = 96 (+3): 309
+    p = plan(SMALL, nodes=1, gpus_per_node=3, batch_size_per_gpu=1, activation_checkpointing=False)
+    assert p.params_per_gpu == 201 + 2 * 309
+    assert p.inter_bytes_uncompressed == 0 and p.inter_bytes_powersgd is None and p.compression is None
+    # without checkpointing every layer keeps its working set: T = 8 tokens
+    working = 8 * 8 * (8 + 28) + 2 * 1 * 2 * 64 * 2
+    logits = 2 * 4 * 1 * (4 * 20 + 4 * 8)
+    assert p.mem_activations == 2 * working + logits
+
+
+def test_paper_12b():
+    p = plan(PAPER_12B, nodes=128, gpus_per_node=8, batch_size_per_gpu=1, powersgd_rank=112)
+    # ~12B parameters (the paper: "12-billion parameter"); 64 layers of 12 d^2 + 13 d
+    assert p.n_params == count_parameters(PAPER_12B)
+    assert 12.2e9 < p.n_params < 12.4e9
+    assert p.global_batch == 1024  # the paper's batch: 1 per GPU on 1024 GPUs
+    # the paper's ~85% compression, from the actual shard shapes at rank 112 per GPU ...
+    assert p.compression == pytest.approx(0.85, abs=0.01)
+    # ... and by its formula with r = 896 = 8 x 112
+    assert p.paper_formula_compression == pytest.approx(1 - 5 * 896 / (8 * 3968))
+    assert p.paper_formula_compression == pytest.approx(0.86, abs=0.005)
+    assert p.inter_bytes_powersgd < 0.16 * p.inter_bytes_uncompressed
+    # sharded over 8 GPUs the 16 bytes per parameter of state fit a 32 GB V100
+    assert p.mem_total < 32e9
+    assert "12,293" in p.to_table()
+
+
+def test_compression_rule_matches_torch():
+    # torch's _should_compress: (rows + cols) * rank * min_rate < rows * cols
+    assert should_compress(100, 100, 10, 2.0)  # 2000 x 2 = 4000 < 10000
+    assert not should_compress(100, 100, 30, 2.0)  # 6000 x 2 >= 10000
+    assert sent_numel((100, 100), 10000, 10) == 2000
+    assert sent_numel(None, 7, 10) == 7
+    assert sent_numel((100, 100), 10000, None) == 10000
+    assert paper_compression(896, 3968) == pytest.approx(0.8589, abs=1e-4)
