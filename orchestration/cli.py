@@ -67,6 +67,11 @@ def cmd_ui(args) -> int:
     print(f"Dagster UI: http://127.0.0.1:{args.dagster_port}   (instance {settings.dagster_home})")
     print(f"MLflow UI:  http://127.0.0.1:{args.mlflow_port}   (tracking {settings.mlflow_tracking_uri})")
     print("Ctrl-C stops both.")
+
+    def stop(signum, frame):  # `kill`/`timeout` stop the children too, not just us
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         while all(p.poll() is None for p in procs):
             time.sleep(1)
