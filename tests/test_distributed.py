@@ -109,12 +109,16 @@ def test_topology_from_env(monkeypatch):
 @pytest.mark.timeout(170)
 def test_sharded_training_matches_single_process(codes, plain_run, tmp_path):
     # One process on the whole global batch, same data order, same seed.
-    torch.set_num_threads(1)
     storage = LocalStorage(codes.parent)
     paths, counts = code_shards(storage, codes.name)
-    single = train_prior(TINY.replace(batch_size=BATCH),
-                         lambda s: code_batches(paths, BATCH, TINY.seed, start_step=s, counts=counts),
-                         tmp_path, total_steps=STEPS, log_every=1, checkpoint_every=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train_prior(TINY.replace(batch_size=BATCH),
+                             lambda s: code_batches(paths, BATCH, TINY.seed, start_step=s, counts=counts),
+                             tmp_path, total_steps=STEPS, log_every=1, checkpoint_every=100)
+    finally:
+        torch.set_num_threads(threads)
     sharded = step_losses(plain_run)
     assert sorted(sharded) == list(range(1, STEPS + 1))
     for step, loss in enumerate(single.losses, start=1):
@@ -179,11 +183,13 @@ def test_powersgd_compresses_by_the_predicted_ratio_and_still_learns(plain_run, 
 
 @pytest.mark.timeout(170)
 def test_killed_rank_resumes_to_the_same_parameters(codes, powersgd_run, tmp_path):
-    # The same PowerSGD run, but rank 3 exits hard (os._exit) right after the
+    # The same PowerSGD run (here with activation checkpointing, which must not
+    # change the numbers), but rank 3 exits hard (os._exit) right after the
     # checkpoint of update 12; the other ranks are left hanging in the next
     # collective until torchrun tears the job down.
     out = tmp_path / "run"
-    args = train_cmd(codes, out, "--steps", str(STEPS), "--checkpoint-every", "12", "--powersgd-rank", "4")
+    args = train_cmd(codes, out, "--steps", str(STEPS), "--checkpoint-every", "12", "--powersgd-rank", "4",
+                     "--activation-checkpointing")
     crashed = torchrun(args + ["--crash-after-step", "12", "--crash-rank", "3"])
     assert crashed.returncode != 0
     assert [p.name for p in sorted(out.glob("step-*"))] == ["step-00000012"]

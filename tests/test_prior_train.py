@@ -195,9 +195,9 @@ def test_save_load_prior_pins_the_config(codes, tmp_path):
 def test_resume_refuses_another_shape(codes, tmp_path):
     _, paths, counts = codes
     train_prior(TINY, batches_fn_for(paths, counts), tmp_path, total_steps=2, save_final=False)
-    with pytest.raises(ValueError, match="another model shape"):
-        train_prior(TINY.replace(n_layer=2, attention_kinds=None), batches_fn_for(paths, counts), tmp_path,
-                    total_steps=4)
+    for other in (TINY.replace(n_layer=2), TINY.replace(n_head=2)):
+        with pytest.raises(ValueError, match="another model shape"):
+            train_prior(other, batches_fn_for(paths, counts), tmp_path, total_steps=4)
 
 
 def test_bf16_and_fp16_per_resblock_paths_run(codes, tmp_path):

@@ -1,0 +1,223 @@
+"""Batches of (text tokens, image codes) for the prior, from image-code shards.
+
+The shards are WebDataset tars written by `dalle_core.data.codes` (one sample
+per pair: text.npy int32 [text_len], codes.npy int16 [grid, grid]), read here
+with `iter_code_shard`. A batch is ``(text LongTensor[B, L], image
+LongTensor[B, grid * grid])``, the codes flattened row-major (the prior's image
+order).
+
+Order is a pure function of (seed, epoch): each epoch shuffles the shard order
+and then the samples through a seeded shuffle buffer, and yields
+``n_samples // batch_size`` full global batches (the remainder is dropped, so
+every epoch has the same length). ``start_step=k`` yields global batch k first,
+so a resumed run sees exactly the batches it would have seen.
+
+Data parallelism: `batch_size` is the *global* batch; rank r of `world_size`
+yields its ``batch_size / world_size`` slice of each global batch.
+
+- ``split="sample"``: every rank reads the same shuffled stream and keeps the
+  samples whose index in the global batch is r modulo world_size. The union of
+  the ranks' slices is exactly the single-process batch (what the equivalence
+  tests need); each rank decodes the whole stream, fine for code shards (a few
+  KB a sample) up to moderate scale.
+- ``split="shard"``: each epoch's shuffled shard list is dealt out to the ranks
+  (shard i to rank i mod world_size), each rank streams only its shards through
+  its own shuffle buffer; the epoch length is set by the rank with the fewest
+  samples. What to use when there are many more shards than ranks.
+- ``split="auto"``: "shard" when there are at least 4 shards per rank, else "sample".
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dalle_core.data.codes import CodedPair, iter_code_shard
+
+
+def code_shards(storage, prefix: str = "image_codes", cache_dir: str | Path | None = None
+                ) -> tuple[list[Path], list[int]]:
+    """Verified local paths of the image-code shards under `prefix` and their
+    sample counts (from the manifest)."""
+    from dalle_core.data.loader import local_shard_paths
+    from dalle_core.data.shards import Manifest
+
+    manifest = Manifest.load(storage, prefix)
+    paths = local_shard_paths(storage, prefix, cache_dir)
+    return paths, [s.count for s in manifest.shards]
+
+
+def _counts(paths: Sequence[Path], counts: Sequence[int] | None) -> list[int]:
+    if counts is not None:
+        if len(counts) != len(paths):
+            raise ValueError(f"{len(counts)} counts for {len(paths)} shards")
+        return [int(c) for c in counts]
+    from dalle_core.data.shards import count_samples
+
+    return [count_samples(p) for p in paths]
+
+
+def _shuffled(stream: Iterator[CodedPair], rng: random.Random, buffer: int) -> Iterator[CodedPair]:
+    """A seeded shuffle buffer (the same order for the same rng state)."""
+    if buffer <= 1:
+        yield from stream
+        return
+    buf: list[CodedPair] = []
+    for item in stream:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        i = rng.randrange(buffer)
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def _stream(paths: Sequence[Path], order: Sequence[int], rng: random.Random, buffer: int) -> Iterator[CodedPair]:
+    def raw():
+        for i in order:
+            yield from iter_code_shard(paths[i])
+
+    return _shuffled(raw(), rng, buffer)
+
+
+def _to_batch(items: list[CodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+    shapes = {(it.text.shape, it.codes.shape) for it in items}
+    if len(shapes) != 1:
+        keys = ", ".join(it.key for it in items[:4])
+        raise ValueError(f"samples {keys}... have different text / code shapes {sorted(map(str, shapes))}")
+    text = torch.from_numpy(np.stack([it.text for it in items]).astype(np.int64))
+    image = torch.from_numpy(np.stack([it.codes.reshape(-1) for it in items]).astype(np.int64))
+    return text, image
+
+
+def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_step: int = 0,
+                 rank: int = 0, world_size: int = 1, *, split: str = "sample",
+                 shuffle_buffer: int = 1000, counts: Sequence[int] | None = None,
+                 epochs: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (or `epochs`) stream of this rank's slice of each global batch:
+    ``(text LongTensor[B / world_size, L], image LongTensor[B / world_size, N])``,
+    starting at global batch `start_step`. `counts`: samples per shard (from
+    the manifest; counted from the tars when None)."""
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no image-code shards")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world size {world_size}")
+    if batch_size < 1 or batch_size % world_size:
+        raise ValueError(f"the global batch {batch_size} must be a positive multiple of the "
+                         f"world size {world_size}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    if split == "auto":
+        split = "shard" if world_size > 1 and len(paths) >= 4 * world_size else "sample"
+    if split not in ("sample", "shard"):
+        raise ValueError(f"split must be 'sample', 'shard' or 'auto', got {split!r}")
+    counts = _counts(paths, counts)
+    local_b = batch_size // world_size
+
+    if split == "sample":
+        steps_per_epoch = sum(counts) // batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(f"{sum(counts)} samples in {len(paths)} shards: fewer than one batch of {batch_size}")
+    else:
+        def rank_shards(epoch: int) -> list[list[int]]:
+            order = list(range(len(paths)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(order)
+            return [order[r::world_size] for r in range(world_size)]
+
+        # The epoch length depends on which shards each rank gets; compute per epoch.
+        def spe(epoch: int) -> int:
+            return min(sum(counts[i] for i in sh) for sh in rank_shards(epoch)) // local_b
+
+        if len(paths) < world_size:
+            raise ValueError(f"split='shard' needs at least one shard per rank: {len(paths)} shards, "
+                             f"{world_size} ranks")
+
+    # Find the epoch holding global batch `start_step`.
+    epoch, skip = 0, start_step
+    while True:
+        n = steps_per_epoch if split == "sample" else spe(epoch)
+        if n < 1:
+            raise ValueError(f"epoch {epoch}: a rank has fewer than {local_b} samples")
+        if skip < n:
+            break
+        skip -= n
+        epoch += 1
+        if epochs is not None and epoch >= epochs:
+            return
+
+    while epochs is None or epoch < epochs:
+        if split == "sample":
+            n_steps = steps_per_epoch
+            order = list(range(len(paths)))
+            rng = random.Random(seed * 1_000_003 + epoch)
+            rng.shuffle(order)
+            stream = _stream(paths, order, rng, shuffle_buffer)
+            per_step = batch_size  # samples of the stream per global batch
+        else:
+            n_steps = spe(epoch)
+            mine = rank_shards(epoch)[rank]
+            rng = random.Random((seed * 1_000_003 + epoch) * 65_537 + rank)
+            stream = _stream(paths, mine, rng, shuffle_buffer)
+            per_step = local_b
+        step, j, batch = 0, 0, []
+        first_sample = skip * per_step
+        for item in stream:
+            if j >= first_sample and (split == "shard" or (j % batch_size) % world_size == rank):
+                batch.append(item)
+            j += 1
+            if j % per_step == 0 and j > first_sample:
+                if len(batch) != local_b:  # cannot happen: per_step samples hold exactly local_b of ours
+                    raise RuntimeError(f"internal error: rank batch of {len(batch)}, expected {local_b}")
+                yield _to_batch(batch)
+                batch = []
+                step += 1
+                if step + skip >= n_steps:
+                    break
+        else:
+            if step + skip < n_steps:
+                raise RuntimeError(f"the shards held fewer samples than their counts say "
+                                   f"(epoch {epoch}: {j} samples read)")
+        epoch += 1
+        skip = 0
+
+
+def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3, per_shard: int = 40,
+                                n_templates: int = 8, noise: float = 0.1, seed: int = 0):
+    """A small learnable code set for tests and benchmarks: each sample's codes
+    are one of `n_templates` random grids with a fraction `noise` of the codes
+    replaced, its caption tokens name the template, and tokens 3-4 hold a unique
+    sample id (so tests can tell samples apart). Written as real code shards
+    with a manifest (`dalle_core.data.codes`). Returns the manifest."""
+    from dalle_core.data.codes import save_code_manifest, write_code_shard
+
+    L, V, g = config.text_len, config.text_vocab_size, config.image_grid
+    if L < 5 or V < 64:
+        raise ValueError("the synthetic code set needs text_len >= 5 and text_vocab_size >= 64")
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, config.image_vocab_size, size=(n_templates, g, g))
+    id_base = V - 40  # tokens [V - 40, V): 32 values for the id's low digit, 8 for the high one
+    infos, k = [], 0
+    for s in range(n_shards):
+        pairs = []
+        for _ in range(per_shard):
+            t = int(rng.integers(0, n_templates))
+            text = np.arange(V, V + L, dtype=np.int32)  # the per-position padding tokens
+            text[:5] = [1 + t % (V // 4), V // 4 + t % (V // 4), V // 2, id_base + k % 32, id_base + 32 + (k // 32) % 8]
+            codes = templates[t].copy()
+            mask = rng.random(codes.shape) < noise
+            codes[mask] = rng.integers(0, config.image_vocab_size, size=int(mask.sum()))
+            pairs.append(CodedPair(key=f"sample{k:06d}", caption=f"template {t}", text=text,
+                                   codes=codes.astype(np.int16), meta={"template": t, "id": k}))
+            k += 1
+        infos.append(write_code_shard(pairs, storage, f"{prefix.strip('/')}/shard-{s:05d}.tar"))
+    return save_code_manifest(storage, prefix, infos, {"synthetic": True, "n_templates": n_templates})
+
+
+__all__ = ["code_batches", "code_shards", "write_synthetic_code_shards"]

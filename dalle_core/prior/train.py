@@ -1,0 +1,631 @@
+"""Training the transformer prior (paper section 2.2, 2.4, 2.5; appendices B, D).
+
+`train_prior` is one loop for every size: a single process on a laptop CPU, or
+torchrun over machines x GPUs with the parameters sharded inside a machine and
+PowerSGD across machines (`parallel=ParallelConfig(...)`, dalle_core.distributed).
+
+What each step does
+-------------------
+- loss = 1/8 text + 7/8 image cross-entropy (`DalleTransformer.loss`), under
+  autocast per `precision`:
+    "fp32"               no autocast (CPU tests);
+    "bf16"               autocast bf16, no gradient scaling;
+    "fp16-per-resblock"  autocast fp16 with the paper's per-resblock gradient
+                         scaling (`dalle_core.precision`): one scale per
+                         resblock, non-finite gradients filtered per block, the
+                         update skipped at most once per 125 steps. Meant for
+                         GPUs; CPU fp16 autocast works but is slow.
+- AdamW with the paper's hyper-parameters (betas 0.9 / 0.96, eps 1e-8, weight
+  decay 4.5e-2 on the weight matrices only: `build_optimizer`);
+- learning rate: linear warm-up to `config.lr` over `config.warmup_steps`, then
+  constant, halved (x `lr_plateau_factor`) when the mean training loss over a
+  window of `plateau_window` updates (default 1000) has not improved by 1% on
+  the best window, at most `lr_max_decays` times. The paper halved on plateau
+  5 times over 430k updates; runs shorter than warm-up + 2 windows (every test
+  and the demo) see warm-up then a constant rate;
+- gradient norm clipped at `config.grad_clip` (4) during warm-up, as in the paper;
+- EMA of the weights (decay `ema_decay` every `ema_every` updates);
+- logs (rank 0 only, through `on_log`): loss total / text / image (the mean over
+  all ranks), lr, grad norm, tokens/s, gradient-scale statistics, cross-machine
+  bytes and measured PowerSGD compression;
+- checkpoints every `checkpoint_every` updates and at the end
+  (dalle_core.distributed.checkpoint: sharded DCP, atomic), holding model,
+  optimizer, EMA, step, scaler, lr schedule, RNG, PowerSGD buffers and the data
+  position (the step: ``batches_fn(step)`` restarts the data there). A run
+  resumes from its latest checkpoint to the same result as a run never
+  interrupted (tested, single process and 4 ranks).
+
+At the end the model is written with `save_prior` (one file, config pinned
+inside, weights and EMA weights); `load_prior` reads it back into a
+`DalleTransformer` of the pinned shape whatever today's defaults are.
+
+Launch (one machine, 4 processes as 2 "machines" x 2 "GPUs" on CPU):
+
+    torchrun --standalone --nproc-per-node 4 -m dalle_core.prior.train \\
+        --profile tiny --codes DIR --out DIR --nodes 2 --gpus-per-node 2 \\
+        --powersgd-rank 4 --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from dalle_core.distributed.checkpoint import canonical_key, load_latest, read_latest_meta, save_checkpoint
+from dalle_core.distributed.mesh import (
+    ParallelConfig,
+    build_mesh,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+)
+from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
+from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
+
+from .config import SHAPE_FIELDS, PriorConfig, get_prior_config
+from .model import DalleTransformer, build_optimizer
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16-per-resblock", "bf16")
+PRIOR_FORMAT = "dalle-prior/1"
+
+
+def resolve_precision(precision: str | None, config: PriorConfig) -> str:
+    if precision is None:
+        precision = {"fp16": "fp16-per-resblock", "bf16": "bf16", "fp32": "fp32"}[config.amp_dtype]
+    if precision == "fp16":
+        precision = "fp16-per-resblock"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+# --- learning rate -----------------------------------------------------------------------
+
+class LRSchedule:
+    """Linear warm-up, then constant, halved on plateau (see module docstring)."""
+
+    def __init__(self, lr: float, warmup_steps: int, factor: float = 0.5, max_decays: int = 5,
+                 window: int = 1000, threshold: float = 0.01):
+        self.lr, self.warmup_steps = float(lr), int(warmup_steps)
+        self.factor, self.max_decays = float(factor), int(max_decays)
+        self.window, self.threshold = max(1, int(window)), float(threshold)
+        self.decays = 0
+        self.best: float | None = None
+        self._sum, self._n = 0.0, 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of update number `step` + 1 (step = updates done before it)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * self.factor**self.decays
+
+    def observe(self, step: int, loss: float) -> None:
+        """Feed the loss of update `step` (1-based count of updates done)."""
+        if step <= self.warmup_steps or not math.isfinite(loss):
+            return
+        self._sum += loss
+        self._n += 1
+        if self._n < self.window:
+            return
+        mean = self._sum / self._n
+        self._sum, self._n = 0.0, 0
+        if self.best is None or mean < self.best * (1 - self.threshold):
+            self.best = mean
+        elif self.decays < self.max_decays:
+            self.decays += 1
+            self.best = mean
+            log.info("loss plateaued at %.4f after %d updates: learning rate x%s (decay %d)",
+                     mean, step, self.factor, self.decays)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decays": self.decays, "best": self.best, "sum": self._sum, "n": self._n}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.decays = int(s.get("decays", 0))
+        self.best = s.get("best")
+        self._sum, self._n = float(s.get("sum", 0.0)), int(s.get("n", 0))
+
+
+# --- EMA ------------------------------------------------------------------------------------
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class EMA:
+    """Exponential moving average of the parameters (sharded like them under FSDP),
+    keyed by canonical parameter names."""
+
+    def __init__(self, model: nn.Module, decay: float, every: int = 1):
+        self.decay, self.every = float(decay), max(1, int(every))
+        self.shadow: dict[str, torch.Tensor] = {
+            canonical_key(n): p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step % self.every:
+            return
+        for n, p in model.named_parameters():
+            _local(self.shadow[canonical_key(n)]).lerp_(_local(p.detach()), 1.0 - self.decay)
+
+
+# --- gradient norm -----------------------------------------------------------------------------
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total gradient 2-norm over all ranks (FSDP's DTensor gradients included);
+    clips to `max_norm` when given. Returns the norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
+    if hasattr(total, "full_tensor"):
+        total = total.full_tensor()
+    if max_norm is not None:
+        torch.nn.utils.clip_grads_with_norm_([p for p in parameters if p.grad is not None], max_norm, total)
+    return total
+
+
+# --- the result --------------------------------------------------------------------------------------
+
+@dataclass
+class PriorTrainResult:
+    steps: int  # updates done in total (the last step reached)
+    start_step: int  # where this call started (0, or the resumed checkpoint's step)
+    resumed_from: int | None
+    losses: list[float]  # mean loss over ranks of every update done by this call
+    final_loss: float | None
+    history: list[dict] = field(default_factory=list)  # the records passed to on_log
+    checkpoint: str | None = None  # last checkpoint directory
+    model_path: str | None = None  # save_prior file
+    elapsed_s: float = 0.0
+    precision: str = "fp32"
+    world_size: int = 1
+    compression: dict | None = None  # cross-machine bytes / measured PowerSGD compression
+    model: nn.Module | None = field(default=None, repr=False)
+    ema: dict | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("model")
+        d.pop("ema")
+        return d
+
+
+# --- save / load of the trained prior -------------------------------------------------------------
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU state dict with canonical keys; collective under FSDP (rank 0
+    gets the tensors, the others an empty dict)."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = model.state_dict()
+    return {canonical_key(k): v.detach().cpu() for k, v in sd.items()}
+
+
+def save_prior(path: str | Path, model: nn.Module, config: PriorConfig,
+               ema: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> Path | None:
+    """One file: {"format", "config" (pinned: PriorConfig.to_dict), "state_dict",
+    "ema_state_dict", "meta"}. Collective under FSDP; rank 0 writes. Returns the
+    path on rank 0."""
+    sd = _full_state(model)
+    ema_sd = None
+    if ema is not None:
+        ema_sd = {}
+        for k, v in ema.items():  # same order on every rank: full_tensor is collective
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v
+            ema_sd[k] = full.detach().cpu().clone()
+    if get_rank() != 0:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": PRIOR_FORMAT, "config": config.to_dict(), "state_dict": sd,
+            "ema_state_dict": ema_sd, "meta": json.loads(json.dumps(meta or {}, default=str))}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_prior_file(path: str | Path) -> dict[str, Any]:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(blob, dict) or blob.get("format") != PRIOR_FORMAT:
+        raise ValueError(f"{path}: not a prior file of format {PRIOR_FORMAT}")
+    return blob
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DalleTransformer:
+    """The `DalleTransformer` saved by `save_prior`, with the shape pinned in the
+    file (``model.config``); the EMA weights when present and `use_ema`."""
+    blob = read_prior_file(path)
+    config = PriorConfig.from_dict(blob["config"])
+    model = DalleTransformer(config)
+    sd = dict(blob["state_dict"])
+    if use_ema and blob.get("ema_state_dict"):
+        sd.update(blob["ema_state_dict"])
+    model.load_state_dict(sd)
+    return model.to(device)
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    s: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(device)
+    return s
+
+
+def _set_rng_state(s: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(s["torch"])
+    if "python" in s:
+        random.setstate(s["python"])
+    if device.type == "cuda" and "cuda" in s:
+        torch.cuda.set_rng_state(s["cuda"], device)
+
+
+def train_prior(
+    config: PriorConfig,
+    batches_fn: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
+    checkpoint_dir: str | Path,
+    on_log: Callable[[dict], None] | None = None,
+    device: str | torch.device = "cpu",
+    precision: str | None = "fp32",
+    total_steps: int | None = None,
+    parallel: ParallelConfig | None = None,
+    *,
+    log_every: int | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = 3,
+    resume: bool = True,
+    stop_after: int | None = None,
+    after_step: Callable[[int], None] | None = None,
+    seed: int | None = None,
+    plateau_window: int = 1000,
+    clip_after_warmup: bool = False,
+    save_final: bool = True,
+    model_filename: str = "prior.pt",
+) -> PriorTrainResult:
+    """Train (or resume training) the prior; see the module docstring.
+
+    batches_fn(k) -> iterator of (text [b, L], image [b, N]) LongTensors whose
+    first item is global batch k; under `parallel` each rank's slice of the
+    global batch (`dalle_core.prior.data.code_batches` does both).
+    `stop_after`: return after that many updates (with a checkpoint), as if
+    interrupted; `after_step(step)`: called on every rank after each update (and
+    its checkpoint). Collective under `parallel`: every rank calls it.
+    """
+    t_start = time.time()
+    precision = resolve_precision(precision, config)
+    total = int(total_steps if total_steps is not None else config.total_steps)
+    log_every = int(log_every or config.log_every)
+    checkpoint_every = int(checkpoint_every or config.checkpoint_every)
+    seed = config.seed if seed is None else int(seed)
+    checkpoint_dir = Path(checkpoint_dir)
+    device = torch.device(device)
+
+    # --- processes, mesh --------------------------------------------------------------------
+    mesh = None
+    if parallel is not None and (parallel.world_size > 1 or is_distributed()):
+        info = init_distributed()
+        if device.type == "cuda":
+            device = info.device
+        mesh = build_mesh(parallel, device.type)
+    rank, world = get_rank(), get_world_size()
+
+    # --- model, precision, parallelism, optimizer ------------------------------------------------
+    # Every rank builds the same full model from the seed and FSDP keeps its
+    # shard (so sharded and single-process runs start identical). At 12B one
+    # would build on the meta device, shard, `to_empty` and `init_weights()`.
+    torch.manual_seed(seed)
+    model = DalleTransformer(config).to(device)
+    scaler = None
+    if precision == "fp16-per-resblock" and config.per_resblock_grad_scaling:
+        scaler = PerResblockGradScaler(list(model.resblocks()), n_data_parallel=world)
+        apply_per_resblock_grad_scaling(model, scaler)
+    setup: ParallelSetup = parallelize_prior(model, mesh, parallel or ParallelConfig())
+    reducer = setup.reducer
+    optimizer = build_optimizer(model, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ema = EMA(model, config.ema_decay, config.ema_every)
+    schedule = LRSchedule(config.lr, config.warmup_steps, config.lr_plateau_factor, config.lr_max_decays,
+                          window=plateau_window)
+
+    # --- resume ------------------------------------------------------------------------------------
+    start, resumed_from = 0, None
+    if resume:
+        # Refuse a checkpoint of another shape before touching any tensor.
+        saved = ((read_latest_meta(checkpoint_dir) or {}).get("meta") or {}).get("config") or {}
+        diff = {k: (saved.get(k), getattr(config, k)) for k in SHAPE_FIELDS
+                if k in saved and saved.get(k) != getattr(config, k)}
+        if diff:
+            raise ValueError(f"checkpoint in {checkpoint_dir} has another model shape (saved, now): {diff}")
+        extra: dict[str, Any] = {"state": {"ema": ema.shadow}}
+        step0 = load_latest(checkpoint_dir, model, optimizer, extra)
+        if step0 is not None:
+            meta = extra.get("meta") or {}
+            ema.shadow = extra["state"]["ema"]
+            schedule.load_state_dict(meta.get("schedule", {}))
+            if scaler is not None and meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            rank_state = extra.get("rank") or {}
+            if rank_state.get("rng") is not None:
+                _set_rng_state(rank_state["rng"], device)
+            if reducer is not None and rank_state.get("reducer") is not None:
+                rs = rank_state["reducer"]
+                for k in ("errors", "qs"):
+                    if k in rs:
+                        rs[k] = {n: t.to(device) for n, t in rs[k].items()}
+                reducer.load_state_dict(rs)
+            start = resumed_from = step0
+            if rank == 0:
+                log.info("resumed from %s at step %d", checkpoint_dir, step0)
+
+    def emit(record: dict) -> None:
+        if rank == 0:
+            history.append(record)
+            if on_log is not None:
+                on_log(record)
+
+    history: list[dict] = []
+    losses: list[float] = []
+    last_ckpt: str | None = None
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_ckpt
+        rank_state = {"rng": _rng_state(device), "reducer": reducer.state_dict() if reducer else None}
+        meta = {"config": config.to_dict(), "precision": precision, "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "data": {"next_batch": step, "seed": seed},
+                "parallel": parallel.to_dict() if parallel is not None else None}
+        path = save_checkpoint(checkpoint_dir, step, model, optimizer,
+                               {"state": {"ema": ema.shadow}, "meta": meta, "rank": rank_state},
+                               keep=keep_checkpoints)
+        last_ckpt = str(path)
+        emit({"event": "checkpoint", "step": step, "path": str(path)})
+
+    emit({"event": "start", "step": start, "total_steps": total, "world_size": world,
+          "precision": precision, "resumed_from": resumed_from,
+          "n_params": sum(p.numel() for p in params)})
+
+    # --- the loop ------------------------------------------------------------------------------------
+    model.train()
+    step = start
+    window_t, window_tokens, window_losses = time.time(), 0, []
+    if start < total:
+        batches = batches_fn(start)
+        for step in range(start, total):
+            text, image = next(batches)
+            text = text.to(device, non_blocking=True)
+            image = image.to(device, non_blocking=True)
+            lr = schedule.lr_at(step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            with _autocast(precision, device):
+                out = model.loss(text, image)
+            out["total"].backward()
+            if reducer is not None:
+                reducer.end_step()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            clipping = config.grad_clip > 0 and (step < config.warmup_steps or clip_after_warmup)
+            clip = config.grad_clip if clipping else None
+            grad_norm = clip_grad_norm(params, clip)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            ema.update(model, done)
+
+            vals = torch.stack([out[k].detach().float() for k in ("total", "text", "image")])
+            if world > 1:
+                torch.distributed.all_reduce(vals)
+                vals /= world
+            loss_total, loss_text, loss_image = vals.tolist()
+            if scaler is None and not math.isfinite(loss_total):  # the same on every rank: all-reduced
+                raise FloatingPointError(
+                    f"non-finite loss {loss_total} at update {done} ({precision}); the last checkpoint is "
+                    f"{last_ckpt or 'none from this call'} — lower the learning rate or use fp32")
+            schedule.observe(done, loss_total)
+            losses.append(loss_total)
+            window_losses.append(loss_total)
+            window_tokens += text.shape[0] * world * config.seq_len
+
+            if done % log_every == 0 or done == total or done == start + 1:
+                now = time.time()
+                rec = {"event": "log", "step": done, "loss": loss_total, "loss_text": loss_text,
+                       "loss_image": loss_image, "loss_avg": sum(window_losses) / len(window_losses),
+                       "lr": lr, "grad_norm": float(grad_norm), "grad_clip": clip,
+                       "tokens_per_s": window_tokens / max(now - window_t, 1e-9)}
+                if scaler is not None:
+                    rec.update(scaler.stats())
+                    rec["grad_scale_last_step_skipped"] = scaler.last_step_skipped
+                if reducer is not None:
+                    rec.update(reducer.stats())
+                emit(rec)
+                window_t, window_tokens, window_losses = now, 0, []
+            stopping = stop_after is not None and done >= stop_after
+            if done % checkpoint_every == 0 or done == total or stopping:
+                checkpoint(done)
+            if after_step is not None:
+                after_step(done)
+            if stopping:
+                break
+        step = done
+
+    # --- the end -------------------------------------------------------------------------------------
+    if last_ckpt is None and step > 0 and resumed_from != step:
+        checkpoint(step)
+    model_path = None
+    if save_final and step >= total:
+        meta = {"steps": step, "precision": precision, "world_size": world,
+                "final_loss": losses[-1] if losses else None}
+        model_path = save_prior(checkpoint_dir / model_filename, model, config, ema.shadow, meta=meta)
+    result = PriorTrainResult(
+        steps=step, start_step=start, resumed_from=resumed_from, losses=losses,
+        final_loss=losses[-1] if losses else None, history=history, checkpoint=last_ckpt,
+        model_path=str(model_path) if model_path else None, elapsed_s=time.time() - t_start,
+        precision=precision, world_size=world, compression=reducer.stats() if reducer else None,
+        model=model, ema=ema.shadow)
+    emit({"event": "end", "step": step, "final_loss": result.final_loss, "elapsed_s": result.elapsed_s,
+          "model_path": result.model_path, **({"compression": result.compression} if reducer else {})})
+    return result
+
+
+# --- command line (torchrun entry point) -------------------------------------------------------------------
+
+def _codes_location(path: str) -> tuple[Any, str]:
+    from dalle_core.storage import LocalStorage
+
+    p = Path(path).resolve()
+    if (p / "manifest.json").is_file():
+        return LocalStorage(p.parent), p.name
+    if (p / "image_codes" / "manifest.json").is_file():
+        return LocalStorage(p), "image_codes"
+    raise FileNotFoundError(f"no image-code manifest in {p} or {p / 'image_codes'}")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m dalle_core.prior.train",
+                                 description="Train the DALL-E prior on image-code shards "
+                                             "(single process, or under torchrun).")
+    ap.add_argument("--profile", default="tiny", help="prior preset: tiny, small, paper-1.3B, paper-12B")
+    ap.add_argument("--codes", required=True, help="directory with the image-code manifest.json and shards "
+                                                   "(or a storage root holding image_codes/)")
+    ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks)")
+    ap.add_argument("--steps", type=int, default=None, help="total updates (default: the profile's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
+    ap.add_argument("--precision", default=None, choices=PRECISIONS)
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--log-every", type=int, default=None)
+    ap.add_argument("--checkpoint-every", type=int, default=None)
+    ap.add_argument("--keep-checkpoints", type=int, default=3)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--warmup-steps", type=int, default=None)
+    ap.add_argument("--data-split", default="auto", choices=("auto", "sample", "shard"))
+    ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--nodes", type=int, default=None)
+    ap.add_argument("--gpus-per-node", type=int, default=None)
+    ap.add_argument("--powersgd-rank", type=int, default=None)
+    ap.add_argument("--powersgd-orthogonalization", default="gram_schmidt", choices=("gram_schmidt", "householder"))
+    ap.add_argument("--powersgd-min-compression-rate", type=float, default=2.0)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--metrics", default=None, help="JSON-lines metrics file (rank 0; default OUT/metrics.jsonl)")
+    ap.add_argument("--quiet", action="store_true", help="do not echo metrics to stdout")
+    ap.add_argument("--no-resume", action="store_true")
+    ap.add_argument("--crash-after-step", type=int, default=None,
+                    help="fault injection: after this update (and its checkpoint) exit hard with os._exit")
+    ap.add_argument("--crash-rank", type=int, default=None, help="which rank crashes (default: the last)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import code_batches, code_shards
+
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config = get_prior_config(args.profile)
+    changes = {k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr,
+                                 "warmup_steps": args.warmup_steps}.items() if v is not None}
+    if changes:
+        config = config.replace(**changes)
+
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))
+    parallel = None
+    if env_world > 1 or args.nodes or args.gpus_per_node:
+        gpus = args.gpus_per_node or int(os.environ.get("DALLE_GPUS_PER_NODE", 0)) or \
+            int(os.environ.get("LOCAL_WORLD_SIZE", env_world))
+        nodes = args.nodes or max(1, env_world // gpus)
+        parallel = ParallelConfig(nodes=nodes, gpus_per_node=gpus, powersgd_rank=args.powersgd_rank,
+                                  activation_checkpointing=args.activation_checkpointing,
+                                  prefetch=not args.no_prefetch,
+                                  powersgd_orthogonalization=args.powersgd_orthogonalization,
+                                  powersgd_min_compression_rate=args.powersgd_min_compression_rate,
+                                  powersgd_seed=args.seed if args.seed is not None else config.seed)
+        if parallel.world_size != env_world:
+            raise SystemExit(f"--nodes {nodes} x --gpus-per-node {gpus} = {parallel.world_size} ranks, "
+                             f"but torchrun started {env_world}")
+    elif args.activation_checkpointing:
+        parallel = ParallelConfig(activation_checkpointing=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if parallel is not None and parallel.world_size > 1:
+        init_distributed()
+    rank, world = get_rank(), get_world_size()
+
+    storage, prefix = _codes_location(args.codes)
+    paths, counts = code_shards(storage, prefix)
+    seed = config.seed if args.seed is None else args.seed
+
+    def batches_fn(start: int):
+        return code_batches(paths, config.batch_size, seed, start_step=start, rank=rank, world_size=world,
+                            split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts)
+
+    out = Path(args.out)
+    metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
+    metrics_file = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file = open(metrics_path, "a")
+
+    def on_log(record: dict) -> None:  # rank 0 only
+        line = json.dumps(record, default=str)
+        metrics_file.write(line + "\n")
+        metrics_file.flush()
+        if not args.quiet:
+            print(line, flush=True)
+
+    crash_rank = args.crash_rank if args.crash_rank is not None else world - 1
+
+    def after_step(step: int) -> None:
+        if args.crash_after_step is not None and step == args.crash_after_step and rank == crash_rank:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(17)  # a hard kill of this rank: no cleanup, no destroy_process_group
+
+    try:
+        train_prior(config, batches_fn, out, on_log=on_log, device=device, precision=args.precision,
+                    total_steps=args.steps, parallel=parallel, log_every=args.log_every,
+                    checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                    resume=not args.no_resume, after_step=after_step, seed=seed)
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if is_distributed():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
