@@ -7,8 +7,9 @@ import dagster as dg
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
 from assets.dvae import dvae, image_codes
+from assets.prior import prior
 from assets.text import bpe_tokenizer
-from orchestration.jobs import crawl_job, data_job, dvae_job
+from orchestration.jobs import crawl_job, data_job, dvae_job, prior_job
 from orchestration.resources import (
     CrawlSourceResource,
     MlflowResource,
@@ -32,6 +33,7 @@ def build_resources(settings: Settings) -> dict:
             artifact_root=settings.mlflow_artifact_root,
             ui_url=settings.mlflow_ui_url,
         ),
+        "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "crawl_source": CrawlSourceResource(
             url_list_dir=settings.url_list_dir,
             demo_world=settings.demo_world,
@@ -42,9 +44,9 @@ def build_resources(settings: Settings) -> dict:
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes],
+        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job, dvae_job],
+        jobs=[crawl_job, data_job, dvae_job, prior_job],
         sensors=[new_url_list_sensor],
         resources=build_resources(settings),
     )

@@ -93,6 +93,14 @@ def run_demo(settings: Settings, say=print) -> dict:
     if not res.success:
         raise SystemExit("stage one (tokenizer / dVAE / image codes) failed: see the run in the Dagster UI (make ui)")
 
+    t = time.monotonic()
+    say("[demo] training the transformer prior (torchrun, through Dagster Pipes) ...")
+    res = defs.resolve_job_def("prior_job").execute_in_process(instance=instance, raise_on_error=False)
+    results["prior"] = res.success
+    say(f"[demo] prior: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
+    if not res.success:
+        raise SystemExit("prior training failed: see the run in the Dagster UI (make ui)")
+
     summary = summarize(settings, instance)
     say("")
     say(f"[demo] done in {time.monotonic() - t0:.0f}s. What it produced:")
@@ -120,6 +128,7 @@ def summarize(settings: Settings, instance) -> dict:
         ("bpe_tokenizer", ("trained_vocab", "mean_tokens_per_caption")),
         ("dvae", ("steps", "caption_match_reconstruction", "caption_match_original", "eval_codebook_usage", "model_version")),
         ("image_codes", ("samples", "grid")),
+        ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
     ]:
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         if event is None:

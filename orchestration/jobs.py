@@ -19,3 +19,9 @@ dvae_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("bpe_tokenizer", "dvae", "image_codes"),
     description="Stage one: the BPE tokenizer, the dVAE and the image codes the prior reads.",
 )
+
+prior_job = dg.define_asset_job(
+    "prior_job",
+    selection=dg.AssetSelection.assets("prior"),
+    description="Stage two: the transformer prior, trained with torchrun through Dagster Pipes.",
+)

@@ -71,3 +71,24 @@ def resolve_weights(spec: str, default_name: str) -> Path:
     if not found:
         raise ModelNotFoundError(f"model {uri!r} has no weights file in its artifacts")
     return found[0]
+
+
+class PriorModel(mlflow.pyfunc.PythonModel):
+    """pyfunc face of the prior: {"text": ids [B, L], "image": codes [B, N]} -> loss per sample (nats)."""
+
+    def load_context(self, context):
+        from dalle_core.prior.train import load_prior
+
+        self.model = load_prior(context.artifacts[WEIGHTS]).eval()
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        text = torch.as_tensor(np.asarray(model_input["text"]), dtype=torch.long)
+        image = torch.as_tensor(np.asarray(model_input["image"]), dtype=torch.long)
+        with torch.no_grad():
+            _, image_logits = self.model(text, image)
+            nll = F.cross_entropy(image_logits.transpose(1, 2), image, reduction="none").mean(dim=1)
+        return nll.numpy()

@@ -519,6 +519,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                                  description="Train the DALL-E prior on image-code shards "
                                              "(single process, or under torchrun).")
     ap.add_argument("--profile", default="tiny", help="prior preset: tiny, small, paper-1.3B, paper-12B")
+    ap.add_argument("--config-json", default=None,
+                    help="a PriorConfig as JSON (e.g. the preset resized to the data's vocabularies); overrides --profile")
     ap.add_argument("--codes", required=True, help="directory with the image-code manifest.json and shards "
                                                    "(or a storage root holding image_codes/)")
     ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks)")
@@ -550,12 +552,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | None = None) -> int:
+    """The torchrun entry point; `extra_on_log` (rank 0) lets a caller forward metrics elsewhere."""
     from .data import code_batches, code_shards
 
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    config = get_prior_config(args.profile)
+    if args.config_json:
+        config = PriorConfig.from_dict(json.loads(Path(args.config_json).read_text()))
+    else:
+        config = get_prior_config(args.profile)
     changes = {k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr,
                                  "warmup_steps": args.warmup_steps}.items() if v is not None}
     if changes:
@@ -605,6 +611,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics_file.flush()
         if not args.quiet:
             print(line, flush=True)
+        if extra_on_log is not None:
+            extra_on_log(record)
 
     crash_rank = args.crash_rank if args.crash_rank is not None else world - 1
 

@@ -1,0 +1,135 @@
+"""Stage two of the paper: the transformer prior, trained with torchrun through
+Dagster Pipes (rank 0 streams metrics to the run and to MLflow)."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+
+from assets.dvae import CODES, image_codes
+from assets.metadata import md, md_table
+from dalle_core.data.codes import iter_code_shard
+from dalle_core.data.loader import local_shard_paths
+from dalle_core.prior.baseline import unigram_baseline
+from dalle_core.prior.config import get_prior_config
+from dalle_core.storage import LocalStorage
+from orchestration.model_registry import DEFAULT_ALIAS, PriorModel, log_and_register
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource
+
+PRIOR_KEY = "prior/prior.pt"
+
+
+class PriorRunConfig(dg.Config):
+    """How to launch the training: processes per machine and the logical machine count."""
+
+    nproc_per_node: int = 1  # GPUs per machine on a cluster; CPU processes here (gloo)
+    nodes: int = 1  # machines in the mesh (4 processes as nodes=2 x 2 on one box in tests)
+    powersgd_rank: Optional[int] = None  # compress cross-machine gradients (None: plain all-reduce)
+    steps: Optional[int] = None  # default: the profile's
+    activation_checkpointing: bool = False
+    precision: Optional[str] = None  # fp32 | bf16 | fp16-per-resblock (default: by device)
+    fresh: bool = False  # start over instead of resuming from the last checkpoint
+
+
+def codes_dir(storage: StorageResource, store) -> Path:
+    """A local folder with the image-code manifest and shards (downloaded once from S3)."""
+    if isinstance(store, LocalStorage):
+        return store.path(CODES)
+    cache = storage.scratch("image-codes-cache")
+    local_shard_paths(store, CODES, cache_dir=cache)
+    store.get_file(f"{CODES}/manifest.json", cache / "manifest.json")
+    return cache
+
+
+def prior_config_for(profile_name: str, manifest_extra: dict):
+    """The profile's prior, sized to the vocabularies the data was actually coded with."""
+    cfg = get_prior_config(profile_name)
+    return cfg.replace(
+        image_vocab_size=int(manifest_extra["image_vocab"]),
+        image_grid=int(manifest_extra["grid"]),
+        text_len=int(manifest_extra["text_len"]),
+        text_vocab_size=int(manifest_extra["text_vocab"]) - int(manifest_extra["text_len"]),
+    )
+
+
+@dg.asset(
+    deps=[image_codes],
+    group_name="prior",
+    kinds={"pytorch"},
+    description="Decoder-only sparse transformer over 'text then image' tokens (row/column/conv "
+    "masks, 1/8 text + 7/8 image loss), trained with torchrun; registered in MLflow as `prior`.",
+)
+def prior(
+    context: dg.AssetExecutionContext,
+    config: PriorRunConfig,
+    storage: StorageResource,
+    profile: ProfileResource,
+    mlflow: MlflowResource,
+    pipes_subprocess_client: dg.PipesSubprocessClient,
+) -> dg.MaterializeResult:
+    store, prof = storage.get(), profile.get()
+    data = codes_dir(storage, store)
+    manifest = json.loads((data / "manifest.json").read_text())
+    cfg = prior_config_for(prof.name, manifest["extra"])
+    out = storage.scratch("prior-run")
+    if config.fresh:
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    baseline = unigram_baseline(p for s in manifest["shards"] for p in iter_code_shard(data / s["name"]))
+
+    world = config.nproc_per_node * config.nodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "orchestration.prior_entry", "--config-json", str(out / "config.json"),
+           "--codes", str(data), "--out", str(out), "--quiet"]
+    if world > 1:
+        cmd += ["--nodes", str(config.nodes), "--gpus-per-node", str(config.nproc_per_node)]
+    for flag, value in (("--steps", config.steps), ("--powersgd-rank", config.powersgd_rank),
+                        ("--precision", config.precision)):
+        if value is not None:
+            cmd += [flag, str(value)]
+    if config.activation_checkpointing:
+        cmd.append("--activation-checkpointing")
+
+    with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}) as run:
+        import mlflow as mlf
+
+        mlf.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
+                        "world_size": world, "nodes": config.nodes, "powersgd_rank": config.powersgd_rank})
+        mlf.log_metrics({f"unigram_{k}": v for k, v in baseline.items()})
+        env = {"MLFLOW_TRACKING_URI": mlflow.tracking_uri, "MLFLOW_RUN_ID": run.info.run_id,
+               "OMP_NUM_THREADS": str(max(1, (__import__("os").cpu_count() or 1) // world))}
+        context.log.info(f"launching: {' '.join(cmd)}")
+        reported = pipes_subprocess_client.run(command=cmd, context=context, env=env).get_materialize_result()
+        model_file = out / "prior.pt"
+        if not model_file.exists():
+            raise dg.Failure(f"training ended without {model_file}; see the run's logs")
+        store.put_file(PRIOR_KEY, model_file)
+        records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines() if l.strip()]
+        steps = [r for r in records if "loss" in r or "loss/image" in r or "image_loss" in r]
+        last = steps[-1] if steps else {}
+        final = {k: last[k] for k in last if isinstance(last[k], (int, float)) and "loss" in k}
+        image_loss = next((v for k, v in final.items() if "image" in k), None)
+        if image_loss is not None:
+            mlf.log_metric("image_loss_over_unigram", image_loss / baseline["image"])
+        version = log_and_register(model_file, "prior", PriorModel())
+        run_url = mlflow.run_url(run)
+
+    curve = [(r.get("step"), *(f"{r[k]:.3f}" for k in sorted(final))) for r in steps[:: max(1, len(steps) // 8)]]
+    meta = dict(reported.metadata or {}) if reported is not None else {}
+    meta.update({
+        "world_size": world,
+        "unigram_baseline": md(md_table(["tokens", "nats"], [(k, f"{v:.3f}") for k, v in baseline.items()])),
+        "loss_curve": md(md_table(["step", *sorted(final)], curve)),
+        "model_version": f"prior v{version} @{DEFAULT_ALIAS}",
+        "location": dg.MetadataValue.path(store.uri(PRIOR_KEY)),
+        "mlflow_run": dg.MetadataValue.url(run_url),
+    })
+    if image_loss is not None:
+        meta["image_loss"] = round(float(image_loss), 4)
+        meta["image_unigram"] = round(baseline["image"], 4)
+        meta["image_loss_over_unigram"] = round(float(image_loss) / baseline["image"], 4)
+    return dg.MaterializeResult(metadata=meta)
