@@ -222,6 +222,40 @@ def cmd_dvae_decode(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from dalle_core.distributed.plan import plan
+    from dalle_core.prior.config import get_prior_config
+
+    get_profile(args.profile)
+    if args.nodes < 1 or args.gpus_per_node < 1 or args.batch_per_gpu < 1:
+        raise UserError("--nodes, --gpus-per-node and --batch-per-gpu must be at least 1")
+    p = plan(get_prior_config(args.profile), args.nodes, args.gpus_per_node, args.batch_per_gpu,
+             powersgd_rank=args.powersgd_rank, activation_checkpointing=not args.no_activation_checkpointing)
+    if args.json:
+        import json
+
+        print(json.dumps(p.to_dict(), indent=1, default=str))
+    else:
+        print(p.to_table())
+    return 0
+
+
+def cmd_train_prior(args, rest: list[str]) -> int:
+    """torchrun over `dalle_core.prior.train`; every other option goes to the training."""
+    get_profile(args.profile)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
+           f"--nnodes={args.nnodes}"]
+    if args.nnodes > 1:
+        if not args.rdzv_endpoint:
+            raise UserError("--rdzv-endpoint HOST:PORT is required with --nnodes > 1")
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
+    else:
+        cmd.append("--standalone")
+    cmd += ["-m", "dalle_core.prior.train", "--profile", args.profile, *rest]
+    print(" ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd)
+
+
 def cmd_profiles(args) -> int:
     for name, p in PROFILES.items():
         print(f"{name:12s} image_size={p.data.image_size} shard_size={p.data.shard_size}")
@@ -278,15 +312,35 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--run-dir", default=None)
     s.set_defaults(func=cmd_dvae_decode)
 
+    p = sub.add_parser("plan", help="parameters, memory per GPU and communication per step of a prior run")
+    p.add_argument("--profile", default="paper-12B")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--batch-per-gpu", type=int, default=8)
+    p.add_argument("--powersgd-rank", type=int, default=None, help="per-GPU rank (the paper: 112 at 12B)")
+    p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("train-prior", help="train the prior with torchrun (other options go to dalle_core.prior.train)")
+    p.add_argument("--profile", default="small")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs) per machine")
+    p.add_argument("--nnodes", type=int, default=1, help="machines")
+    p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
+    p.add_argument("--rdzv-id", default="dalle-prior")
+    p.set_defaults(func=cmd_train_prior, passthrough=True)
+
     p = sub.add_parser("profiles", help="list the run profiles")
     p.set_defaults(func=cmd_profiles)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if rest and not getattr(args, "passthrough", False):
+        build_parser().parse_args(argv)  # the usual error for unknown options
     try:
-        return args.func(args)
+        return args.func(args, rest) if getattr(args, "passthrough", False) else args.func(args)
     except USER_ERRORS as e:
         print(f"dalle {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -28,3 +28,26 @@ def test_crawl_wrong_columns_names_the_column(capsys, tmp_path):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "orchestration.cli", "profiles"], capture_output=True, text=True, check=True)
     assert "paper-12B" in out.stdout
+
+
+def test_plan_prints_the_paper_12b_figures(capsys):
+    assert main(["plan", "--profile", "paper-12B", "--nodes", "16", "--gpus-per-node", "8", "--powersgd-rank", "112"]) == 0
+    out = capsys.readouterr().out
+    assert "12,293,828,224" in out and "84.8%" in out and "16 machines x 8 GPUs" in out
+
+
+def test_plan_rejects_zero_gpus(capsys):
+    assert main(["plan", "--gpus-per-node", "0"]) == 2
+    assert "--gpus-per-node" in capsys.readouterr().err
+
+
+def test_train_prior_multinode_needs_a_rendezvous(capsys):
+    assert main(["train-prior", "--nnodes", "2", "--codes", "x", "--out", "y"]) == 2
+    assert "--rdzv-endpoint" in capsys.readouterr().err
+
+
+def test_unknown_option_is_refused_outside_train_prior():
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["profiles", "--bogus"])
