@@ -208,15 +208,15 @@ PRIOR_PRESETS: dict[str, PriorConfig] = {
         lr=1e-3, warmup_steps=10, ema_decay=0.9, ema_every=1, amp_dtype="fp32",
         batch_size=8, total_steps=60, log_every=10, checkpoint_every=20,
     ),
-    # 32 text + 16x16 image tokens, 6 layers x 128 wide (1.6M parameters): the
-    # laptop demo. Six layers exercise the whole pattern: row, column, row, row,
-    # row, conv. Measured on the 2-core dev machine (shared with other jobs):
-    # about 1-2 s per step at batch 16 in fp32, so 300 steps take 5-10 minutes.
+    # 32 text + 16x16 image tokens, 4 layers x 128 wide (~1.1M parameters): the
+    # laptop demo, sized so its training fits the demo's 10-minute budget on 2
+    # CPU cores (bench/prior.py: ~1.3k tokens/s at 6 layers, batch 16, shared
+    # machine). Four layers still exercise the pattern: row, column, row, conv.
     "small": PriorConfig(
-        n_layer=6, n_head=4, d_head=32, text_vocab_size=1024, text_len=32,
+        n_layer=4, n_head=4, d_head=32, text_vocab_size=1024, text_len=32,
         image_vocab_size=512, image_grid=16, conv_kernel=7,
-        lr=1e-3, warmup_steps=30, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
-        batch_size=16, total_steps=300, log_every=25, checkpoint_every=100,
+        lr=1e-3, warmup_steps=20, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
+        batch_size=8, total_steps=200, log_every=20, checkpoint_every=100,
     ),
     "paper-1.3B": PAPER_1_3B,
     "paper-12B": PAPER_12B,

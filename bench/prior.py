@@ -1,0 +1,143 @@
+"""Prior training speed: tokens/s, step time and model FLOPs utilisation (MFU).
+
+Runs the real training loop (`dalle_core.prior.train.train_prior`) on random
+token batches for a few steps per precision and prints one JSON object. The
+baseline, measured in the same run, is the device's dense matmul rate in the
+same dtype; MFU is also given against the GPU's datasheet peak when on CUDA.
+
+    .venv/bin/python bench/prior.py                                    # small, CPU, fp32
+    .venv/bin/python bench/prior.py --profile gpu-1B --device cuda \\
+        --precisions fp16-per-resblock bf16 --batch 8 --steps 12          # the GPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dalle_core.prior.config import PriorConfig, count_parameters, get_prior_config  # noqa: E402
+from dalle_core.prior.train import train_prior  # noqa: E402
+
+# dense bf16/fp16 tensor-core peaks (datasheet, without sparsity), FLOP/s
+GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# ~1B parameters with the paper's sequence (256 text + 1024 image tokens): a shape
+# that fits one GPU unsharded for the MFU check.
+GPU_1B = dict(n_layer=20, n_head=16, d_head=128, text_vocab_size=16384, text_len=256,
+              image_vocab_size=8192, image_grid=32)
+
+
+def config_for(name: str) -> PriorConfig:
+    if name == "gpu-1B":
+        return get_prior_config("paper-1.3B").replace(**GPU_1B)
+    return get_prior_config(name)
+
+
+def flops_per_token(cfg: PriorConfig) -> float:
+    """Training FLOPs per token: 6 x (non-embedding parameters) + attention scores
+    and values (12 x layers x sequence x width, the dense upper bound SDPA computes)."""
+    d = cfg.n_embd
+    per_layer = 12 * d * d + 13 * d
+    return 6 * cfg.n_layer * per_layer + 12 * cfg.n_layer * cfg.seq_len * d
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
+    n = n if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * repeats / (time.perf_counter() - t)
+
+
+def random_batches(cfg: PriorConfig, batch: int, device: torch.device):
+    g = torch.Generator().manual_seed(0)
+
+    def fn(start: int):
+        while True:
+            text = torch.randint(0, cfg.text_vocab_size, (batch, cfg.text_len), generator=g)
+            image = torch.randint(0, cfg.image_vocab_size, (batch, cfg.image_len), generator=g)
+            yield text, image
+
+    return fn
+
+
+def measure(cfg: PriorConfig, precision: str, device: torch.device, batch: int, steps: int) -> dict:
+    cfg = cfg.replace(batch_size=batch, warmup_steps=1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_prior(cfg, random_batches(cfg, batch, device), tmp, device=str(device),
+                             precision=precision, total_steps=steps, log_every=1,
+                             checkpoint_every=10**9, resume=False)
+    logs = [r for r in result.history if r.get("event") == "log"]
+    steady = logs[2:] or logs  # skip warm-up steps (allocation, autotuning)
+    tokens_per_s = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
+    return {
+        "precision": precision,
+        "tokens_per_s": round(tokens_per_s, 1),
+        "step_s": round(batch * cfg.seq_len / tokens_per_s, 4),
+        "achieved_tflops": round(tokens_per_s * flops_per_token(cfg) / 1e12, 4),
+        "final_loss": result.final_loss,
+        "skipped_steps": sum(bool(r.get("grad_scale_last_step_skipped")) for r in logs),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--profile", default="small", help="prior preset, or gpu-1B (~1B params, paper sequence)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precisions", nargs="+", default=None, help="fp32 | bf16 | fp16-per-resblock")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--steps", type=int, default=8)
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    cfg = config_for(args.profile)
+    batch = args.batch or cfg.batch_size
+    precisions = args.precisions or (["fp32"] if device.type == "cpu" else ["fp16-per-resblock", "bf16"])
+    runs = [measure(cfg, prec, device, batch, args.steps) for prec in precisions]
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    baseline = matmul_rate(device, dtype)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+    for r in runs:
+        r["fraction_of_matmul_rate"] = round(r["achieved_tflops"] * 1e12 / baseline, 4)
+        if peak:
+            r["mfu"] = round(r["achieved_tflops"] * 1e12 / peak, 4)
+    print(json.dumps({
+        "benchmark": "prior",
+        "profile": args.profile,
+        "parameters": count_parameters(cfg),
+        "seq_len": cfg.seq_len,
+        "batch": batch,
+        "device": name,
+        "flops_per_token": flops_per_token(cfg),
+        "matmul_baseline_tflops": round(baseline / 1e12, 4),
+        "datasheet_peak_tflops": peak / 1e12 if peak else None,
+        "runs": runs,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }))
+
+
+if __name__ == "__main__":
+    main()
