@@ -25,6 +25,12 @@ DVAE_KEY = "dvae/dvae.pt"
 CODES = "image_codes"
 
 
+def config_digest(config: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def training_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,7 +52,8 @@ def dvae(
     store, prof = storage.get(), profile.get()
     cfg = prof.dvae
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
-    checkpoints = storage.scratch("dvae-checkpoints")
+    # one checkpoint folder per config: a rerun resumes, a changed config starts afresh
+    checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(cfg.to_dict())}")
 
     def batches(start_step: int):
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import dagster as dg
 
-from assets.dvae import CODES, image_codes
+from assets.dvae import CODES, config_digest, image_codes
 from assets.metadata import md, md_table
 from dalle_core.data.codes import iter_code_shard
 from dalle_core.data.loader import local_shard_paths
@@ -74,7 +74,9 @@ def prior(
     data = codes_dir(storage, store)
     manifest = json.loads((data / "manifest.json").read_text())
     cfg = prior_config_for(prof.name, manifest["extra"])
-    out = storage.scratch("prior-run")
+    run_key = {"model": cfg.to_dict(), "steps": config.steps, "world": config.nproc_per_node * config.nodes,
+               "powersgd_rank": config.powersgd_rank, "codes": manifest["extra"].get("dvae_sha256")}
+    out = storage.scratch(f"prior-runs/{config_digest(run_key)}")  # a rerun resumes
     if config.fresh:
         shutil.rmtree(out)
         out.mkdir(parents=True)
