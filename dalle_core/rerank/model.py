@@ -1,0 +1,476 @@
+"""A small contrastive image-text model (in the spirit of CLIP) that reranks samples.
+
+The paper draws many candidate images per caption (512) and keeps those that a
+pretrained contrastive model (CLIP, Radford et al. 2021) scores highest against
+the caption (section 2.6, Figure 9: gains level off past 32 candidates). No
+pretrained weights can be downloaded here, so the platform trains its own
+contrastive model on the same image-text pairs as the prior.
+
+Architecture (CPU-cheap; shape pinned by `RerankerConfig`)
+---------------------------------------------------------
+image encoder  pixels in [0, 1] (resized to ``image_size`` if needed), centred;
+               a 3x3 stem conv, then one stage per entry of ``image_widths``:
+               a stride-2 3x3 conv and a residual 3x3 conv, GroupNorm + GELU
+               (no batch statistics: an image's score never depends on the
+               other images of its batch); the final ``s x s`` feature map is
+               flattened (so where things are - "to the left of" - survives)
+               and projected to ``embed_dim``.
+text encoder   BPE ids of `dalle_core.text.bpe.DalleTokenizer` (``text_len``
+               positions, the per-position pads ``>= text_vocab_size``):
+               token + position embeddings, ``text_layers`` pre-LN transformer
+               blocks in which no position attends to a pad, the mean of the
+               non-pad positions, a projection to ``embed_dim``. Pads are
+               ignored entirely: a caption's features do not depend on which
+               pad ids fill its tail.
+shared space   both projections L2-normalised; ``logits = exp(logit_scale) *
+               img @ txt.T`` with a learnable temperature (init 1/0.07, the
+               scale clamped at 100 as in CLIP); the loss is the symmetric
+               InfoNCE (cross-entropy image->text and text->image, averaged).
+
+Use
+---
+``score(images, text)`` cosine similarity of each image with its caption;
+``rerank(images, text, keep)`` the indices of the best ``keep`` images for one
+caption; ``rerank_groups`` the same for the ``B * n`` candidates of ``B``
+captions (the layout of `dalle_core.prior.sampling.sample_image_codes`);
+``image_features`` the (unit) image embeddings, the space in which the
+evaluation stage computes its own Frechet distance. ``save_reranker`` /
+``load_reranker``: one file with the config pinned inside.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_core.dvae.model import validate_images
+
+RERANKER_FORMAT = "dalle-reranker-v1"
+CHECKPOINT_FORMAT = "dalle-reranker-checkpoint-v1"  # training checkpoints (rerank/train.py)
+
+# The fields that determine the parameter layout.
+SHAPE_FIELDS = ("image_size", "image_stem", "image_widths", "text_vocab_size", "text_len", "text_width",
+                "text_layers", "text_heads", "embed_dim")
+
+
+@dataclass(frozen=True)
+class RerankerConfig:
+    # --- image encoder ---------------------------------------------------------------
+    image_size: int = 32  # images are resized to this side before encoding
+    image_stem: int = 16  # channels of the stem conv
+    image_widths: tuple[int, ...] = (32, 64, 64)  # one stride-2 stage each
+    # --- text encoder ----------------------------------------------------------------
+    text_vocab_size: int = 512  # BPE vocabulary without the pads (TextConfig.vocab_size)
+    text_len: int = 16  # text positions (TextConfig.text_len)
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    # --- shared space ----------------------------------------------------------------
+    embed_dim: int = 64
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    # --- training (AdamW, linear warm-up then cosine decay to lr * lr_end_factor) ---
+    lr: float = 2e-3
+    lr_end_factor: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    batch_size: int = 64
+    total_steps: int = 150
+    log_every: int = 10
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_widths", tuple(int(w) for w in self.image_widths))
+        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
+        for name in ("image_size", "image_stem", "text_vocab_size", "text_len", "text_width", "text_layers",
+                     "text_heads", "embed_dim", "batch_size", "total_steps", "log_every", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"RerankerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.image_widths or min(self.image_widths) < 1:
+            raise ValueError(f"RerankerConfig.image_widths must be positive widths, got {self.image_widths}")
+        if self.image_size % (2 ** len(self.image_widths)):
+            raise ValueError(f"image_size {self.image_size} must be divisible by 2^{len(self.image_widths)} "
+                             f"(one halving per stage of image_widths)")
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
+        if not 0 < self.init_temperature < 1 or self.max_logit_scale <= 1:
+            raise ValueError("init_temperature must be in (0, 1) and max_logit_scale > 1")
+        if self.lr <= 0 or self.batch_size < 2:
+            raise ValueError("lr must be > 0 and batch_size >= 2 (contrastive batches need negatives)")
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the image encoder's last feature map."""
+        return self.image_size // 2 ** len(self.image_widths)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["image_widths"] = list(self.image_widths)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RerankerConfig":
+        """From `to_dict` output: unknown keys are ignored, missing training keys
+        take today's defaults, the shape fields must all be present."""
+        missing = [k for k in SHAPE_FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"reranker config is missing shape fields {missing}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes: Any) -> "RerankerConfig":
+        return replace(self, **changes)
+
+
+RERANKER_PRESETS: dict[str, RerankerConfig] = {
+    # 32x32 images, the tiny text config (512 BPE ids, 16 positions): ~0.2M parameters, trains in seconds.
+    "tiny": RerankerConfig(),
+    # 64x64 images (the small profile), 1024 BPE ids, 32 positions: ~0.9M parameters.
+    "small": RerankerConfig(image_size=64, image_stem=32, image_widths=(32, 64, 128, 128),
+                            text_vocab_size=1024, text_len=32, text_width=128, text_layers=3,
+                            embed_dim=128, batch_size=128, total_steps=1500, log_every=50,
+                            checkpoint_every=250, lr=1e-3, warmup_steps=50),
+    # The paper-scale profiles: CLIP-like shapes over 256x256 images and the
+    # 16384 + 256 text ids (a stand-in for the pretrained CLIP the paper used).
+    "paper-1.3B": RerankerConfig(image_size=256, image_stem=64, image_widths=(64, 128, 256, 512, 512, 512),
+                                 text_vocab_size=16384, text_len=256, text_width=512, text_layers=8,
+                                 text_heads=8, embed_dim=512, batch_size=4096, total_steps=100_000,
+                                 lr=5e-4, warmup_steps=2000, log_every=100, checkpoint_every=2000),
+}
+RERANKER_PRESETS["paper-12B"] = RERANKER_PRESETS["paper-1.3B"]
+
+
+def get_reranker_config(name: str) -> RerankerConfig:
+    try:
+        return RERANKER_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown reranker preset {name!r}: choose one of {', '.join(RERANKER_PRESETS)}") from None
+
+
+def _groups(channels: int) -> int:
+    for g in (8, 4, 2, 1):
+        if channels % g == 0:
+            return g
+    return 1
+
+
+# --- image encoder ---------------------------------------------------------------------------
+
+class _ConvUnit(nn.Sequential):
+    def __init__(self, n_in: int, n_out: int, stride: int = 1):
+        super().__init__(nn.Conv2d(n_in, n_out, 3, stride=stride, padding=1, bias=False),
+                         nn.GroupNorm(_groups(n_out), n_out), nn.GELU())
+
+
+class _Stage(nn.Module):
+    """Halve the resolution (stride-2 conv), then a residual conv."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.down = _ConvUnit(n_in, n_out, stride=2)
+        self.res = _ConvUnit(n_out, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.down(x)
+        return x + self.res(x)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, config: RerankerConfig):
+        super().__init__()
+        self.stem = _ConvUnit(3, config.image_stem)
+        widths = (config.image_stem, *config.image_widths)
+        self.stages = nn.Sequential(*(_Stage(a, b) for a, b in zip(widths[:-1], widths[1:])))
+        s = config.feature_size
+        self.proj = nn.Linear(widths[-1] * s * s, config.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem((x - 0.5) / 0.25))
+        return self.proj(x.flatten(1))
+
+
+# --- text encoder ----------------------------------------------------------------------------
+
+class _TextBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ln2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: RerankerConfig):
+        super().__init__()
+        self.vocab = config.text_vocab_size
+        w = config.text_width
+        self.token = nn.Embedding(config.text_vocab_size + 1, w)  # + one row every pad maps to
+        self.position = nn.Parameter(torch.randn(config.text_len, w) * 0.02)
+        self.blocks = nn.ModuleList(_TextBlock(w, config.text_heads) for _ in range(config.text_layers))
+        self.ln = nn.LayerNorm(w)
+        self.proj = nn.Linear(w, config.embed_dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        real = ids < self.vocab  # [B, T]: not a pad
+        x = self.token(ids.clamp(max=self.vocab)) + self.position[: ids.shape[1]]
+        T = ids.shape[1]
+        eye = torch.eye(T, dtype=torch.bool, device=ids.device)
+        # no query attends to a pad (a pad query sees itself only; its output is never used)
+        mask = (real[:, None, None, :] | eye)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln(x)
+        w = real.unsqueeze(-1).to(x.dtype)
+        pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+        return self.proj(pooled)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+class ContrastiveReranker(nn.Module):
+    """Image and text encoders into one space, a learnable temperature, and the
+    symmetric InfoNCE loss (see the module docstring)."""
+
+    def __init__(self, config: RerankerConfig):
+        super().__init__()
+        self.config = config
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / config.init_temperature)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    # --- inputs ----------------------------------------------------------------------------
+    def prepare_images(self, images: torch.Tensor, what: str = "images") -> torch.Tensor:
+        """Validated float32 [B, 3, S, S] on the model's device (resized to
+        ``image_size`` with antialiased bilinear interpolation if needed)."""
+        validate_images(images, channels=3, what=what)
+        images = images.to(self.device)
+        s = self.config.image_size
+        if tuple(images.shape[2:]) != (s, s):
+            images = F.interpolate(images, size=(s, s), mode="bilinear", antialias=True,
+                                   align_corners=False).clamp(0, 1)
+        return images
+
+    def prepare_text(self, text: torch.Tensor, what: str = "text") -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(text, torch.Tensor) or text.dim() != 2:
+            shape = tuple(text.shape) if isinstance(text, torch.Tensor) else type(text).__name__
+            raise ValueError(f"{what}: expected token ids [B, {cfg.text_len}], got {shape}")
+        if text.shape[1] != cfg.text_len:
+            raise ValueError(f"{what}: expected {cfg.text_len} ids per caption (DalleTokenizer.encode_batch "
+                             f"with text_len {cfg.text_len}), got {text.shape[1]}")
+        if text.dtype.is_floating_point or text.dtype == torch.bool:
+            raise ValueError(f"{what}: expected integer token ids, got dtype {text.dtype}")
+        if text.numel():
+            lo, hi = int(text.min()), int(text.max())
+            if lo < 0 or hi >= cfg.text_vocab_size + cfg.text_len:
+                raise ValueError(f"{what}: ids must be in [0, {cfg.text_vocab_size + cfg.text_len}) "
+                                 f"(BPE {cfg.text_vocab_size} + {cfg.text_len} pads), got [{lo}, {hi}]")
+            empty = (text < cfg.text_vocab_size).sum(1) == 0
+            if bool(empty.any()):
+                rows = empty.nonzero().flatten().tolist()
+                raise ValueError(f"{what}: captions {rows[:10]} hold only pad ids (empty captions)")
+        return text.to(self.device).long()
+
+    # --- features --------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image embeddings [B, embed_dim]."""
+        return self.image_encoder(self.prepare_images(images))
+
+    def encode_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Unnormalised caption embeddings [B, embed_dim]."""
+        return self.text_encoder(self.prepare_text(text))
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor, normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
+        """Image embeddings [B, embed_dim] (unit length by default), in eval mode,
+        computed in chunks of `batch_size`; fp32 on the CPU."""
+        return self._chunked(lambda x: self.encode_image(x), images, normalize, batch_size)
+
+    @torch.no_grad()
+    def text_features(self, text: torch.Tensor, normalize: bool = True, batch_size: int = 256) -> torch.Tensor:
+        return self._chunked(lambda t: self.encode_text(t), text, normalize, batch_size)
+
+    def _chunked(self, fn, x: torch.Tensor, normalize: bool, batch_size: int) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        try:
+            out = [fn(x[i:i + batch_size]).float().cpu() for i in range(0, max(len(x), 1), batch_size)]
+        finally:
+            self.train(was)
+        feats = torch.cat(out) if out else torch.zeros(0, self.config.embed_dim)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    # --- training ---------------------------------------------------------------------------
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=math.log(self.config.max_logit_scale)).exp()
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """logits_per_image [B, B]: scaled cosine similarity of image i and caption j."""
+        img = F.normalize(self.encode_image(images), dim=-1)
+        txt = F.normalize(self.encode_text(text), dim=-1)
+        return self.scale() * img @ txt.t()
+
+    def loss(self, images: torch.Tensor, text: torch.Tensor,
+             negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Symmetric InfoNCE over the batch, with in-batch retrieval accuracies
+        (image -> its caption among the batch's captions, and back).
+
+        `negatives` [b, K, L] (or [b, L]): optional hard-negative captions per
+        image (e.g. the caption with its two colours swapped), added to that
+        image's candidates in the image -> text direction (as in NegCLIP); the
+        accuracies count them too."""
+        if images.shape[0] != text.shape[0]:
+            raise ValueError(f"batch sizes differ: {images.shape[0]} images, {text.shape[0]} captions")
+        if images.shape[0] < 2:
+            raise ValueError("a contrastive batch needs at least 2 pairs")
+        b = images.shape[0]
+        img = F.normalize(self.encode_image(images), dim=-1)
+        txt = F.normalize(self.encode_text(text), dim=-1)
+        scale = self.scale()
+        logits = scale * img @ txt.t()
+        logits_i = logits
+        if negatives is not None:
+            if negatives.dim() == 2:
+                negatives = negatives.unsqueeze(1)
+            if negatives.dim() != 3 or negatives.shape[0] != b:
+                raise ValueError(f"negatives must be [{b}, K, L] caption ids, got {tuple(negatives.shape)}")
+            K = negatives.shape[1]
+            neg = F.normalize(self.encode_text(negatives.reshape(b * K, -1)), dim=-1).view(b, K, -1)
+            logits_i = torch.cat([logits, scale * torch.einsum("bd,bkd->bk", img, neg)], dim=1)
+        target = torch.arange(b, device=logits.device)
+        li = F.cross_entropy(logits_i, target)
+        lt = F.cross_entropy(logits.t(), target)
+        with torch.no_grad():
+            acc_i = (logits_i.argmax(1) == target).float().mean()
+            acc_t = (logits.argmax(0) == target).float().mean()
+        return {"loss": (li + lt) / 2, "loss_image": li, "loss_text": lt,
+                "acc": (acc_i + acc_t) / 2, "acc_image_to_text": acc_i, "acc_text_to_image": acc_t}
+
+    # --- reranking ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, text: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """Cosine similarity [B] of image i with caption i; one caption ([L] or
+        [1, L]) is compared with every image."""
+        if isinstance(text, torch.Tensor) and text.dim() == 1:
+            text = text.unsqueeze(0)
+        txt = self.text_features(text, batch_size=batch_size)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            validate_images(images)
+        if txt.shape[0] not in (1, images.shape[0]):
+            raise ValueError(f"{txt.shape[0]} captions for {images.shape[0]} images: give one caption, "
+                             f"or one per image")
+        img = self.image_features(images, batch_size=batch_size)
+        return (img * txt).sum(-1)
+
+    @torch.no_grad()
+    def rerank(self, images: torch.Tensor, text: torch.Tensor, keep: int, batch_size: int = 256) -> torch.Tensor:
+        """Indices LongTensor [keep] of the images that best match one caption,
+        best first (ties: the lower index first)."""
+        if isinstance(text, torch.Tensor) and text.dim() == 2 and text.shape[0] != 1:
+            raise ValueError(f"rerank takes one caption ([L] or [1, L]), got {text.shape[0]}; "
+                             f"use rerank_groups for several")
+        n = images.shape[0] if isinstance(images, torch.Tensor) and images.dim() == 4 else 0
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= max(n, 1) or n == 0:
+            raise ValueError(f"keep must be an integer in [1, {n}] (the number of images), got {keep!r}")
+        scores = self.score(images, text, batch_size=batch_size)
+        order = torch.sort(scores, descending=True, stable=True).indices
+        return order[:keep]
+
+    @torch.no_grad()
+    def rerank_groups(self, images: torch.Tensor, text: torch.Tensor, keep: int,
+                      batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """For B captions and their B * n candidates (caption-major, as
+        `sample_image_codes` returns them): (indices [B, keep] into `images`, best
+        first; their scores [B, keep])."""
+        text = self.prepare_text(text)
+        B = text.shape[0]
+        if B == 0 or not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] % B:
+            got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"images must be [B * n, 3, H, W] for {B} captions, got {got}")
+        n = images.shape[0] // B
+        if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= n:
+            raise ValueError(f"keep must be an integer in [1, {n}] (candidates per caption), got {keep!r}")
+        scores = self.score(images, text.repeat_interleave(n, 0), batch_size=batch_size).view(B, n)
+        top = torch.sort(scores, dim=1, descending=True, stable=True)
+        idx = top.indices[:, :keep] + torch.arange(B).unsqueeze(1) * n
+        return idx, top.values[:, :keep]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def save_reranker(path: str | Path, model: ContrastiveReranker, meta: dict | None = None) -> Path:
+    """One file {"format", "config" (pinned), "state_dict", "meta"}, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"format": RERANKER_FORMAT, "config": model.config.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "meta": json.loads(json.dumps(meta or {}, default=str))}
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_reranker_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable reranker file ({e})") from e
+    if not isinstance(blob, dict) or blob.get("format") not in (RERANKER_FORMAT, CHECKPOINT_FORMAT):
+        raise ValueError(f"{path}: not a reranker file (format {RERANKER_FORMAT} or {CHECKPOINT_FORMAT})")
+    return blob
+
+
+def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> ContrastiveReranker:
+    """The model saved by `save_reranker` (or a training checkpoint), built with
+    the config pinned in the file, in eval mode."""
+    blob = read_reranker_file(path)
+    config = RerankerConfig.from_dict(blob["config"])
+    model = ContrastiveReranker(config)
+    state = blob["state_dict"] if "state_dict" in blob else blob["model"]
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
+    if bad:
+        raise ValueError(f"{path}: weights do not match the pinned config ({bad[:10]})")
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "RERANKER_FORMAT", "RERANKER_PRESETS", "ContrastiveReranker", "ImageEncoder", "RerankerConfig",
+    "TextEncoder", "get_reranker_config", "load_reranker", "read_reranker_file", "save_reranker",
+]
