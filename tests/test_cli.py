@@ -51,3 +51,30 @@ def test_unknown_option_is_refused_outside_train_prior():
 
     with pytest.raises(SystemExit):
         main(["profiles", "--bogus"])
+
+
+def test_demo_world_serve_then_crawl_its_url_list(tmp_path):
+    """`dalle demo-world serve` writes URL lists and serves them; `dalle crawl` fetches one."""
+    import signal
+    import time
+    from pathlib import Path
+
+    from services import free_port, wait_for_port
+
+    port = free_port()
+    dalle = str(Path(sys.executable).parent / "dalle")
+    server = subprocess.Popen([dalle, "demo-world", "serve", "--profile", "tiny", "--port", str(port),
+                               "--out", str(tmp_path / "world")], stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, timeout=60, proc=server)
+        lists = sorted((tmp_path / "world" / "url_lists").iterdir())
+        assert [p.suffix for p in lists] == [".parquet", ".csv"]
+        assert (tmp_path / "world" / "coco_eval" / "captions.json").is_file()
+        out = subprocess.run([dalle, "crawl", str(lists[0]), "--storage", str(tmp_path / "store"), "--profile", "tiny"],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert "crawled 120 rows" in out.stdout and "http_404" in out.stdout
+        assert any((tmp_path / "store" / "raw_pairs" / "batch-000").glob("part-*.tar"))
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
