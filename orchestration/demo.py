@@ -60,46 +60,28 @@ def run_demo(settings: Settings, say=print) -> dict:
         instance.add_dynamic_partitions(crawl_batches.name, new)
     say(f"[demo] URL lists (crawl batches): {', '.join(lists)}")
 
-    crawl_job = defs.resolve_job_def("crawl_job")
-    data_job = defs.resolve_job_def("data_job")
-    results = {}
+    def run(job: str, label: str, partition_key: str | None = None):
+        """One job in process on the demo's instance; stop with a pointer to the UI if it fails."""
+        t = time.monotonic()
+        res = defs.resolve_job_def(job).execute_in_process(
+            instance=instance, partition_key=partition_key, raise_on_error=False
+        )
+        say(f"[demo] {label}: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
+        for e in res.get_asset_check_evaluations():
+            say(f"[demo]   check {e.asset_check_key.name}: {'passed' if e.passed else 'FAILED'}")
+        if not res.success:
+            raise SystemExit(f"{label} failed: see the run in the Dagster UI (make ui)")
+        return res
+
     # one server for all batches (each raw_pairs run would otherwise start its own)
     with resources["crawl_source"].serving(profile):
         for name in lists:
-            t = time.monotonic()
-            res = crawl_job.execute_in_process(instance=instance, partition_key=name)
-            results[f"crawl {name}"] = res.success
-            say(f"[demo] crawled {name}: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
-            if not res.success:
-                raise SystemExit(f"crawl of {name} failed: see the run in the Dagster UI (make ui)")
-    t = time.monotonic()
-    res = data_job.execute_in_process(instance=instance, raise_on_error=False)
-    results["data"] = res.success
-    checks = [
-        (e.asset_check_key.name, e.passed)
-        for e in res.get_asset_check_evaluations()
-    ]
-    say(f"[demo] filtered and sharded: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
-    for name, passed in checks:
-        say(f"[demo]   check {name}: {'passed' if passed else 'FAILED'}")
-    if not res.success:
-        raise SystemExit("the data stage failed: see the run in the Dagster UI (make ui)")
-
-    t = time.monotonic()
+            run("crawl_job", f"crawled {name}", partition_key=name)
+    run("data_job", "filtered and sharded")
     say("[demo] training the BPE tokenizer and the dVAE, then encoding the shards ...")
-    res = defs.resolve_job_def("dvae_job").execute_in_process(instance=instance, raise_on_error=False)
-    results["dvae"] = res.success
-    say(f"[demo] tokenizer, dVAE and image codes: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
-    if not res.success:
-        raise SystemExit("stage one (tokenizer / dVAE / image codes) failed: see the run in the Dagster UI (make ui)")
-
-    t = time.monotonic()
+    run("dvae_job", "tokenizer, dVAE and image codes")
     say("[demo] training the transformer prior (torchrun, through Dagster Pipes) ...")
-    res = defs.resolve_job_def("prior_job").execute_in_process(instance=instance, raise_on_error=False)
-    results["prior"] = res.success
-    say(f"[demo] prior: {'ok' if res.success else 'FAILED'} ({time.monotonic() - t:.0f}s)")
-    if not res.success:
-        raise SystemExit("prior training failed: see the run in the Dagster UI (make ui)")
+    run("prior_job", "prior")
 
     summary = summarize(settings, instance)
     say("")
