@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
 import torch.nn as nn
+
+from dalle_core.checkpointing import atomic_torch_save, list_step_files, load_latest_step_file
 
 from .config import SHAPE_FIELDS, DVAEConfig
 from .losses import code_stats, elb_loss, gumbel_softmax_relaxation
@@ -136,37 +137,12 @@ def _open_batches(batches: BatchSource, start_step: int) -> Iterator[torch.Tenso
 # Checkpoint files (atomic writes)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _list_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in Path(checkpoint_dir).glob(CHECKPOINT_GLOB):
-        try:
-            out.append((int(p.stem.split("-")[-1]), p))
-        except ValueError:
-            continue
-    return sorted(out)
+    return list_step_files(checkpoint_dir, CHECKPOINT_GLOB)
 
 
 def _load_latest_checkpoint(checkpoint_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that reads back; unreadable ones are skipped with a warning."""
-    for step, path in reversed(_list_checkpoints(checkpoint_dir)):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a dVAE training checkpoint")
-            return ckpt, path
-        except Exception as e:  # a truncated / corrupted file: fall back to the one before
-            warnings.warn(f"skipping unreadable dVAE checkpoint {path}: {e}")
-    return None
+    return load_latest_step_file(checkpoint_dir, CHECKPOINT_GLOB, CHECKPOINT_FORMAT, "dVAE")
 
 
 def _check_resume_config(saved: dict, config: DVAEConfig, path: Path) -> None:
@@ -197,7 +173,7 @@ def save_dvae(path: str | Path, encoder: Encoder, decoder: Decoder, config: DVAE
         "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
         "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
     }
-    _atomic_save(obj, path)
+    atomic_torch_save(obj, path)
     return path
 
 
@@ -326,7 +302,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             "history": history,
         }
         path = checkpoint_dir / checkpoint_name(step)
-        _atomic_save(obj, path)
+        atomic_torch_save(obj, path)
         for _, old in _list_checkpoints(checkpoint_dir)[: -config.keep_checkpoints]:
             old.unlink(missing_ok=True)
         return path

@@ -25,10 +25,8 @@ resumed run sees the data it would have seen).
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +34,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+
+from dalle_core.checkpointing import atomic_torch_save, list_step_files, load_latest_step_file
 
 from .model import CHECKPOINT_FORMAT, SHAPE_FIELDS, ContrastiveReranker, RerankerConfig, save_reranker
 
@@ -89,36 +89,12 @@ def build_optimizer(model: nn.Module, config: RerankerConfig) -> torch.optim.Ada
 
 # --- checkpoints --------------------------------------------------------------------------------
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def list_checkpoints(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
-    out = []
-    for p in Path(checkpoint_dir).glob(CHECKPOINT_GLOB):
-        try:
-            out.append((int(p.stem.split("-")[-1]), p))
-        except ValueError:
-            continue
-    return sorted(out)
+    return list_step_files(checkpoint_dir, CHECKPOINT_GLOB)
 
 
 def _latest_checkpoint(checkpoint_dir: Path) -> tuple[dict, Path] | None:
-    """The newest checkpoint that reads back; unreadable ones are skipped with a warning."""
-    for _, path in reversed(list_checkpoints(checkpoint_dir)):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-                raise ValueError("not a reranker training checkpoint")
-            return ckpt, path
-        except Exception as e:  # truncated / corrupted: fall back to the one before
-            warnings.warn(f"skipping unreadable reranker checkpoint {path}: {e}")
-    return None
+    return load_latest_step_file(checkpoint_dir, CHECKPOINT_GLOB, CHECKPOINT_FORMAT, "reranker")
 
 
 def _rng_state() -> dict[str, Any]:
@@ -196,7 +172,7 @@ def train_reranker(
     def checkpoint(step: int) -> None:
         nonlocal last_ckpt
         path = checkpoint_dir / checkpoint_name(step)
-        _atomic_save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step,
+        atomic_torch_save({"format": CHECKPOINT_FORMAT, "config": config.to_dict(), "step": step,
                       "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                       "optimizer": optimizer.state_dict(), "rng": _rng_state()}, path)
         for _, old in list_checkpoints(checkpoint_dir)[:-keep_checkpoints]:
