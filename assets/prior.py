@@ -11,6 +11,7 @@ import dagster as dg
 
 from assets.dvae import CODES, config_digest, image_codes
 from assets.metadata import md, md_table
+from assets.text import TOKENIZER_KEY
 from dalle_core.data.codes import iter_code_shard
 from dalle_core.data.loader import local_shard_paths
 from dalle_core.prior.baseline import unigram_baseline
@@ -117,7 +118,9 @@ def prior(
         image_loss = next((v for k, v in final.items() if "image" in k), None)
         if image_loss is not None:
             mlf.log_metric("image_loss_over_unigram", image_loss / baseline["image"])
-        version = log_and_register(model_file, "prior", PriorModel())
+        # the tokenizer travels with the prior: `dalle generate --prior @champion` needs both
+        tokenizer_file = store.get_file(TOKENIZER_KEY, storage.scratch("prior-tokenizer") / "bpe_tokenizer.json")
+        version = log_and_register(model_file, "prior", PriorModel(), extra_artifacts={"tokenizer": tokenizer_file})
         run_url = mlflow.run_url(run)
 
     curve = [(r.get("step"), *(f"{r[k]:.3f}" for k in sorted(final))) for r in steps[:: max(1, len(steps) // 8)]]

@@ -222,6 +222,84 @@ def cmd_dvae_decode(args) -> int:
     return 0
 
 
+def _generation_chain(args):
+    """The models of `dalle generate`, resolved by path or MLflow alias, checked to fit together."""
+    import mlflow
+
+    from dalle_core.dvae.train import load_dvae
+    from dalle_core.generation import TextToImage
+    from dalle_core.prior.train import load_prior
+    from dalle_core.rerank import load_reranker
+    from dalle_core.text.bpe import DalleTokenizer
+    from orchestration.model_registry import resolve_companion, resolve_weights
+
+    settings = _settings(args)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    prior = load_prior(resolve_weights(args.prior, "prior"), device=device)
+    encoder, decoder, _ = load_dvae(resolve_weights(args.dvae, "dvae"), device=device)
+    reranker = None if args.reranker == "none" else load_reranker(resolve_weights(args.reranker, "reranker"), device=device)
+    tok_path = Path(args.tokenizer) if args.tokenizer else resolve_companion(args.prior, "prior", ".json")
+    if tok_path is None:  # a prior given by path: the tokenizer of the run's storage
+        tok_path = Path(settings.storage_root) / "tokenizer" / "bpe.json"
+    if not tok_path.is_file():
+        raise UserError(f"tokenizer not found: {tok_path} (give --tokenizer PATH)")
+    return TextToImage(prior, decoder, DalleTokenizer.load(tok_path), reranker=reranker, encoder=encoder), device
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+
+    import torch
+    from tqdm import tqdm
+
+    from dalle_core.dvae.evaluate import tensor_to_image
+    from dalle_core.imaging import image_grid
+
+    if not args.caption.strip():
+        raise UserError("the caption is empty")
+    if args.n < 1 or not 1 <= args.keep <= args.n:
+        raise UserError(f"need --n >= 1 and 1 <= --keep <= --n, got --n {args.n} --keep {args.keep}")
+    chain, device = _generation_chain(args)
+    chain.tokenize([args.caption])  # a caption error before any sampling
+    prompt = None
+    if args.image_prompt:
+        size = chain.grid * 2 ** (chain.encoder.group_count - 1)
+        image = _read_image(Path(args.image_prompt), size, resize=True)
+        rows = args.prompt_rows if args.prompt_rows is not None else chain.grid // 2
+        prompt = chain.image_prompt(image[None].to(device), rows)
+    bar = tqdm(total=None, desc="sampling image tokens", unit="tok", file=sys.stderr, disable=args.quiet)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else contextlib.nullcontext())
+    t0 = time.time()
+    with autocast:
+        out = chain.generate([args.caption], n=args.n, keep=args.keep, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_codes=prompt,
+                             batch_size=args.batch_size, use_cache=not args.no_cache, progress=progress)
+    bar.close()
+    images = [tensor_to_image(x) for x in out.images[0]]
+    dest = Path(args.out)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, ncols=min(8, len(images)), cell=max(64, images[0].size[0])).save(dest)
+    for i, im in enumerate(images):
+        im.save(dest.with_name(f"{dest.stem}_{i + 1:02d}{dest.suffix or '.png'}"))
+    how = "reranked by the contrastive model" if out.reranked else "in draw order (no reranker)"
+    print(f"{args.n} samples in {time.time() - t0:.1f} s on {device}; kept {args.keep}, {how}")
+    if out.scores is not None:
+        print("scores: " + " ".join(f"{float(v):.3f}" for v in out.scores[0]))
+    print(f"grid: {dest}; images: {dest.with_name(dest.stem + '_01' + (dest.suffix or '.png'))} ...")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from dalle_core.distributed.plan import plan
     from dalle_core.prior.config import get_prior_config
@@ -311,6 +389,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="@champion")
     s.add_argument("--run-dir", default=None)
     s.set_defaults(func=cmd_dvae_decode)
+
+    p = sub.add_parser("generate", help="images for a caption: sample the prior, decode, rerank")
+    p.add_argument("caption")
+    p.add_argument("--n", type=int, default=64, help="candidates to draw (the paper: 512)")
+    p.add_argument("--keep", type=int, default=8, help="best candidates kept by the reranker")
+    p.add_argument("--out", default="generated.png", help="the grid; each image goes next to it as NAME_01.png ...")
+    p.add_argument("--image-prompt", default=None, help="an image whose top rows of codes are kept")
+    p.add_argument("--prompt-rows", type=int, default=None, help="code rows kept from the image prompt (default half)")
+    p.add_argument("--prior", default="@champion", help="weights file, models:/prior@alias or @alias")
+    p.add_argument("--dvae", default="@champion")
+    p.add_argument("--reranker", default="@champion", help="... or 'none' to keep the first draws")
+    p.add_argument("--tokenizer", default=None, help="default: the one registered with the prior")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default all)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--run-dir", default=None)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="parameters, memory per GPU and communication per step of a prior run")
     p.add_argument("--profile", default="paper-12B")

@@ -7,9 +7,10 @@ import dagster as dg
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
 from assets.dvae import dvae, image_codes
+from assets.generation import reranker, samples
 from assets.prior import prior
 from assets.text import bpe_tokenizer
-from orchestration.jobs import crawl_job, data_job, dvae_job, prior_job
+from orchestration.jobs import crawl_job, data_job, dvae_job, generation_job, prior_job
 from orchestration.resources import (
     CrawlSourceResource,
     MlflowResource,
@@ -44,9 +45,10 @@ def build_resources(settings: Settings) -> dict:
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior],
+        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior,
+                reranker, samples],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job, dvae_job, prior_job],
+        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job],
         sensors=[new_url_list_sensor],
         resources=build_resources(settings),
     )

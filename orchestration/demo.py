@@ -82,6 +82,8 @@ def run_demo(settings: Settings, say=print) -> dict:
     run("dvae_job", "tokenizer, dVAE and image codes")
     say("[demo] training the transformer prior (torchrun, through Dagster Pipes) ...")
     run("prior_job", "prior")
+    say("[demo] training the contrastive reranker, then sampling the evaluation captions ...")
+    run("generation_job", "reranker and samples")
 
     summary = summarize(settings, instance)
     say("")
@@ -91,6 +93,8 @@ def run_demo(settings: Settings, say=print) -> dict:
     say("")
     say("Where to look:")
     say(f"  storage:        {settings.storage_root}")
+    say(f"  samples:        {settings.storage_root}/samples/grid.png (reranked | first draws, one caption a row)")
+    say('  generate:       .venv/bin/dalle generate "a red circle above a blue square" --out grid.png')
     say(f"  MLflow:         {settings.mlflow_tracking_uri}  (experiment 'dalle')")
     say("  Dagster UI:     make ui  -> http://127.0.0.1:3000 (assets, checks, runs of this demo)")
     say("  MLflow UI:      make ui  -> http://127.0.0.1:5000")
@@ -111,6 +115,9 @@ def summarize(settings: Settings, instance) -> dict:
         ("dvae", ("steps", "caption_match_reconstruction", "caption_match_original", "eval_codebook_usage", "model_version")),
         ("image_codes", ("samples", "grid")),
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
+        ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "model_version")),
+        ("samples", ("caption_match_reranked", "caption_match_top1", "caption_match_random",
+                     "caption_match_shuffled")),
     ]:
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         if event is None:

@@ -25,3 +25,9 @@ prior_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("prior"),
     description="Stage two: the transformer prior, trained with torchrun through Dagster Pipes.",
 )
+
+generation_job = dg.define_asset_job(
+    "generation_job",
+    selection=dg.AssetSelection.assets("reranker", "samples"),
+    description="Generation: the contrastive reranker, and reranked samples for the evaluation captions.",
+)

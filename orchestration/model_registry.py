@@ -32,14 +32,16 @@ class DVAEModel(mlflow.pyfunc.PythonModel):
             return encode_to_codes(self.encoder, x).numpy()
 
 
-def log_and_register(model_file: Path, name: str, python_model, alias: str = DEFAULT_ALIAS) -> str:
-    """Log the weights as a pyfunc model in the active run, register it, point `alias` at it."""
+def log_and_register(model_file: Path, name: str, python_model, alias: str = DEFAULT_ALIAS,
+                     extra_artifacts: dict[str, Path] | None = None) -> str:
+    """Log the weights as a pyfunc model in the active run, register it, point `alias` at it.
+    `extra_artifacts` travel with the model (e.g. the tokenizer the prior reads)."""
     import torch
 
     info = mlflow.pyfunc.log_model(
         name=name,
         python_model=python_model,
-        artifacts={WEIGHTS: str(model_file)},
+        artifacts={WEIGHTS: str(model_file), **{k: str(v) for k, v in (extra_artifacts or {}).items()}},
         registered_model_name=name,
         # explicit requirements: inference would load the model in a subprocess
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "dalle-platform"],
@@ -53,11 +55,12 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
-def resolve_weights(spec: str, default_name: str) -> Path:
-    """A local weights file from a path, `models:/name@alias`, `models:/name/3`, or `@alias`."""
+def resolve_model_files(spec: str, default_name: str) -> list[Path]:
+    """The files of a model: a path (just that file), `models:/name@alias`,
+    `models:/name/3`, or `@alias` (of `default_name`)."""
     path = Path(spec)
     if path.exists():
-        return path
+        return [path]
     uri = spec
     if spec.startswith("@"):
         uri = f"models:/{default_name}{spec}"
@@ -70,7 +73,18 @@ def resolve_weights(spec: str, default_name: str) -> Path:
     found = sorted(p for p in (local / "artifacts").glob("*") if p.is_file())
     if not found:
         raise ModelNotFoundError(f"model {uri!r} has no weights file in its artifacts")
-    return found[0]
+    return found
+
+
+def resolve_weights(spec: str, default_name: str) -> Path:
+    """The weights file (.pt) of a model spec (see `resolve_model_files`)."""
+    files = resolve_model_files(spec, default_name)
+    return next((p for p in files if p.suffix == ".pt"), files[0])
+
+
+def resolve_companion(spec: str, default_name: str, suffix: str) -> Path | None:
+    """A file registered next to a model's weights (the prior's tokenizer: `.json`)."""
+    return next((p for p in resolve_model_files(spec, default_name) if p.suffix == suffix), None)
 
 
 class PriorModel(mlflow.pyfunc.PythonModel):
@@ -92,3 +106,20 @@ class PriorModel(mlflow.pyfunc.PythonModel):
             _, image_logits = self.model(text, image)
             nll = F.cross_entropy(image_logits.transpose(1, 2), image, reduction="none").mean(dim=1)
         return nll.numpy()
+
+
+class RerankerModel(mlflow.pyfunc.PythonModel):
+    """pyfunc face of the reranker: {"images": uint8 [B, H, W, 3], "text": ids [B, L]} -> cosine similarity [B]."""
+
+    def load_context(self, context):
+        from dalle_core.rerank import load_reranker
+
+        self.model = load_reranker(context.artifacts[WEIGHTS])
+
+    def predict(self, context, model_input, params=None):
+        import numpy as np
+        import torch
+
+        images = torch.from_numpy(np.asarray(model_input["images"], dtype=np.float32) / 255.0).permute(0, 3, 1, 2)
+        text = torch.as_tensor(np.asarray(model_input["text"]), dtype=torch.long)
+        return self.model.score(images, text).numpy()

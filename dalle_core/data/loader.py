@@ -92,10 +92,26 @@ def image_batches(
     shuffle_buffer: int = 1000,
 ) -> Iterator[torch.Tensor]:
     """Endless [B, 3, S, S] float batches; the first one yielded is batch number `start_step`."""
-    batch, step = [], 0
-    for key, image, _ in iter_samples(paths, seed, shuffle_buffer):
-        batch.append(image_to_tensor(image, image_size, name=f"sample {key}"))
-        if len(batch) == batch_size:
+    for images, _ in image_caption_batches(paths, batch_size, image_size, seed, start_step, shuffle_buffer):
+        yield images
+
+
+def image_caption_batches(
+    paths: list[Path],
+    batch_size: int,
+    image_size: int,
+    seed: int = 0,
+    start_step: int = 0,
+    shuffle_buffer: int = 1000,
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Endless (images [B, 3, S, S], their B captions); the first one yielded is
+    batch number `start_step` (a resumed run sees the data it would have seen)."""
+    images, captions, step = [], [], 0
+    for key, image, caption in iter_samples(paths, seed, shuffle_buffer):
+        if step >= start_step:  # skipped batches are not decoded into tensors
+            images.append(image_to_tensor(image, image_size, name=f"sample {key}"))
+        captions.append(caption)
+        if len(captions) == batch_size:
             if step >= start_step:
-                yield torch.stack(batch)
-            batch, step = [], step + 1
+                yield torch.stack(images), captions
+            images, captions, step = [], [], step + 1

@@ -137,7 +137,7 @@ class RerankerConfig:
 
 RERANKER_PRESETS: dict[str, RerankerConfig] = {
     # 32x32 images, the tiny text config (512 BPE ids, 16 positions): ~0.2M parameters, trains in seconds.
-    "tiny": RerankerConfig(),
+    "tiny": RerankerConfig(total_steps=60, checkpoint_every=20),
     # 64x64 images (the small profile), 1024 BPE ids, 32 positions: ~0.9M parameters.
     "small": RerankerConfig(image_size=64, image_stem=32, image_widths=(32, 64, 128, 128),
                             text_vocab_size=1024, text_len=32, text_width=128, text_layers=3,

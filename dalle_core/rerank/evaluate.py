@@ -1,0 +1,97 @@
+"""Figures of a reranker on held-out pairs, and caption-match rates of generated images.
+
+`retrieval_figures`: on held-out (image, caption) pairs, how often the model
+finds an image's own caption among all held-out captions (and back), and how
+often it scores the true caption above the same caption with two content words
+swapped (the binding that reranking needs: "red circle, blue square" vs "blue
+circle, red square").
+
+`caption_match_rates`: for generated images and a checker (the demo world's
+`check_image`, or any image x caption -> bool), the share of images that match
+their own caption with and without reranking, and the share that match a
+*shuffled* caption: generation that ignored its caption would score the same on
+both.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+
+import torch
+
+from dalle_core.data.loader import image_to_tensor
+
+from .negatives import swapped_word_negatives
+
+
+@torch.no_grad()
+def retrieval_figures(model, tokenizer, images: Sequence, captions: Sequence[str],
+                      rng: random.Random | None = None) -> dict[str, float]:
+    """{"retrieval_image_to_text", "retrieval_text_to_image", "swap_binding"} on
+    held-out pairs (PIL images or float [N, 3, H, W]); chance levels are 1/N
+    and 1/2 (a swap identical to its caption counts as a tie, 1/2)."""
+    rng = rng or random.Random(0)
+    if len(images) != len(captions) or len(captions) < 2:
+        raise ValueError(f"need >= 2 image-caption pairs of equal count, got {len(images)} and {len(captions)}")
+    x = images if isinstance(images, torch.Tensor) else torch.stack(
+        [image_to_tensor(im, im.size[0], name=f"held-out image {i}") for i, im in enumerate(images)])
+    text = tokenizer.encode_batch(list(captions))
+    img = model.image_features(x)
+    txt = model.text_features(text)
+    sim = img @ txt.t()
+    target = torch.arange(len(captions))
+    swapped = tokenizer.encode_batch([swapped_word_negatives(c, 1, rng)[0] for c in captions])
+    s_true = (img * txt).sum(-1)
+    s_swap = (img * model.text_features(swapped)).sum(-1)
+    binding = ((s_true > s_swap).float() + 0.5 * (s_true == s_swap).float()).mean()
+    return {
+        "retrieval_image_to_text": float((sim.argmax(1) == target).float().mean()),
+        "retrieval_text_to_image": float((sim.argmax(0) == target).float().mean()),
+        "swap_binding": float(binding),
+    }
+
+
+def _derangement(n: int, seed: int = 0) -> list[int]:
+    """A permutation with no fixed point (each caption goes to another image)."""
+    if n < 2:
+        raise ValueError("shuffled captions need at least 2 captions")
+    rng = random.Random(seed)
+    shift = rng.randrange(1, n)
+    order = list(range(n))
+    rng.shuffle(order)
+    perm = [0] * n
+    for i in range(n):  # a random cyclic shift over a random order: no i maps to itself
+        perm[order[i]] = order[(i + shift) % n]
+    return perm
+
+
+def caption_match_rates(reranked: torch.Tensor, unranked: torch.Tensor, captions: Sequence[str],
+                        check: Callable[[object, str], bool], seed: int = 0) -> dict[str, float]:
+    """Match rates of images [B, k, 3, H, W] (one row per caption):
+    ``caption_match_reranked`` (the reranker's best k), ``caption_match_top1``
+    (its single best), ``caption_match_random`` (the first k draws: no
+    reranking) and ``caption_match_shuffled`` (the reranked images checked
+    against another caption's text)."""
+    from dalle_core.dvae.evaluate import tensor_to_image
+
+    B = len(captions)
+    if reranked.shape[0] != B or unranked.shape[0] != B:
+        raise ValueError(f"{B} captions but image rows {reranked.shape[0]} and {unranked.shape[0]}")
+    perm = _derangement(B, seed) if B > 1 else None
+
+    def rate(rows: torch.Tensor, caps: Sequence[str]) -> float:
+        hits = [bool(check(tensor_to_image(x), caps[i])) for i in range(B) for x in rows[i]]
+        return sum(hits) / max(1, len(hits))
+
+    out = {
+        "caption_match_reranked": rate(reranked, captions),
+        "caption_match_top1": rate(reranked[:, :1], captions),
+        "caption_match_random": rate(unranked, captions),
+    }
+    if perm is not None:
+        out["caption_match_shuffled"] = rate(reranked, [captions[perm[i]] for i in range(B)])
+    return out
+
+
+__all__ = ["caption_match_rates", "retrieval_figures"]

@@ -1,0 +1,186 @@
+"""The generation chain (prior -> dVAE decoder -> reranker): shapes, that
+reranking keeps the reranker's best in order, that the unreranked images are the
+sampler's own draws, image prompts, caption errors, parts that do not fit; the
+swapped-word hard negatives; the caption-match and retrieval figures."""
+
+import random
+
+import pytest
+import torch
+
+from dalle_core.data import demo_world as W
+from dalle_core.dvae.config import DVAE_PRESETS
+from dalle_core.dvae.model import build_dvae, decode_codes
+from dalle_core.generation import CaptionError, TextToImage
+from dalle_core.prior import PRIOR_PRESETS, DalleTransformer
+from dalle_core.prior.sampling import sample_image_codes
+from dalle_core.rerank import RERANKER_PRESETS, ContrastiveReranker
+from dalle_core.rerank.evaluate import _derangement, caption_match_rates, retrieval_figures
+from dalle_core.rerank.negatives import STOP_WORDS, swapped_word_negatives
+from dalle_core.text.bpe import text_config, train_bpe_tokenizer
+
+torch.set_num_threads(1)
+
+DV = DVAE_PRESETS["tiny"]  # 32x32 -> 8x8 codes of 64
+
+
+@pytest.fixture(scope="module")
+def parts():
+    rng = __import__("numpy").random.default_rng(0)
+    caps = [W.random_caption(W.random_scene(rng, held_out=None), rng) for _ in range(300)]
+    tok = train_bpe_tokenizer(caps, text_config("tiny"))
+    torch.manual_seed(0)
+    prior = DalleTransformer(PRIOR_PRESETS["tiny"].replace(image_vocab_size=DV.vocab_size, init_std=0.08)).eval()
+    encoder, decoder = build_dvae(DV)
+    reranker = ContrastiveReranker(RERANKER_PRESETS["tiny"]).eval()
+    return prior, encoder, decoder, tok, reranker
+
+
+def chain(parts, with_reranker=True):
+    prior, encoder, decoder, tok, reranker = parts
+    return TextToImage(prior, decoder, tok, reranker=reranker if with_reranker else None, encoder=encoder)
+
+
+CAPTIONS = ["a red circle above a blue square", "a small green triangle left of a yellow circle"]
+
+
+def test_generate_shapes_and_reranking_order(parts):
+    out = chain(parts).generate(CAPTIONS, n=6, keep=3, seed=1, return_candidates=True)
+    assert out.reranked
+    assert out.images.shape == (2, 3, 3, 32, 32) and out.images.dtype == torch.float32
+    assert out.codes.shape == (2, 3, 8, 8) and out.scores.shape == (2, 3)
+    assert out.candidates.shape == (2, 6, 3, 32, 32)
+    assert 0 <= float(out.images.min()) and float(out.images.max()) <= 1
+    rr, tok = parts[4], parts[3]
+    for b, cap in enumerate(CAPTIONS):
+        # independent reference: score every candidate, sort, compare with what was kept
+        s = rr.score(out.candidates[b], tok.encode_batch([cap]))
+        best = torch.sort(s, descending=True, stable=True)
+        assert torch.allclose(out.scores[b], best.values[:3], atol=1e-6)
+        assert torch.allclose(out.images[b], out.candidates[b][best.indices[:3]])
+        assert (out.scores[b][:-1] >= out.scores[b][1:]).all()
+
+
+def test_without_reranker_the_first_draws_of_the_sampler(parts):
+    prior, _, decoder, tok, _ = parts
+    out = chain(parts, with_reranker=False).generate(CAPTIONS, n=4, keep=2, seed=7)
+    assert not out.reranked and out.scores is None
+    ref = sample_image_codes(prior, tok.encode_batch(CAPTIONS), n_per_caption=4, seed=7).view(2, 4, 8, 8)
+    assert torch.equal(out.codes, ref[:, :2])
+    assert torch.allclose(out.images[1, 0], decode_codes(decoder, ref[1, :1])[0])
+    # same seed, same images; another seed, other images
+    again = chain(parts, with_reranker=False).generate(CAPTIONS, n=4, keep=2, seed=7)
+    assert torch.equal(again.codes, out.codes)
+    other = chain(parts, with_reranker=False).generate(CAPTIONS, n=4, keep=2, seed=8)
+    assert not torch.equal(other.codes, out.codes)
+
+
+def test_image_prompt_keeps_the_top_rows(parts):
+    c = chain(parts)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    prompt = c.image_prompt(image, rows=3)
+    assert prompt.shape == (1, 24)
+    out = c.generate(CAPTIONS, n=3, keep=2, prompt_codes=prompt, seed=0)
+    for b in range(2):
+        for k in range(2):
+            assert torch.equal(out.codes[b, k, :3].flatten(), prompt[0])
+    with pytest.raises(ValueError, match="prompt rows must be in"):
+        c.image_prompt(image, rows=8)
+    with pytest.raises(ValueError, match="64-pixel|32-pixel"):
+        c.image_prompt(torch.rand(1, 3, 64, 64), rows=2)
+
+
+def test_caption_errors_name_the_cause(parts):
+    c = chain(parts)
+    with pytest.raises(CaptionError, match="caption 0 is empty"):
+        c.generate(["   "], n=2)
+    with pytest.raises(CaptionError, match="no captions"):
+        c.generate([], n=2)
+    long = " ".join(["red circle above blue square"] * 10)
+    with pytest.raises(CaptionError, match=r"longer than the prior's text context of 16"):
+        c.generate([long], n=2)
+    assert c.generate([long], n=1, truncate=True).images.shape[0] == 1
+    with pytest.raises(ValueError, match="keep must be"):
+        c.generate(CAPTIONS, n=2, keep=3)
+
+
+def test_parts_that_do_not_fit_are_refused(parts):
+    prior, encoder, decoder, tok, reranker = parts
+    other = DalleTransformer(PRIOR_PRESETS["tiny"]).eval()  # 128 image codes, the dVAE has 64
+    with pytest.raises(ValueError, match="the prior draws 128 image codes, the dVAE decodes 64"):
+        TextToImage(other, decoder, tok)
+    small_rr = ContrastiveReranker(RERANKER_PRESETS["tiny"].replace(text_len=8))
+    with pytest.raises(ValueError, match="the reranker reads 8 text positions"):
+        TextToImage(prior, decoder, tok, reranker=small_rr)
+
+
+def test_swapped_word_negatives():
+    rng = random.Random(0)
+    cap = "a large red circle above a small blue square"
+    negs = swapped_word_negatives(cap, 50, rng)
+    assert len(negs) == 50 and len(set(negs)) > 5
+    for n in negs:
+        assert n != cap and sorted(n.split()) == sorted(cap.split())
+        # stop words never move
+        assert [w for w in n.split() if w in STOP_WORDS] == [w for w in cap.split() if w in STOP_WORDS]
+        assert [i for i, w in enumerate(n.split()) if w in STOP_WORDS] == \
+               [i for i, w in enumerate(cap.split()) if w in STOP_WORDS]
+    assert "a large blue circle above a small red square" in negs
+    assert swapped_word_negatives("a cat", 2, rng) == ["a cat", "a cat"]  # nothing to swap
+
+
+def test_derangement_has_no_fixed_point():
+    for n in (2, 3, 7, 50):
+        for seed in range(5):
+            p = _derangement(n, seed)
+            assert sorted(p) == list(range(n)) and all(p[i] != i for i in range(n))
+
+
+def _solid(rgb):
+    return torch.tensor(rgb, dtype=torch.float32).view(3, 1, 1).expand(3, 8, 8).clone()
+
+
+def test_caption_match_rates_against_a_hand_count():
+    # a checker we can count by hand: the caption names the image's dominant colour
+    def check(image, caption):
+        r, g, b = image.getpixel((0, 0))
+        colour = "red" if r > 128 else "blue" if b > 128 else "green"
+        return colour in caption
+
+    red, blue, green = _solid([1, 0, 0]), _solid([0, 0, 1]), _solid([0, 1, 0])
+    caps = ["red", "blue", "green"]
+    reranked = torch.stack([torch.stack([red, red]), torch.stack([blue, green]), torch.stack([green, green])])
+    unranked = torch.stack([torch.stack([blue, red]), torch.stack([green, green]), torch.stack([red, blue])])
+    r = caption_match_rates(reranked, unranked, caps, check)
+    assert r["caption_match_reranked"] == pytest.approx(5 / 6)
+    assert r["caption_match_top1"] == pytest.approx(1.0)
+    assert r["caption_match_random"] == pytest.approx(1 / 6)
+    # shuffled: every row is checked against another row's colour word
+    perm = _derangement(3, 0)
+    expect = sum(check(__import__("dalle_core.dvae.evaluate", fromlist=["x"]).tensor_to_image(x), caps[perm[i]])
+                 for i in range(3) for x in reranked[i]) / 6
+    assert r["caption_match_shuffled"] == pytest.approx(expect)
+
+
+def test_retrieval_figures_on_a_model_that_reads_colour():
+    """A hand-built 'reranker' whose image and text features are the colour
+    words: retrieval is perfect, and swapped colours are caught only when the
+    features bind colour to position - here they do not, so binding is 1/2."""
+    colours = ["red", "green", "blue"]
+
+    class Tok:
+        def encode_batch(self, caps):
+            return torch.tensor([[float(c in cap.split()) for c in colours] for cap in caps])
+
+    class Model:
+        def image_features(self, x):
+            return torch.nn.functional.normalize(x.mean((2, 3)), dim=-1)
+
+        def text_features(self, t):
+            return torch.nn.functional.normalize(t, dim=-1)
+
+    images = torch.stack([_solid([1, 0, 0]), _solid([0, 1, 0]), _solid([0, 0, 1])])
+    caps = ["a red disc", "a green disc", "a blue disc"]
+    f = retrieval_figures(Model(), Tok(), images, caps)
+    assert f["retrieval_image_to_text"] == 1.0 and f["retrieval_text_to_image"] == 1.0
+    assert f["swap_binding"] == pytest.approx(0.5)  # "disc red" scores the same as "red disc"
