@@ -461,3 +461,25 @@ def test_convert_released_state_dict_checks_names_and_shapes():
     # a tiny state dict against the paper's config: shape mismatches named
     with pytest.raises(ValueError, match="shape mismatches"):
         convert_released_state_dict(enc.state_dict(), "encoder", DVAEConfig(image_size=32, group_count=3))
+
+
+def test_marginal_kl_penalises_collapse_not_confidence():
+    from dalle_core.dvae.losses import marginal_kl_to_uniform
+
+    K = 16
+    # confident codes, all different across positions: no penalty (each code used once)
+    codes = torch.arange(K).view(1, 4, 4)
+    confident = torch.nn.functional.one_hot(codes, K).permute(0, 3, 1, 2).float() * 50.0
+    assert float(marginal_kl_to_uniform(confident)) == pytest.approx(0.0, abs=1e-6)
+    assert float(kl_to_uniform(confident).mean()) == pytest.approx(math.log(K), abs=1e-4)  # the ELB's KL is maximal
+    # every position on the same code: the maximum, log K
+    collapsed = torch.zeros(1, K, 4, 4)
+    collapsed[:, 3] = 50.0
+    assert float(marginal_kl_to_uniform(collapsed)) == pytest.approx(math.log(K), abs=1e-4)
+    # the ELB adds it per pixel value, once per position, with its own weight
+    images = torch.rand(1, 3, 16, 16)
+    out0 = elb_loss(images, collapsed, torch.zeros(1, 6, 16, 16), kl_weight=1.0)
+    out1 = elb_loss(images, collapsed, torch.zeros(1, 6, 16, 16), kl_weight=1.0, marginal_kl_weight=2.0)
+    assert "marginal_kl" not in out0
+    assert float(out1["marginal_kl"]) == pytest.approx(math.log(K) * 16 / (3 * 16 * 16), rel=1e-4)
+    assert float(out1["total"] - out0["total"]) == pytest.approx(2.0 * float(out1["marginal_kl"]), rel=1e-5)

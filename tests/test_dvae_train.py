@@ -175,3 +175,50 @@ def test_running_out_of_data_is_a_clear_error(tmp_path):
     gen = (make_batch(i) for i in range(2))  # a one-shot generator cannot be cycled
     with pytest.raises(ValueError, match="one-shot"):
         train_dvae(cfg, gen, tmp_path / "gen")
+
+
+def test_kmeans_codebook_init_puts_every_code_on_a_feature_cluster(tmp_path):
+    from dalle_core.dvae.codebook_init import encoder_features, kmeans_codebook_init
+
+    torch.manual_seed(0)
+    encoder, _ = build_dvae(TINY)
+    images = torch.cat([make_batch(s) for s in range(32)])  # 256 images -> 16k positions
+    stats = kmeans_codebook_init(encoder, images, logit_std=5.0, seed=0)
+    assert stats["codes_in_use"] >= 0.9 * TINY.vocab_size
+    # the argmax of the new logits is the nearest centroid: recover the centroids
+    # from the layer (w = s c, b = -s |c|^2 / 2) and compare with a brute-force search
+    conv = encoder.blocks.output.conv
+    w, b = conv.w.detach().flatten(1), conv.b.detach()
+    s = (w * w).sum(1) / (-2 * b)  # = s for every code
+    assert torch.allclose(s, s[0].expand_as(s), rtol=1e-4)
+    c = w / s[0]
+    x = encoder_features(encoder, images[:16])
+    nearest = torch.cdist(x.double(), c.double()).argmin(1)
+    codes = encoder(map_pixels(images[:16])).argmax(1).flatten()
+    assert (codes == nearest).float().mean() > 0.999
+    # logits spread as asked (per position, over codes)
+    logits = encoder(map_pixels(images[:16]))
+    assert 3.5 < float(logits.std(dim=1).mean()) < 7.0
+
+
+def test_kmeans_init_run_resumes_to_the_same_parameters(tmp_path):
+    cfg = TINY.replace(total_steps=8, log_every=1, checkpoint_every=4, codebook_init="kmeans",
+                       codebook_init_images=64)
+    full = train_dvae(cfg, batch_source, tmp_path / "full")
+    assert full.codebook_init is not None and full.codebook_init["codes_in_use"] > 16
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_6(step, metrics):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_dvae(cfg, batch_source, tmp_path / "k", on_log=kill_at_6)
+    resumed = train_dvae(cfg, batch_source, tmp_path / "k")
+    assert resumed.resumed_from == 4 and resumed.codebook_init is None  # not redone on resume
+    a, b = params_of(full), params_of(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="codebook_init must be"):
+        TINY.replace(codebook_init="magic")

@@ -49,6 +49,17 @@ class DVAEConfig:
     temperature_end: float = 1 / 16
     temp_anneal_steps: int = 150_000
 
+    # --- codebook initialisation (codebook_init.py) --------------------------
+    # "random": the paper's init. "kmeans": the logits layer set from k-means
+    # centroids of the encoder's features on the first `codebook_init_images`
+    # training images (keeps short runs from collapsing to a dozen codes).
+    codebook_init: str = "random"
+    codebook_init_images: int = 512
+    codebook_init_logit_std: float = 5.0
+    # weight of KL(average code distribution || uniform), losses.marginal_kl_to_uniform;
+    # 0 = the paper's ELB
+    marginal_kl_weight: float = 0.0
+
     # --- EMA of the weights (what is exported and evaluated) -----------------
     ema_decay: float = 0.999
 
@@ -74,6 +85,8 @@ class DVAEConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.temperature_end <= 0 or self.temperature_start <= 0:
             raise ValueError("temperatures must be > 0")
+        if self.codebook_init not in ("random", "kmeans"):
+            raise ValueError(f"codebook_init must be 'random' or 'kmeans', got {self.codebook_init!r}")
 
     @property
     def downsample_factor(self) -> int:

@@ -24,6 +24,7 @@ from .model import map_pixels
 __all__ = [
     "logit_laplace_nll",
     "kl_to_uniform",
+    "marginal_kl_to_uniform",
     "gumbel_softmax_relaxation",
     "elb_loss",
     "code_stats",
@@ -62,6 +63,20 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * logp).sum(dim=1) + math.log(logits.shape[1])
 
 
+def marginal_kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """KL(q_bar || uniform) of the batch's *average* code distribution (a scalar).
+
+    q_bar = mean over images and positions of softmax(logits). Unlike the
+    per-position KL of the ELB, which pushes every position towards an
+    uncertain code, this term is small only when the batch as a whole spreads
+    over the codebook: it penalises collapse onto a few codes without making
+    any single code choice less confident (the "diversity loss" of wav2vec 2.0,
+    Baevski et al. 2020). Not in the paper; off (weight 0) in its presets.
+    """
+    q_bar = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    return (q_bar * q_bar.clamp_min(1e-12).log()).sum() + math.log(logits.shape[1])
+
+
 def gumbel_softmax_relaxation(logits: torch.Tensor, temperature: float, dim: int = 1,
                               generator: torch.Generator | None = None) -> torch.Tensor:
     """A relaxed one-hot sample: softmax((logits + g) / temperature), g ~ Gumbel(0, 1).
@@ -83,7 +98,7 @@ def gumbel_softmax_relaxation(logits: torch.Tensor, temperature: float, dim: int
 
 
 def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tensor,
-             kl_weight: float) -> dict[str, torch.Tensor]:
+             kl_weight: float, marginal_kl_weight: float = 0.0) -> dict[str, torch.Tensor]:
     """The ELB loss of a batch, normalised per pixel value (see the module docstring).
 
     images: targets in [0, 1], [B, C, H, W] (mapped here with map_pixels);
@@ -101,7 +116,13 @@ def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tens
     recon = logit_laplace_nll(x, mu, log_scale).flatten(1).sum(1) / n_values
     kl = kl_to_uniform(logits).flatten(1).sum(1) / n_values
     recon, kl = recon.mean(), kl.mean()
-    return {"total": recon + kl_weight * kl, "recon": recon, "kl": kl}
+    out = {"total": recon + kl_weight * kl, "recon": recon, "kl": kl}
+    if marginal_kl_weight:
+        # per pixel value like the KL: the marginal KL counts once per code position
+        positions = logits.shape[2] * logits.shape[3]
+        out["marginal_kl"] = marginal_kl_to_uniform(logits) * positions / n_values
+        out["total"] = out["total"] + marginal_kl_weight * out["marginal_kl"]
+    return out
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ import torch.nn as nn
 
 from dalle_core.checkpointing import atomic_torch_save, list_step_files, load_latest_step_file
 
+from .codebook_init import kmeans_codebook_init
 from .config import SHAPE_FIELDS, DVAEConfig
 from .losses import code_stats, elb_loss, gumbel_softmax_relaxation
 from .model import Decoder, Encoder, build_dvae, map_pixels, validate_images
@@ -71,6 +72,7 @@ class TrainResult:
     resumed_from: int | None = None  # step the run resumed from, if it did
     raw_encoder: Encoder | None = None  # the optimised (non-EMA) weights
     raw_decoder: Decoder | None = None
+    codebook_init: dict | None = None  # codes in use / perplexity after a k-means init (fresh runs)
 
     @property
     def final_metrics(self) -> dict:
@@ -131,6 +133,24 @@ def _open_batches(batches: BatchSource, start_step: int) -> Iterator[torch.Tenso
     for _ in itertools.islice(it, start_step):  # replay to the resume point
         pass
     return it
+
+
+def _kmeans_init_from(batches: BatchSource, encoder: Encoder, config: DVAEConfig,
+                      device: torch.device) -> dict[str, float]:
+    """k-means codebook init on the first training batches (the same ones step 0
+    on reads: the init is part of the run, so a rerun repeats it exactly)."""
+    it, seen = _open_batches(batches, 0), []
+    while sum(len(b) for b in seen) < config.codebook_init_images:
+        try:
+            seen.append(next(it))
+        except StopIteration:
+            break
+    if not seen:
+        raise ValueError("codebook_init='kmeans' needs training images, the batch source is empty")
+    images = torch.cat(seen)[: config.codebook_init_images]
+    validate_images(images, config.image_size, config.input_channels, what="codebook-init images")
+    return kmeans_codebook_init(encoder, images.to(device), logit_std=config.codebook_init_logit_std,
+                                seed=config.seed)
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +266,9 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
         encoder, decoder = build_dvae(config, requires_grad=True, use_mixed_precision=use_amp)
     encoder.to(device).train()
     decoder.to(device).train()
+    init_stats = None
+    if config.codebook_init == "kmeans" and not (resume and _list_checkpoints(checkpoint_dir)):
+        init_stats = _kmeans_init_from(batches, encoder, config, device)
     ema_enc, ema_dec = EMA(encoder, config.ema_decay), EMA(decoder, config.ema_decay)
 
     params = list(encoder.parameters()) + list(decoder.parameters())
@@ -328,7 +351,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             logits = encoder(map_pixels(images))
             z = gumbel_softmax_relaxation(logits, tau, generator=noise_gen)
             stats = decoder(z)
-        losses = elb_loss(images, logits.float(), stats.float(), beta)
+        losses = elb_loss(images, logits.float(), stats.float(), beta, config.marginal_kl_weight)
         loss = losses["total"]
         losses = {k: v.detach() for k, v in losses.items()}
         if not torch.isfinite(loss) and not use_scaler:
@@ -360,6 +383,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
                 "total": float(losses["total"]),
                 "recon": float(losses["recon"]),
                 "kl": float(losses["kl"]),
+                **({"marginal_kl": float(losses["marginal_kl"])} if "marginal_kl" in losses else {}),
                 "temperature": tau,
                 "beta": beta,
                 "lr": lr,
@@ -382,7 +406,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     return TrainResult(
         encoder=ema_enc.module, decoder=ema_dec.module, config=config, step=step, history=history,
         checkpoint_path=last_ckpt, model_path=model_path, resumed_from=resumed_from,
-        raw_encoder=encoder, raw_decoder=decoder,
+        raw_encoder=encoder, raw_decoder=decoder, codebook_init=init_stats,
     )
 
 
