@@ -17,13 +17,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[dev]'
+	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[dev,deploy]'
 	touch $@
 
 demo: setup
 	$(VENV)/bin/dalle demo --profile $(PROFILE) --run-dir $(RUN_DIR)
 
 test: setup
+	sh scripts/install-chromium.sh
 	$(PY) -m pytest -q
 
 test-fast: setup

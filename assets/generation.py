@@ -167,6 +167,8 @@ def samples(
     for i, c in enumerate(captions):
         for j, x in enumerate(out.images[i]):
             store.put_bytes(f"{SAMPLES}/{i:03d}-{j:02d}.png", png_bytes(tensor_to_image(x)))
+        for j, x in enumerate(unranked[i]):  # the human evaluation compares these with the reranked
+            store.put_bytes(f"{SAMPLES}/unreranked/{i:03d}-{j:02d}.png", png_bytes(tensor_to_image(x)))
     store.put_text(f"{SAMPLES}/captions.json", json.dumps(
         [{"index": i, "caption": c, "scores": out.scores[i].tolist() if out.scores is not None else None}
          for i, c in enumerate(captions)], indent=1))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from dalle_core.profiles import PROFILES, UnknownProfileError, get_profile
+from orchestration.human_eval.cli import add_human_eval_parser
 
 
 class UserError(Exception):
@@ -432,6 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("profiles", help="list the run profiles")
     p.set_defaults(func=cmd_profiles)
+    add_human_eval_parser(sub)
+    from orchestration.compare import add_compare_parser
+
+    add_compare_parser(sub)
     return parser
 
 

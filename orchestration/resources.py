@@ -73,9 +73,20 @@ class MlflowResource(dg.ConfigurableResource):
         return mlflow, exp_id
 
     @contextlib.contextmanager
-    def start_run(self, run_name: str, tags: dict | None = None) -> Iterator[object]:
+    def start_run(self, run_name: str, tags: dict | None = None, data_version: str | None = None,
+                  profile: str | None = None) -> Iterator[object]:
+        """An MLflow run tagged with what made it: `dalle.code_version`, `dalle.profile`
+        (default: the `profile` tag the assets pass) and `dalle.data_version` (the shards
+        manifest's sha256, see `data_version`), so `dalle compare` can tell why runs differ."""
         mlflow, exp_id = self._client_setup()
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags or {}) as run:
+        tags = dict(tags or {})
+        run_tags = {"dalle.code_version": code_version(), **tags}
+        profile = profile or tags.get("profile")
+        if profile:
+            run_tags["dalle.profile"] = profile
+        if data_version:
+            run_tags["dalle.data_version"] = data_version
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
             yield run
 
     def run_url(self, run) -> str:
@@ -146,3 +157,51 @@ def demo_world_for(profile: Profile):
 
 def default_run_dir() -> Path:
     return Path(os.environ.get("DALLE_RUN_DIR", "runs/demo")).resolve()
+
+
+SHARDS_MANIFEST = "shards/manifest.json"
+_CODE_VERSION: list[str] = []  # computed once per process: the code does not change under it
+
+
+def code_version() -> str:
+    """The git commit of this checkout (`+dirty` with uncommitted changes to tracked files);
+    in an image without .git, $DALLE_CODE_VERSION (set at build) or the package version."""
+    if os.environ.get("DALLE_CODE_VERSION"):
+        return os.environ["DALLE_CODE_VERSION"]
+    if not _CODE_VERSION:
+        _CODE_VERSION.append(_git_commit() or _package_version())
+    return _CODE_VERSION[0]
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = ["git", "-C", str(root)]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("dalle-platform")
+    except Exception:  # not installed (a bare source tree)
+        return "unknown"
+
+
+def data_version(store: Storage, key: str = SHARDS_MANIFEST) -> str | None:
+    """sha256 of the shards manifest (it lists every shard's sha256, so it names the data);
+    None when the store has no manifest yet."""
+    import hashlib
+
+    if not store.exists(key):
+        return None
+    return hashlib.sha256(store.get_text(key).encode()).hexdigest()

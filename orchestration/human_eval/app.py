@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal, Optional
+from urllib.parse import parse_qs
 
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
@@ -77,12 +79,14 @@ def create_app(db_url, image_root: str | Path) -> FastAPI:
         return HTMLResponse(RATE_PAGE if rater else SIGN_IN_PAGE.replace("{error}", ""))
 
     @app.post("/signin")
-    def sign_in(token: str = Form("")):
-        if rater_for(token.strip()) is None:
+    async def sign_in(request: Request):
+        # the form is parsed here rather than with Form(...), which would need python-multipart
+        token = parse_qs((await request.body()).decode("utf-8", "replace")).get("token", [""])[0].strip()
+        if await run_in_threadpool(rater_for, token) is None:
             return HTMLResponse(SIGN_IN_PAGE.replace("{error}", '<p class="error" id="error">Unknown token.</p>'),
                                 status_code=401)
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, token.strip(), httponly=True, samesite="strict", max_age=30 * 86400)
+        resp.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=30 * 86400)
         return resp
 
     @app.post("/signout")

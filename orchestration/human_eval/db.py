@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 from sqlalchemy import (Boolean, CheckConstraint, DateTime, ForeignKey, Integer, String, Text,
                         UniqueConstraint, create_engine, event, func, select)
@@ -41,6 +42,7 @@ class Study(Base):
     model_b: Mapped[str] = mapped_column(String(200))
     raters_per_item: Mapped[int] = mapped_column(Integer, default=5)
     seed: Mapped[int] = mapped_column(Integer, default=0)
+    image_root: Mapped[Optional[str]] = mapped_column(String(1000), nullable=True)  # what image keys are under
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     items: Mapped[list["Item"]] = relationship(back_populates="study", order_by="Item.position")
 

@@ -164,7 +164,8 @@ def create_study(
         taken = s.scalars(select(Rater.token_hash).where(Rater.token_hash.in_([hash_token(t) for t in tokens]))).all()
         if taken:
             raise ValueError("a rater token is already used by another study")
-        study = Study(name=name, model_a=model_a, model_b=model_b, raters_per_item=raters_per_item, seed=seed)
+        study = Study(name=name, model_a=model_a, model_b=model_b, raters_per_item=raters_per_item, seed=seed,
+                      image_root=str(Path(image_root).resolve()) if image_root is not None else None)
         s.add(study)
         s.flush()
         rows = [Item(study_id=study.id, position=i, caption=it.caption, image_model_a=it.image_a,
