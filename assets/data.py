@@ -21,6 +21,7 @@ from orchestration.resources import (
     MlflowResource,
     ProfileResource,
     StorageResource,
+    data_version,
     demo_world_for,
 )
 
@@ -226,7 +227,7 @@ def shards_asset(
         store.delete(old)
     manifest = shards.write_shards(pairs, store, SHARDS, prof.data.shard_size)
     report = json.loads(store.get_text(f"{FILTERED}/report.json"))
-    with mlflow.start_run("data", tags={"stage": "data", "profile": prof.name}) as run:
+    with mlflow.start_run("data", tags={"stage": "data", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size})

@@ -19,7 +19,7 @@ from dalle_core.dvae.train import load_dvae, save_dvae, train_dvae
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
 from orchestration.model_registry import DEFAULT_ALIAS, DVAEModel, log_and_register
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 DVAE_KEY = "dvae/dvae.pt"
 CODES = "image_codes"
@@ -58,7 +58,7 @@ def dvae(
     def batches(start_step: int):
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)
 
-    with mlflow.start_run("dvae", tags={"stage": "dvae", "profile": prof.name}) as run:
+    with mlflow.start_run("dvae", tags={"stage": "dvae", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params({k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))})

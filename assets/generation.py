@@ -25,7 +25,7 @@ from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import negatives_for_batch
 from dalle_core.text.bpe import DalleTokenizer
 from orchestration.model_registry import DEFAULT_ALIAS, RerankerModel, log_and_register
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 RERANKER_KEY = "reranker/reranker.pt"
 SAMPLES = "samples"
@@ -71,7 +71,7 @@ def reranker(
             else:
                 yield images, text
 
-    with mlflow.start_run("reranker", tags={"stage": "reranker", "profile": prof.name}) as run:
+    with mlflow.start_run("reranker", tags={"stage": "reranker", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
@@ -173,7 +173,7 @@ def samples(
         [{"index": i, "caption": c, "scores": out.scores[i].tolist() if out.scores is not None else None}
          for i, c in enumerate(captions)], indent=1))
 
-    with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name}) as run:
+    with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params(config.model_dump() | {"n_captions": len(captions)})

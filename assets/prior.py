@@ -18,7 +18,7 @@ from dalle_core.prior.baseline import unigram_baseline
 from dalle_core.prior.config import get_prior_config
 from dalle_core.storage import LocalStorage
 from orchestration.model_registry import DEFAULT_ALIAS, PriorModel, log_and_register
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 PRIOR_KEY = "prior/prior.pt"
 
@@ -97,7 +97,7 @@ def prior(
     if config.activation_checkpointing:
         cmd.append("--activation-checkpointing")
 
-    with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}) as run:
+    with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},

@@ -7,7 +7,7 @@ from assets.data import SHARDS, shards_asset
 from assets.metadata import md, md_table
 from dalle_core.data import shards
 from dalle_core.text.bpe import train_bpe_tokenizer
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 TOKENIZER_KEY = "tokenizer/bpe.json"
 
@@ -30,7 +30,7 @@ def bpe_tokenizer(
     truncated = sum(i.truncated for i in infos) / len(infos)
     mean_tokens = sum(i.n_tokens_full for i in infos) / len(infos)
     examples = [(c, " ".join(tok.backend.id_to_token(t) for t in i.ids[: i.n_tokens])) for c, i in zip(captions[:5], infos)]
-    with mlflow.start_run("bpe_tokenizer", tags={"stage": "text", "profile": prof.name}) as run:
+    with mlflow.start_run("bpe_tokenizer", tags={"stage": "text", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params(prof.text.to_dict())

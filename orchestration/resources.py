@@ -64,7 +64,9 @@ class MlflowResource(dg.ConfigurableResource):
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is None:
             location = None
-            if self.artifact_root:
+            if self.artifact_root and "://" in self.artifact_root:  # s3://..., as given
+                location = self.artifact_root
+            elif self.artifact_root:
                 Path(self.artifact_root).mkdir(parents=True, exist_ok=True)
                 location = Path(self.artifact_root).resolve().as_uri()
             exp_id = mlflow.create_experiment(self.experiment, artifact_location=location)

@@ -35,7 +35,8 @@ class Settings:
             object.__setattr__(self, "storage_root", str(rd / "storage"))
         if not self.mlflow_tracking_uri:
             object.__setattr__(self, "mlflow_tracking_uri", f"sqlite:///{rd / 'mlflow.db'}")
-        if not self.mlflow_artifact_root:
+        if not self.mlflow_artifact_root and not self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            # a tracking server decides its own artifact store; locally: under the run dir
             object.__setattr__(self, "mlflow_artifact_root", str(rd / "mlartifacts"))
         if not self.url_list_dir:
             object.__setattr__(self, "url_list_dir", str(rd / "url_lists"))
