@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[dev,deploy]'
+	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.3"  # see the fid extra in pyproject.toml
 	touch $@
 
 demo: setup
