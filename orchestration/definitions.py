@@ -7,11 +7,12 @@ import dagster as dg
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
 from assets.dvae import dvae, image_codes
+from assets.evaluation import coco_zero_shot_report
 from assets.generation import reranker, samples
 from assets.human_eval import human_eval_complete_sensor, human_eval_report
 from assets.prior import prior
 from assets.text import bpe_tokenizer
-from orchestration.jobs import crawl_job, data_job, dvae_job, generation_job, prior_job
+from orchestration.jobs import crawl_job, data_job, dvae_job, evaluation_job, generation_job, prior_job
 from orchestration.resources import (
     CrawlSourceResource,
     MlflowResource,
@@ -47,9 +48,9 @@ def build_resources(settings: Settings) -> dict:
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
         assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior,
-                reranker, samples, human_eval_report],
+                reranker, samples, coco_zero_shot_report, human_eval_report],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job],
+        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job, evaluation_job],
         sensors=[new_url_list_sensor, human_eval_complete_sensor],
         resources=build_resources(settings),
     )

@@ -84,6 +84,8 @@ def run_demo(settings: Settings, say=print) -> dict:
     run("prior_job", "prior")
     say("[demo] training the contrastive reranker, then sampling the evaluation captions ...")
     run("generation_job", "reranker and samples")
+    say("[demo] zero-shot evaluation on the held-out captions ...")
+    run("evaluation_job", "zero-shot report")
 
     summary = summarize(settings, instance)
     say("")
@@ -94,6 +96,7 @@ def run_demo(settings: Settings, say=print) -> dict:
     say("Where to look:")
     say(f"  storage:        {settings.storage_root}")
     say(f"  samples:        {settings.storage_root}/samples/grid.png (reranked | first draws, one caption a row)")
+    say(f"  report:         {settings.storage_root}/reports/zero_shot/latest.html (FID needs Inception weights: DALLE_INCEPTION_WEIGHTS)")
     say('  generate:       .venv/bin/dalle generate "a red circle above a blue square" --out grid.png')
     say(f"  MLflow:         {settings.mlflow_tracking_uri}  (experiment 'dalle')")
     say("  Dagster UI:     make ui  -> http://127.0.0.1:3000 (assets, checks, runs of this demo)")
@@ -118,6 +121,8 @@ def summarize(settings: Settings, instance) -> dict:
         ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "model_version")),
         ("samples", ("caption_match_reranked", "caption_match_top1", "caption_match_random",
                      "caption_match_shuffled")),
+        ("coco_zero_shot_report", ("captions", "caption_match", "caption_match_reference", "contrastive_fd",
+                                   "contrastive_precision", "contrastive_recall", "fid")),
     ]:
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         if event is None:

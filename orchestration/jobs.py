@@ -31,3 +31,10 @@ generation_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("reranker", "samples"),
     description="Generation: the contrastive reranker, and reranked samples for the evaluation captions.",
 )
+
+evaluation_job = dg.define_asset_job(
+    "evaluation_job",
+    selection=dg.AssetSelection.assets("coco_zero_shot_report"),
+    description="Zero-shot evaluation on the evaluation captions: FID / IS (with Inception weights), "
+    "contrastive FD and precision / recall, caption match; the HTML report in MLflow.",
+)

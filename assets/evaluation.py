@@ -1,0 +1,172 @@
+"""Zero-shot evaluation (paper section 3.2): generate for the evaluation captions
+(MS-COCO format), then FID / IS with blur when Inception weights are configured,
+and always the Frechet distance and precision / recall in the platform's own
+contrastive space, plus the demo world's caption-match rate."""
+
+import hashlib
+import json
+import os
+import time
+from typing import List
+
+import dagster as dg
+import torch
+
+from assets.data import coco_eval_set, load_eval_images
+from assets.dvae import demo_check, training_device
+from assets.generation import RERANKER_KEY, load_text_to_image, samples
+from assets.metadata import md, md_image, md_table
+from dalle_core.data.demo_world import parse_caption
+from dalle_core.dvae.evaluate import tensor_to_image
+from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
+from dalle_core.eval.inception import WEIGHTS_ENV
+from dalle_core.eval.report import numeric_metrics
+from dalle_core.storage import open_storage
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
+
+REPORTS = "reports/zero_shot"
+STAGE = "coco_zero_shot_report"
+
+
+class ZeroShotConfig(dg.Config):
+    captions: int = 0  # evaluation captions used; 0 = all (the paper: 30,000 MS-COCO val captions)
+    candidates: int = 8  # samples per caption, the reranker keeps the best one (the paper: 512 -> 1)
+    radii: List[float] = [1.0, 2.0, 4.0, 8.0]  # Gaussian blur of both sets, as the paper plotted
+    inception_weights: str = ""  # path or s3:// URI of torch-fidelity's Inception weights (default: $DALLE_INCEPTION_WEIGHTS)
+    seed: int = 0
+    batch_captions: int = 32  # captions sampled together
+
+
+def resolve_inception(spec: str, storage: StorageResource):
+    """InceptionMetrics from a local path or an s3:// object (downloaded once), or NotComputed."""
+    spec = spec or os.environ.get(WEIGHTS_ENV, "")
+    if spec.startswith("s3://"):
+        base, _, name = spec.rpartition("/")
+        local = storage.scratch("inception") / name
+        if not local.exists():
+            open_storage(base, endpoint_url=storage.endpoint_url).get_file(name, local)
+        spec = str(local)
+    return InceptionMetrics.from_weights(spec or None)
+
+
+def earlier_reports(mlflow_resource: MlflowResource, limit: int = 5) -> list[dict]:
+    """The latest earlier zero-shot runs, for the report's comparison table."""
+    import mlflow as mlf
+
+    mlf.set_tracking_uri(mlflow_resource.tracking_uri)
+    exp = mlf.get_experiment_by_name(mlflow_resource.experiment)
+    if exp is None:
+        return []
+    runs = mlf.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{STAGE}'",
+                           order_by=["attributes.start_time DESC"], max_results=limit, output_format="list")
+    return [{"version": r.data.tags.get("prior_version", r.info.run_id[:8]), "metrics": dict(r.data.metrics)}
+            for r in runs]
+
+
+def champion_version(name: str, mlflow_resource: MlflowResource) -> str:
+    import mlflow as mlf
+
+    mlf.set_tracking_uri(mlflow_resource.tracking_uri)
+    try:
+        return f"{name} v{mlf.MlflowClient().get_model_version_by_alias(name, 'champion').version}"
+    except Exception:  # not registered (a model given by path)
+        return "unregistered"
+
+
+@dg.asset(
+    deps=[samples, coco_eval_set],
+    group_name="evaluation",
+    kinds={"pytorch"},
+    description="Zero-shot report on the evaluation captions (MS-COCO format): FID / IS with blur "
+    "radii 1-8 when Inception weights are configured, Frechet distance and precision / recall in "
+    "the contrastive model's space always, caption match on the demo world; HTML report in MLflow.",
+)
+def coco_zero_shot_report(
+    context: dg.AssetExecutionContext, config: ZeroShotConfig, storage: StorageResource,
+    profile: ProfileResource, mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    store, prof = storage.get(), profile.get()
+    inception = resolve_inception(config.inception_weights, storage)
+    chain = load_text_to_image(store, storage, device=training_device())
+    eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
+    if config.captions:
+        eval_set = eval_set[: config.captions]
+    if len(eval_set) < 2:
+        raise dg.Failure("the evaluation set needs at least 2 captions")
+    captions = [c for _, c in eval_set]
+    references = [im for im, _ in eval_set]
+
+    # generate: N candidates per caption, the reranker's best kept (the paper's protocol)
+    t0, generated = time.monotonic(), []
+    for start in range(0, len(captions), config.batch_captions):
+        chunk = captions[start:start + config.batch_captions]
+        out = chain.generate(chunk, n=config.candidates, keep=1, seed=config.seed + start, batch_size=256)
+        generated += [tensor_to_image(x) for x in out.images[:, 0]]
+        context.log.info(f"zero-shot: generated {len(generated)}/{len(captions)} "
+                         f"({time.monotonic() - t0:.0f}s)")
+
+    reranker = chain.reranker
+    rr_id = hashlib.sha256(store.get_bytes(RERANKER_KEY)).hexdigest()[:16]
+
+    def contrastive(x: torch.Tensor) -> torch.Tensor:
+        return reranker.image_features(x)
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total:
+            context.log.info(f"zero-shot: {stage} features {done}/{total}")
+
+    metrics = zero_shot_metrics(generated, references, contrastive, inception=inception,
+                                radii=(0, *config.radii), progress=progress,
+                                cache=FeatureCache(storage.scratch("eval-features")), contrastive_id=f"reranker-{rr_id}")
+    demo = all(parse_caption(c) is not None for c in captions)
+    if demo:
+        metrics["caption_match"] = sum(demo_check(im, c) for im, c in zip(generated, captions)) / len(captions)
+        metrics["caption_match_reference"] = sum(demo_check(im, c) for im, c in zip(references, captions)) / len(captions)
+    metrics["num_captions"] = float(len(captions))
+    metrics["candidates_per_caption"] = float(config.candidates)
+
+    history = earlier_reports(mlflow)  # before this run is logged
+    shown = [{"caption": c, "generated": [g], "reference": r}
+             for c, g, r in list(zip(captions, generated, references))[:12]]
+    report = render_report(metrics, samples=shown, history=history,
+                           settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
+                                     "profile": prof.name}, version="this run")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    store.put_text(f"{REPORTS}/{stamp}.html", report.html)
+    store.put_text(f"{REPORTS}/latest.html", report.html)
+    numbers = numeric_metrics(metrics)
+    store.put_text(f"{REPORTS}/latest.json", json.dumps({"metrics": numbers, "not_computed": metrics.get("not_computed", {})},
+                                                        indent=1))
+
+    prior_version = champion_version("prior", mlflow)
+    with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version},
+                          data_version=data_version(store)) as run:
+        import mlflow as mlf
+
+        mlf.log_params({k: v for k, v in config.model_dump().items() if k != "inception_weights"}
+                       | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured"})
+        mlf.log_metrics(numbers)
+        mlf.log_text(report.html, "report/zero_shot.html")
+        for name, reason in metrics.get("not_computed", {}).items():
+            mlf.set_tag(f"not_computed.{name}", reason[:250])
+        if report.plot_png:
+            from PIL import Image
+            import io
+
+            mlf.log_image(Image.open(io.BytesIO(report.plot_png)), "report/fd_vs_blur.png")
+        run_url = mlflow.run_url(run)
+
+    main = [k for k in ("fid", "inception_score", "contrastive_fd", "contrastive_precision", "contrastive_recall",
+                        "caption_match", "caption_match_reference") if k in numbers]
+    meta = {
+        "metrics": md(md_table(["metric", "value"], [(k, f"{numbers[k]:.4g}") for k in numbers]
+                               + [(k, f"not computed: {r}") for k, r in metrics.get("not_computed", {}).items()])),
+        "report": dg.MetadataValue.path(store.uri(f"{REPORTS}/{stamp}.html")),
+        "mlflow_run": dg.MetadataValue.url(run_url),
+        "captions": len(captions),
+    }
+    if report.plot_png:
+        meta["fd_vs_blur"] = md(md_image(report.plot_png, "Frechet distance vs blur radius"))
+    meta.update({k: round(numbers[k], 4) for k in main})
+    context.log.info("zero-shot: " + json.dumps({k: round(numbers[k], 4) for k in main}))
+    return dg.MaterializeResult(metadata=meta)
