@@ -30,6 +30,8 @@ crawl_batches = dg.DynamicPartitionsDefinition(name="crawl_batches")
 RAW = "raw_pairs"
 FILTERED = "filtered_pairs"
 SHARDS = "shards"
+# a step that lost its storage connection half-way is rerun (writes are idempotent: same keys)
+STORAGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 EVAL = "coco_eval"
 SHUFFLE_BUFFER = 10_000
 
@@ -154,6 +156,8 @@ def load_eval_phashes(store) -> list[str]:
 
 
 @dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # follows every new crawl batch
+    retry_policy=STORAGE_RETRY,
     deps=[raw_pairs, coco_eval_set],
     group_name="data",
     kinds={"python"},
@@ -207,6 +211,8 @@ def filtered_pairs(
 
 
 @dg.asset(
+    automation_condition=dg.AutomationCondition.eager(),  # follows every new crawl batch
+    retry_policy=STORAGE_RETRY,
     name="shards",
     deps=[filtered_pairs],
     group_name="data",

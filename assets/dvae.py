@@ -2,11 +2,12 @@
 
 
 import json
+from typing import Dict
 
 import dagster as dg
 import torch
 
-from assets.data import SHARDS, load_eval_images, shards_asset
+from assets.data import SHARDS, STORAGE_RETRY, load_eval_images, shards_asset
 from assets.metadata import md, md_image, md_table
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data import codes as code_shards
@@ -18,7 +19,7 @@ from dalle_core.dvae.model import encode_to_codes
 from dalle_core.dvae.train import load_dvae, save_dvae, train_dvae
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
-from orchestration.model_registry import DEFAULT_ALIAS, DVAEModel, log_and_register
+from orchestration.model_registry import CHALLENGER, DVAEModel, log_and_register, promote_if_better, resolve_weights
 from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 DVAE_KEY = "dvae/dvae.pt"
@@ -39,6 +40,11 @@ def demo_check(image, caption: str) -> bool:
     return check_image(image, caption).match
 
 
+class DVAERunConfig(dg.Config):
+    # champion / challenger: the new dVAE replaces the champion only if it beats it on all of these
+    promote_on: Dict[str, str] = {"recon_mse": "lower"}
+
+
 @dg.asset(
     deps=[shards_asset],
     group_name="dvae",
@@ -47,7 +53,8 @@ def demo_check(image, caption: str) -> bool:
     "relaxation (temperature 1 -> 1/16) and KL weight ramp; registered in MLflow as `dvae`.",
 )
 def dvae(
-    context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource, mlflow: MlflowResource
+    context: dg.AssetExecutionContext, config: DVAERunConfig, storage: StorageResource, profile: ProfileResource,
+    mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     cfg = prof.dvae
@@ -83,7 +90,9 @@ def dvae(
 
         model_file = save_dvae(storage.scratch("dvae") / "dvae.pt", encoder, decoder, cfg)
         store.put_file(DVAE_KEY, model_file)
-        version = log_and_register(model_file, "dvae", DVAEModel())
+        version = log_and_register(model_file, "dvae", DVAEModel(), alias=CHALLENGER)
+        promoted, promotion = promote_if_better("dvae", version, report.metrics(), dict(config.promote_on))
+        context.log.info(promotion)
         run_url = mlflow.run_url(run)
 
     final = result.final_metrics
@@ -95,7 +104,8 @@ def dvae(
         "resumed_from": result.resumed_from if result.resumed_from is not None else "none",
         "figures": md(md_table(["metric", "value"], [(k, f"{float(v):.4g}") for k, v in figures.items()])),
         "reconstructions": md(md_image(png_bytes(grid), "originals and reconstructions, side by side")),
-        "model_version": f"dvae v{version} @{DEFAULT_ALIAS}",
+        "model_version": f"dvae v{version} @{'champion' if promoted else CHALLENGER}",
+        "promotion": promotion,
         "location": dg.MetadataValue.path(store.uri(DVAE_KEY)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     }
@@ -106,6 +116,7 @@ def dvae(
 
 
 @dg.asset(
+    retry_policy=STORAGE_RETRY,
     deps=[dvae, bpe_tokenizer],
     group_name="dvae",
     kinds={"pytorch"},
@@ -113,10 +124,10 @@ def dvae(
     "the tokenized caption: what the prior trains on. Resumable shard by shard.",
 )
 def image_codes(
-    context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource
+    context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
-    model_file = store.get_file(DVAE_KEY, storage.scratch("dvae") / "dvae-for-codes.pt")
+    model_file = champion_dvae_file(mlflow)
     encoder, _, cfg = load_dvae(model_file, device=training_device())
     tokenizer = DalleTokenizer.from_json(store.get_text(TOKENIZER_KEY), source=store.uri(TOKENIZER_KEY))
     model_sha = file_sha256(model_file)
@@ -156,6 +167,14 @@ def image_codes(
             "location": dg.MetadataValue.path(store.uri(CODES)),
         }
     )
+
+
+def champion_dvae_file(mlflow: MlflowResource):
+    """The dVAE every downstream asset uses: `dvae@champion` in the MLflow registry."""
+    import mlflow as mlf
+
+    mlf.set_tracking_uri(mlflow.tracking_uri)
+    return resolve_weights("@champion", "dvae")
 
 
 def write_code_shard_and_mark(store, out_key, done_key, coded, model_sha, source_sha):

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import time
-from typing import List
+from typing import Dict, List
 
 import dagster as dg
 import torch
@@ -22,6 +22,7 @@ from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_
 from dalle_core.eval.inception import WEIGHTS_ENV
 from dalle_core.eval.report import numeric_metrics
 from dalle_core.storage import open_storage
+from orchestration.model_registry import promote_if_better
 from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 REPORTS = "reports/zero_shot"
@@ -35,6 +36,8 @@ class ZeroShotConfig(dg.Config):
     inception_weights: str = ""  # path or s3:// URI of torch-fidelity's Inception weights (default: $DALLE_INCEPTION_WEIGHTS)
     seed: int = 0
     batch_captions: int = 32  # captions sampled together
+    # champion / challenger: the newly trained prior becomes champion only if it beats it on all of these
+    promote_on: Dict[str, str] = {"contrastive_fd": "lower"}
 
 
 def resolve_inception(spec: str, storage: StorageResource):
@@ -59,18 +62,22 @@ def earlier_reports(mlflow_resource: MlflowResource, limit: int = 5) -> list[dic
         return []
     runs = mlf.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{STAGE}'",
                            order_by=["attributes.start_time DESC"], max_results=limit, output_format="list")
-    return [{"version": r.data.tags.get("prior_version", r.info.run_id[:8]), "metrics": dict(r.data.metrics)}
+    return [{"version": f"prior v{r.data.tags['prior_version']}" if r.data.tags.get("prior_version") else r.info.run_id[:8],
+             "metrics": dict(r.data.metrics)}
             for r in runs]
 
 
-def champion_version(name: str, mlflow_resource: MlflowResource) -> str:
+def newest_version(name: str, mlflow_resource: MlflowResource):
+    """The latest registered version of a model (the prior the `prior` asset just
+    registered as challenger); None when none is registered."""
     import mlflow as mlf
 
     mlf.set_tracking_uri(mlflow_resource.tracking_uri)
     try:
-        return f"{name} v{mlf.MlflowClient().get_model_version_by_alias(name, 'champion').version}"
-    except Exception:  # not registered (a model given by path)
-        return "unregistered"
+        versions = mlf.MlflowClient().search_model_versions(f"name = '{name}'")
+    except Exception:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None
 
 
 @dg.asset(
@@ -87,7 +94,7 @@ def coco_zero_shot_report(
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     inception = resolve_inception(config.inception_weights, storage)
-    chain = load_text_to_image(store, storage, device=training_device())
+    chain = load_text_to_image(store, storage, mlflow, device=training_device())
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     if config.captions:
         eval_set = eval_set[: config.captions]
@@ -138,8 +145,8 @@ def coco_zero_shot_report(
     store.put_text(f"{REPORTS}/latest.json", json.dumps({"metrics": numbers, "not_computed": metrics.get("not_computed", {})},
                                                         indent=1))
 
-    prior_version = champion_version("prior", mlflow)
-    with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version},
+    prior_version = newest_version("prior", mlflow)
+    with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version or ""},
                           data_version=data_version(store)) as run:
         import mlflow as mlf
 
@@ -154,6 +161,11 @@ def coco_zero_shot_report(
             import io
 
             mlf.log_image(Image.open(io.BytesIO(report.plot_png)), "report/fd_vs_blur.png")
+        promoted, promotion = (False, "no registered prior to promote")
+        if prior_version is not None:
+            promoted, promotion = promote_if_better("prior", prior_version, numbers, dict(config.promote_on))
+            mlf.set_tag("promotion", promotion[:250])
+        context.log.info(promotion)
         run_url = mlflow.run_url(run)
 
     main = [k for k in ("fid", "inception_score", "contrastive_fd", "contrastive_precision", "contrastive_recall",
@@ -164,6 +176,8 @@ def coco_zero_shot_report(
         "report": dg.MetadataValue.path(store.uri(f"{REPORTS}/{stamp}.html")),
         "mlflow_run": dg.MetadataValue.url(run_url),
         "captions": len(captions),
+        "prior_version": f"prior v{prior_version}" if prior_version else "unregistered",
+        "promotion": promotion,
     }
     if report.plot_png:
         meta["fd_vs_blur"] = md(md_image(report.plot_png, "Frechet distance vs blur radius"))

@@ -3,7 +3,7 @@ whole chain for fixed evaluation captions."""
 
 import json
 import random
-from typing import Optional
+from typing import Dict, Optional
 
 import dagster as dg
 import torch
@@ -24,7 +24,7 @@ from dalle_core.rerank import get_reranker_config, load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import negatives_for_batch
 from dalle_core.text.bpe import DalleTokenizer
-from orchestration.model_registry import DEFAULT_ALIAS, RerankerModel, log_and_register
+from orchestration.model_registry import CHALLENGER, RerankerModel, log_and_register, promote_if_better, resolve_weights
 from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 RERANKER_KEY = "reranker/reranker.pt"
@@ -38,6 +38,8 @@ def load_tokenizer(store) -> DalleTokenizer:
 class RerankerRunConfig(dg.Config):
     steps: Optional[int] = None  # default: the profile's
     hard_negatives: int = 3  # swapped-word captions per image (NegCLIP); 0 for in-batch negatives only
+    # champion / challenger: the new reranker replaces the champion only if it beats it on all of these
+    promote_on: Dict[str, str] = {"retrieval_image_to_text": "higher"}
 
 
 @dg.asset(
@@ -92,7 +94,9 @@ def reranker(
                                     rng=random.Random(0))
         mlf.log_metrics(figures, step=steps)
         store.put_file(RERANKER_KEY, result.model_path)
-        version = log_and_register(result.model_path, "reranker", RerankerModel())
+        version = log_and_register(result.model_path, "reranker", RerankerModel(), alias=CHALLENGER)
+        promoted, promotion = promote_if_better("reranker", version, figures, dict(config.promote_on))
+        context.log.info(promotion)
         run_url = mlflow.run_url(run)
 
     meta = {
@@ -100,7 +104,8 @@ def reranker(
         "resumed_from": result.resumed_from if result.resumed_from is not None else "none",
         "final_loss": round(float(result.final_loss), 4) if result.final_loss is not None else "n/a",
         "held_out": md(md_table(["metric", "value"], [(k, f"{v:.3f}") for k, v in figures.items()])),
-        "model_version": f"reranker v{version} @{DEFAULT_ALIAS}",
+        "model_version": f"reranker v{version} @{'champion' if promoted else CHALLENGER}",
+        "promotion": promotion,
         "location": dg.MetadataValue.path(store.uri(RERANKER_KEY)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     }
@@ -117,12 +122,17 @@ class SamplesConfig(dg.Config):
     seed: int = 0
 
 
-def load_text_to_image(store, storage: StorageResource, device: str = "cpu") -> TextToImage:
-    """The chain from the models the upstream assets wrote."""
+def load_text_to_image(store, storage: StorageResource, mlflow: MlflowResource, device: str = "cpu") -> TextToImage:
+    """The chain under evaluation: the newest prior (what the `prior` asset just
+    trained: the challenger until the zero-shot report promotes it) with the
+    champion dVAE and reranker."""
+    import mlflow as mlf
+
+    mlf.set_tracking_uri(mlflow.tracking_uri)
     cache = storage.scratch("models")
     prior_model = load_prior(store.get_file(PRIOR_KEY, cache / "prior.pt"), device=device)
-    encoder, decoder, _ = load_dvae(store.get_file(DVAE_KEY, cache / "dvae.pt"), device=device)
-    rr = load_reranker(store.get_file(RERANKER_KEY, cache / "reranker.pt"), device=device)
+    encoder, decoder, _ = load_dvae(resolve_weights("@champion", "dvae"), device=device)
+    rr = load_reranker(resolve_weights("@champion", "reranker"), device=device)
     return TextToImage(prior_model, decoder, load_tokenizer(store), reranker=rr, encoder=encoder)
 
 
@@ -139,7 +149,7 @@ def samples(
     profile: ProfileResource, mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
-    chain = load_text_to_image(store, storage, device=training_device())
+    chain = load_text_to_image(store, storage, mlflow, device=training_device())
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     captions = [c for _, c in eval_set][: config.captions]
     if not captions:

@@ -17,7 +17,7 @@ from dalle_core.data.loader import local_shard_paths
 from dalle_core.prior.baseline import unigram_baseline
 from dalle_core.prior.config import get_prior_config
 from dalle_core.storage import LocalStorage
-from orchestration.model_registry import DEFAULT_ALIAS, PriorModel, log_and_register
+from orchestration.model_registry import CHALLENGER, DEFAULT_ALIAS, PriorModel, champion_version, log_and_register
 from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 PRIOR_KEY = "prior/prior.pt"
@@ -120,7 +120,13 @@ def prior(
             mlf.log_metric("image_loss_over_unigram", image_loss / baseline["image"])
         # the tokenizer travels with the prior: `dalle generate --prior @champion` needs both
         tokenizer_file = store.get_file(TOKENIZER_KEY, storage.scratch("prior-tokenizer") / "bpe_tokenizer.json")
-        version = log_and_register(model_file, "prior", PriorModel(), extra_artifacts={"tokenizer": tokenizer_file})
+        # a challenger until the zero-shot report compares it with the champion (the first one is champion)
+        version = log_and_register(model_file, "prior", PriorModel(), alias=CHALLENGER,
+                                   extra_artifacts={"tokenizer": tokenizer_file})
+        if champion_version("prior") is None:
+            import mlflow as mlf
+
+            mlf.MlflowClient().set_registered_model_alias("prior", DEFAULT_ALIAS, version)
         run_url = mlflow.run_url(run)
 
     curve = [(r.get("step"), *(f"{r[k]:.3f}" for k in sorted(final))) for r in steps[:: max(1, len(steps) // 8)]]
@@ -129,7 +135,7 @@ def prior(
         "world_size": world,
         "unigram_baseline": md(md_table(["tokens", "nats"], [(k, f"{v:.3f}") for k, v in baseline.items()])),
         "loss_curve": md(md_table(["step", *sorted(final)], curve)),
-        "model_version": f"prior v{version} @{DEFAULT_ALIAS}",
+        "model_version": f"prior v{version} @{CHALLENGER}",
         "location": dg.MetadataValue.path(store.uri(PRIOR_KEY)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     })

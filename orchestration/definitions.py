@@ -12,7 +12,8 @@ from assets.generation import reranker, samples
 from assets.human_eval import human_eval_complete_sensor, human_eval_report
 from assets.prior import prior
 from assets.text import bpe_tokenizer
-from orchestration.jobs import crawl_job, data_job, dvae_job, evaluation_job, generation_job, prior_job
+from orchestration.jobs import crawl_job, data_job, dvae_job, evaluation_job, generation_job, prior_job, retrain_job
+from orchestration.schedules import retrain_schedule
 from orchestration.resources import (
     CrawlSourceResource,
     MlflowResource,
@@ -50,7 +51,8 @@ def build_definitions(settings: Settings) -> dg.Definitions:
         assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior,
                 reranker, samples, coco_zero_shot_report, human_eval_report],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job, evaluation_job],
+        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job, evaluation_job, retrain_job],
+        schedules=[retrain_schedule],
         sensors=[new_url_list_sensor, human_eval_complete_sensor],
         resources=build_resources(settings),
     )

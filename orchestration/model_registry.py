@@ -51,6 +51,63 @@ def log_and_register(model_file: Path, name: str, python_model, alias: str = DEF
     return version
 
 
+CHALLENGER = "challenger"
+METRIC_TAG = "eval."  # a version's evaluation figures, as tags: eval.<metric> = value
+
+
+def record_evaluation(name: str, version: str, metrics: dict[str, float]) -> None:
+    """Store a version's evaluation figures on the version itself (tags), so a
+    later challenger is compared with what its champion scored."""
+    client = mlflow.MlflowClient()
+    for k, v in metrics.items():
+        client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
+
+
+def _version_metrics(name: str, version: str) -> dict[str, float]:
+    mv = mlflow.MlflowClient().get_model_version(name, version)
+    return {k[len(METRIC_TAG):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
+
+
+def champion_version(name: str, alias: str = DEFAULT_ALIAS) -> str | None:
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    except Exception:  # MlflowException: no such model or alias
+        return None
+
+
+def promote_if_better(name: str, version: str, metrics: dict[str, float],
+                      rules: dict[str, str]) -> tuple[bool, str]:
+    """Champion / challenger: `version` is (already) the challenger; it becomes the
+    champion if there is none, or if it beats the champion on every metric that
+    `rules` names ({"contrastive_fd": "lower", "retrieval": "higher"}). Returns
+    (promoted, reason). The figures are recorded on the version either way."""
+    for metric, direction in rules.items():
+        if direction not in ("lower", "higher"):
+            raise ValueError(f"promotion rule for {metric!r} must be 'lower' or 'higher', got {direction!r}")
+        if metric not in metrics:
+            raise ValueError(f"promotion metric {metric!r} was not computed (have: {sorted(metrics)})")
+    record_evaluation(name, version, metrics)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    current = champion_version(name)
+    if current is None or current == version:
+        client.set_registered_model_alias(name, DEFAULT_ALIAS, version)
+        return True, f"{name} v{version} is the first evaluated version: champion"
+    theirs = _version_metrics(name, current)
+    worse = []
+    for metric, direction in rules.items():
+        if metric not in theirs:
+            continue  # the champion was never scored on it: no evidence against the challenger
+        ours, best = metrics[metric], theirs[metric]
+        better = ours < best if direction == "lower" else ours > best
+        if not better:
+            worse.append(f"{metric} {ours:.4g} vs champion's {best:.4g} ({direction} is better)")
+    if worse:
+        return False, f"{name} v{version} stays challenger, champion v{current} kept: " + "; ".join(worse)
+    client.set_registered_model_alias(name, DEFAULT_ALIAS, version)
+    return True, f"{name} v{version} beat champion v{current} on {', '.join(rules)}: promoted to champion"
+
+
 class ModelNotFoundError(FileNotFoundError):
     pass
 
