@@ -46,3 +46,80 @@ def test_s3_storage_round_trip_on_real_server(s3_endpoint, s3_bucket, tmp_path):
 def test_s3_bucket_name_too_short_names_the_setting():
     with pytest.raises(StorageError, match="too short"):
         S3Storage("ab")
+
+
+class _FlakyProxy:
+    """An HTTP proxy in front of the S3 server that answers the first requests
+    with 503 SlowDown (throttling) and drops the next connection without a reply,
+    then forwards everything: what S3 does to a busy crawler."""
+
+    def __init__(self, upstream: str, throttle: int = 2, drop: int = 1):
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.plan = ["throttle"] * throttle + ["drop"] * drop
+        self.seen: list[str] = []
+        up = urllib.parse.urlparse(upstream)
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _any(self):
+                import http.client
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                action = proxy.plan.pop(0) if proxy.plan else "forward"
+                proxy.seen.append(action)
+                if action == "throttle":
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                if action == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_s3_throttling_and_dropped_connections_are_retried(s3_endpoint, s3_bucket):
+    proxy = _FlakyProxy(s3_endpoint, throttle=2, drop=1)
+    try:
+        store = open_storage(f"s3://{s3_bucket}/flaky", endpoint_url=proxy.url)
+        store.put_bytes("shard-000.tar", b"payload" * 100)  # 503, 503, dropped, then stored
+        assert proxy.seen[:3] == ["throttle", "throttle", "drop"] and "forward" in proxy.seen
+        assert store.get_bytes("shard-000.tar") == b"payload" * 100
+        # beyond the retry budget the error surfaces, naming the key (not a silent loss)
+        proxy.plan = ["throttle"] * 20
+        few = S3Storage(s3_bucket, "flaky", endpoint_url=proxy.url, max_attempts=2)
+        with pytest.raises(Exception, match="SlowDown|reduce your request rate|503"):
+            few.put_bytes("shard-001.tar", b"x")
+    finally:
+        proxy.close()
