@@ -14,6 +14,20 @@ from pathlib import Path
 from dalle_core.profiles import get_profile
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting."""
+
+
+def check_s3_credentials(root: str) -> None:
+    """Stop at start-up, not at the first write an hour later, when S3 storage
+    is configured but boto3 finds no credentials (env, profile, instance role)."""
+    import boto3
+
+    if boto3.session.Session().get_credentials() is None:
+        raise ConfigError(f"DALLE_STORAGE={root} needs AWS credentials: set AWS_ACCESS_KEY_ID and "
+                          f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role)")
+
+
 @dataclass(frozen=True)
 class Settings:
     run_dir: Path
@@ -28,7 +42,10 @@ class Settings:
     demo_port: int = 8765
 
     def __post_init__(self):
-        get_profile(self.profile)  # unknown profile: stop at start-up, naming the setting
+        try:  # unknown profile: stop at start-up, naming the setting
+            get_profile(self.profile)
+        except ValueError as e:
+            raise ConfigError(f"{e} (set by --profile or DALLE_PROFILE)") from None
         rd = Path(self.run_dir).resolve()
         object.__setattr__(self, "run_dir", rd)
         if not self.storage_root:
@@ -40,6 +57,8 @@ class Settings:
             object.__setattr__(self, "mlflow_artifact_root", str(rd / "mlartifacts"))
         if not self.url_list_dir:
             object.__setattr__(self, "url_list_dir", str(rd / "url_lists"))
+        if self.storage_root.startswith("s3://"):
+            check_s3_credentials(self.storage_root)
 
     @property
     def dagster_home(self) -> Path:

@@ -78,3 +78,23 @@ def test_demo_world_serve_then_crawl_its_url_list(tmp_path):
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)
+
+
+def test_s3_storage_without_credentials_stops_at_start_up(capsys, tmp_path, monkeypatch):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("DALLE_STORAGE", "s3://some-bucket/runs")
+    assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "DALLE_STORAGE=s3://some-bucket/runs needs AWS credentials" in err and "AWS_ACCESS_KEY_ID" in err
+    assert not (tmp_path / "run" / "dagster_home").exists()  # nothing started
+
+
+def test_unknown_profile_from_the_environment_names_the_setting(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE_PROFILE", "paper-99B")
+    assert main(["demo", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "paper-99B" in err and "DALLE_PROFILE" in err and "Traceback" not in err
