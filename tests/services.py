@@ -60,3 +60,72 @@ def s3_test_env() -> dict[str, str]:
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+
+
+class ServiceUnavailable(RuntimeError):
+    """A real service the test needs could not start on this machine (the test skips, naming why)."""
+
+
+@contextlib.contextmanager
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL on loopback (scripts/pg-test-server.sh); yields
+    `postgresql://postgres@127.0.0.1:PORT` (trust auth: no password). Raises
+    ServiceUnavailable when this machine has no server binaries or it does not start."""
+    import shutil
+    import tempfile
+
+    if not (shutil.which("pg_ctl") or Path("/usr/local/bin/pg_ctl").exists()):
+        raise ServiceUnavailable("no PostgreSQL server binaries (pg_ctl) on this machine")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "pg-test-server.sh"
+    d = tempfile.mkdtemp(prefix="dalle-pg-")  # under /tmp: as root the server runs as `postgres`, which must reach it
+    port = free_port()
+    started = subprocess.run(["sh", str(script), "start", d, str(port)], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0:
+        log = "".join(p.read_text()[-500:] for p in Path(d).glob("*.log"))
+        shutil.rmtree(d, ignore_errors=True)
+        raise ServiceUnavailable(f"could not start PostgreSQL: {started.stderr.strip()} {log}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(["sh", str(script), "stop", d], capture_output=True, timeout=60)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def create_pg_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE name on a `postgresql://user@host:port` server; returns its URL."""
+    import psycopg2
+
+    conn = psycopg2.connect(f"{server_url}/postgres")
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        conn.close()
+    return f"{server_url}/{name}"
+
+
+def stop_process_group(proc: subprocess.Popen, sig: int | None = None, timeout: float = 30.0) -> None:
+    """Stop a service started with start_new_session=True and everything it started: `sig`
+    (default SIGTERM) to the leader, up to `timeout` seconds for it to exit, a few more for the
+    rest of its process group, then SIGKILL to whatever is left of the group."""
+    import signal
+
+    pgid = proc.pid  # a session leader's group id is its pid, even after it exited
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM if sig is None else sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
+    # children (webserver, daemon, code servers, run workers) may outlive the leader
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
