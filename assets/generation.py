@@ -9,11 +9,11 @@ import dagster as dg
 import torch
 
 from assets.data import SHARDS, load_eval_images, shards_asset
-from assets.dvae import DVAE_KEY, config_digest, demo_check, dvae, training_device
+from assets.dvae import DVAE_KEY, config_digest, dvae, training_device
 from assets.metadata import md, md_image, md_table
 from assets.prior import PRIOR_KEY, prior
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
-from dalle_core.data.demo_world import parse_caption
+from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.data.loader import image_caption_batches, local_shard_paths
 from dalle_core.dvae.evaluate import tensor_to_image
 from dalle_core.dvae.train import load_dvae
@@ -166,7 +166,7 @@ def samples(
                          batch_size=256)
     unranked = out.candidates[:, : config.keep]  # the first draws: the prior without reranking
     demo = all(parse_caption(c) is not None for c in captions)
-    rates = caption_match_rates(out.images, unranked, captions, demo_check) if demo else {}
+    rates = caption_match_rates(out.images, unranked, captions, check_image) if demo else {}
 
     rows = []
     for i, c in enumerate(captions):

@@ -156,7 +156,7 @@ DVAE_PRESETS: dict[str, DVAEConfig] = {
     "small": DVAEConfig(
         image_size=64, group_count=3, n_hid=32, n_blk_per_group=1, n_init=64, vocab_size=512,
         lr=5e-3, lr_end=2.5e-4, kl_weight=1.0, ema_decay=0.99, batch_size=16,
-        codebook_init="kmeans", marginal_kl_weight=1.0,
+        codebook_init="kmeans", codebook_init_images=256, marginal_kl_weight=1.0,
         log_every=25, checkpoint_every=100, **_scaled(600),
     ),
     "paper-1.3B": PAPER,

@@ -68,7 +68,9 @@ def _derangement(n: int, seed: int = 0) -> list[int]:
 
 def caption_match_rates(reranked: torch.Tensor, unranked: torch.Tensor, captions: Sequence[str],
                         check: Callable[[object, str], bool], seed: int = 0) -> dict[str, float]:
-    """Match rates of images [B, k, 3, H, W] (one row per caption):
+    """Match rates of images [B, k, 3, H, W] (one row per caption); `check`
+    returns a bool, or the demo world's CheckResult (then ``colour_match_*``
+    rates - both colours right - are added):
     ``caption_match_reranked`` (the reranker's best k), ``caption_match_top1``
     (its single best), ``caption_match_random`` (the first k draws: no
     reranking) and ``caption_match_shuffled`` (the reranked images checked
@@ -80,17 +82,20 @@ def caption_match_rates(reranked: torch.Tensor, unranked: torch.Tensor, captions
         raise ValueError(f"{B} captions but image rows {reranked.shape[0]} and {unranked.shape[0]}")
     perm = _derangement(B, seed) if B > 1 else None
 
-    def rate(rows: torch.Tensor, caps: Sequence[str]) -> float:
-        hits = [bool(check(tensor_to_image(x), caps[i])) for i in range(B) for x in rows[i]]
-        return sum(hits) / max(1, len(hits))
+    out: dict[str, float] = {}
 
-    out = {
-        "caption_match_reranked": rate(reranked, captions),
-        "caption_match_top1": rate(reranked[:, :1], captions),
-        "caption_match_random": rate(unranked, captions),
-    }
+    def rate(name: str, rows: torch.Tensor, caps: Sequence[str]) -> None:
+        results = [check(tensor_to_image(x), caps[i]) for i in range(B) for x in rows[i]]
+        n = max(1, len(results))
+        out[f"caption_match_{name}"] = sum(bool(getattr(r, "match", r)) for r in results) / n
+        if results and hasattr(results[0], "colours"):  # partial credit: both colours right
+            out[f"colour_match_{name}"] = sum(bool(r.colours) for r in results) / n
+
+    rate("reranked", reranked, captions)
+    rate("top1", reranked[:, :1], captions)
+    rate("random", unranked, captions)
     if perm is not None:
-        out["caption_match_shuffled"] = rate(reranked, [captions[perm[i]] for i in range(B)])
+        rate("shuffled", reranked, [captions[perm[i]] for i in range(B)])
     return out
 
 
