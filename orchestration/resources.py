@@ -118,15 +118,34 @@ class CrawlSourceResource(dg.ConfigurableResource):
     def demo_base_url(self) -> str:
         return f"http://{self.demo_host}:{self.demo_port}"
 
+    def _is_url_list(self, name: str) -> bool:
+        return name.endswith((".parquet", ".csv", ".tsv", ".csv.gz", ".tsv.gz"))
+
     def url_lists(self) -> list[str]:
+        """URL-list file names in the inbox: a local folder or an `s3://bucket/prefix`."""
+        if self.url_list_dir.startswith("s3://"):
+            from dalle_core.storage import open_storage
+
+            keys = open_storage(self.url_list_dir).list("")
+            return sorted(k for k in keys if "/" not in k and self._is_url_list(k))
         d = Path(self.url_list_dir)
         if not d.is_dir():
             return []
-        return sorted(
-            p.name for p in d.iterdir() if p.suffix in (".parquet", ".csv", ".tsv") or p.name.endswith((".csv.gz", ".tsv.gz"))
-        )
+        return sorted(p.name for p in d.iterdir() if self._is_url_list(p.name))
 
     def url_list_path(self, name: str) -> Path:
+        if self.url_list_dir.startswith("s3://"):  # fetched once into a local cache
+            import tempfile
+
+            from dalle_core.storage import open_storage
+
+            local = Path(tempfile.gettempdir()) / "dalle-url-lists" / name
+            if not local.exists():
+                try:
+                    open_storage(self.url_list_dir).get_file(name, local)
+                except FileNotFoundError:
+                    raise FileNotFoundError(f"URL list {name!r} not found in url_list_dir={self.url_list_dir!r}") from None
+            return local
         p = Path(self.url_list_dir) / name
         if not p.is_file():
             raise FileNotFoundError(

@@ -135,3 +135,23 @@ def test_sensor_adds_a_partition_per_new_url_list(tmp_path):
     instance.add_dynamic_partitions(crawl_batches.name, ["batch-000.csv"])
     skipped = new_url_list_sensor(dg.build_sensor_context(instance=instance, resources={"crawl_source": source}))
     assert isinstance(skipped, dg.SkipReason)
+
+
+def test_sensor_watches_an_s3_prefix(s3_endpoint, s3_bucket, monkeypatch):
+    from dalle_core.storage import open_storage
+    from orchestration.resources import CrawlSourceResource
+    from orchestration.sensors import new_url_list_sensor
+
+    monkeypatch.setenv("DALLE_S3_ENDPOINT_URL", s3_endpoint)
+    inbox = open_storage(f"s3://{s3_bucket}/inbox", endpoint_url=s3_endpoint)
+    csv = "url,caption\nhttp://127.0.0.1:1/img/a,a red circle above a blue square\n"
+    inbox.put_text("batch-007.csv", csv)
+    inbox.put_text("old/batch-000.csv", csv)  # a sub-folder is not the inbox
+    inbox.put_text("readme.txt", "ignored")
+    source = CrawlSourceResource(url_list_dir=f"s3://{s3_bucket}/inbox", demo_world=False)
+    ctx = dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral(), resources={"crawl_source": source})
+    result = new_url_list_sensor(ctx)
+    assert [r.partition_key for r in result.run_requests] == ["batch-007.csv"]
+    assert source.url_list_path("batch-007.csv").read_text() == csv
+    with pytest.raises(FileNotFoundError, match="batch-404.csv"):
+        source.url_list_path("batch-404.csv")
