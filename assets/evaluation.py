@@ -16,7 +16,7 @@ from assets.data import coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
 from assets.generation import RERANKER_KEY, load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
-from dalle_core.data.demo_world import parse_caption
+from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.dvae.evaluate import tensor_to_image
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
 from dalle_core.eval.inception import WEIGHTS_ENV
@@ -127,7 +127,9 @@ def coco_zero_shot_report(
                                 cache=FeatureCache(storage.scratch("eval-features")), contrastive_id=f"reranker-{rr_id}")
     demo = all(parse_caption(c) is not None for c in captions)
     if demo:
-        metrics["caption_match"] = sum(demo_check(im, c) for im, c in zip(generated, captions)) / len(captions)
+        checks = [check_image(im, c) for im, c in zip(generated, captions)]
+        metrics["caption_match"] = sum(r.match for r in checks) / len(captions)
+        metrics["colour_match"] = sum(r.colours for r in checks) / len(captions)  # partial credit
         metrics["caption_match_reference"] = sum(demo_check(im, c) for im, c in zip(references, captions)) / len(captions)
     metrics["num_captions"] = float(len(captions))
     metrics["candidates_per_caption"] = float(config.candidates)
@@ -169,7 +171,7 @@ def coco_zero_shot_report(
         run_url = mlflow.run_url(run)
 
     main = [k for k in ("fid", "inception_score", "contrastive_fd", "contrastive_precision", "contrastive_recall",
-                        "caption_match", "caption_match_reference") if k in numbers]
+                        "caption_match", "colour_match", "caption_match_reference") if k in numbers]
     meta = {
         "metrics": md(md_table(["metric", "value"], [(k, f"{numbers[k]:.4g}") for k in numbers]
                                + [(k, f"not computed: {r}") for k, r in metrics.get("not_computed", {}).items()])),

@@ -119,10 +119,11 @@ def summarize(settings: Settings, instance) -> dict:
         ("image_codes", ("samples", "grid")),
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
         ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "model_version")),
-        ("samples", ("caption_match_reranked", "caption_match_top1", "caption_match_random",
-                     "caption_match_shuffled")),
-        ("coco_zero_shot_report", ("captions", "caption_match", "caption_match_reference", "contrastive_fd",
-                                   "contrastive_precision", "contrastive_recall", "fid")),
+        ("samples", ("caption_match_reranked", "caption_match_random", "caption_match_shuffled",
+                     "colour_match_reranked", "colour_match_random", "colour_match_shuffled")),
+        ("coco_zero_shot_report", ("captions", "caption_match", "colour_match", "caption_match_reference",
+                                   "contrastive_fd", "contrastive_precision", "contrastive_recall", "fid",
+                                   "promotion")),
     ]:
         event = instance.get_latest_materialization_event(dg.AssetKey(key))
         if event is None:

@@ -213,12 +213,12 @@ PRIOR_PRESETS: dict[str, PriorConfig] = {
     # CPU cores (~23k tokens/s: 0.2 s a step at batch 16). Four layers still
     # exercise the pattern: row, column, row, conv. 200 steps x 8 learned the
     # code statistics but hardly the caption; 1000 x 16 (~7 epochs of the demo's
-    # shards) draws the captioned colours in most samples.
+    # shards; the demo runs 900) draws the captioned colours in most samples.
     "small": PriorConfig(
         n_layer=4, n_head=4, d_head=32, text_vocab_size=1024, text_len=32,
         image_vocab_size=512, image_grid=16, conv_kernel=7,
         lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
-        batch_size=16, total_steps=1000, log_every=50, checkpoint_every=250,
+        batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
     ),
     "paper-1.3B": PAPER_1_3B,
     "paper-12B": PAPER_12B,
