@@ -97,4 +97,4 @@ def test_report_with_inception_weights_and_history(demo_run, tmp_path):
                                                                      raise_on_error=False)
     assert not res.success
     failure = res.get_step_failure_events()[0].event_specific_data.error
-    assert "Inception weights file not found: /no/such/weights.pth" in str(failure.message)
+    assert "Inception weights file not found: /no/such/weights.pth" in failure.to_string()

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def _start(run_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "DALLE_DEMO_PORT": str(port)}
+    # a clean deployment environment: the session's in-process demo exported its own
+    # DALLE_* / MLFLOW_* / DAGSTER_HOME settings into os.environ
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("DALLE_", "MLFLOW_")) and k != "DAGSTER_HOME"}
+    env["DALLE_DEMO_PORT"] = str(port)
     return subprocess.Popen([sys.executable, "-m", "orchestration.cli", "demo", "--profile", "tiny",
                              "--run-dir", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

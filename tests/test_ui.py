@@ -55,6 +55,6 @@ def test_ui_serves_dagster_and_mlflow_and_stops_both(tmp_path):
         assert urllib.request.urlopen(f"http://127.0.0.1:{mport}/", timeout=10).status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        out, _ = proc.communicate(timeout=180)
     assert f"http://127.0.0.1:{dport}" in out and f"http://127.0.0.1:{mport}" in out
     assert _port_closed(dport) and _port_closed(mport), "a UI process outlived `dalle ui`"

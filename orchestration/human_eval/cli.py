@@ -20,8 +20,9 @@ def _db_url(args) -> str:
     return args.db or os.environ.get(ENV_DB) or default_db_url(_run_dir(args))
 
 
-def prepare_study(args, out=sys.stdout) -> tuple[str, Path]:
+def prepare_study(args, out=None) -> tuple[str, Path]:
     """Create the study asked for (if --items / --from-storage) and issue its tokens; returns (db url, image root)."""
+    out = out if out is not None else sys.stdout  # looked up per call: redirected stdout (tests, logs) is honoured
     from orchestration.human_eval import study as st
 
     url = _db_url(args)
