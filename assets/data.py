@@ -229,8 +229,9 @@ def shards_asset(
     # sample-level shuffle with webdataset's own buffered shuffle (seeded: reruns give the same shards)
     shuffle = wds.shuffle(bufsize=SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=random.Random(prof.data.demo_seed))
     pairs = shuffle(shards.read_shards(store, FILTERED))
-    for old in store.list(SHARDS + "/"):
-        store.delete(old)
+    # write_shards drops the manifest first, writes the shards, removes stale ones and
+    # saves the manifest last: a run killed half-way leaves no manifest (readers refuse
+    # the prefix) and its rerun, with the same seeded shuffle, rewrites the same shards
     manifest = shards.write_shards(pairs, store, SHARDS, prof.data.shard_size)
     report = json.loads(store.get_text(f"{FILTERED}/report.json"))
     with mlflow.start_run("data", tags={"stage": "data", "profile": prof.name}, data_version=data_version(store)) as run:

@@ -155,3 +155,47 @@ def test_sensor_watches_an_s3_prefix(s3_endpoint, s3_bucket, monkeypatch):
     assert source.url_list_path("batch-007.csv").read_text() == csv
     with pytest.raises(FileNotFoundError, match="batch-404.csv"):
         source.url_list_path("batch-404.csv")
+
+
+@pytest.mark.slow
+def test_sharding_killed_half_way_reruns_to_complete_shards(demo_run, monkeypatch):
+    """A shards run that dies after writing two shards leaves no manifest (so nothing
+    downstream reads a half-written prefix); the rerun writes every kept pair once."""
+    from dalle_core.data import shards
+    from dalle_core.storage import LocalStorage
+    from orchestration.definitions import build_definitions
+
+    settings, _, _ = demo_run
+    store = _store(settings)
+    before = json.loads(store.get_text("shards/manifest.json"))
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    defs = build_definitions(settings)
+    job = defs.resolve_job_def("data_job")
+    real_put = LocalStorage.put_file
+    calls = {"n": 0}
+
+    def dying_put(self, key, path):
+        if key.startswith("shards/shard-"):
+            calls["n"] += 1
+            if calls["n"] > 2:
+                raise OSError("killed while writing shards")
+        return real_put(self, key, path)
+
+    monkeypatch.setattr(LocalStorage, "put_file", dying_put)
+    # (the step's retry policy retries twice, ~30 s; each retry dies the same way)
+    res = job.execute_in_process(instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey("shards")])
+    assert not res.success
+    assert not store.exists("shards/manifest.json")  # the prefix reads as incomplete
+    with pytest.raises(Exception, match="manifest"):
+        list(shards.read_shards(store, "shards"))
+
+    monkeypatch.setattr(LocalStorage, "put_file", real_put)
+    res = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("shards")])
+    assert res.success
+    after = json.loads(store.get_text("shards/manifest.json"))
+    assert after["total"] == before["total"] and [s["sha256"] for s in after["shards"]] == \
+        [s["sha256"] for s in before["shards"]]  # the same seeded shuffle: byte-identical shards
+    keys = [p.key for p in shards.read_shards(store, "shards")]
+    assert len(keys) == len(set(keys)) == before["total"]
+    assert sorted(k for k in store.list("shards/") if k.endswith(".tar")) == \
+        sorted(f"shards/{s['name']}" for s in after["shards"])
