@@ -441,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Ctrl-C / SIGINT must stop us even when started in the background by a
+    # non-interactive shell, which starts children with SIGINT ignored (and the
+    # ignore would also pass on to `dagster dev` and the other servers we start).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     args, rest = build_parser().parse_known_args(argv)
     if rest and not getattr(args, "passthrough", False):
         build_parser().parse_args(argv)  # the usual error for unknown options
