@@ -23,7 +23,6 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -36,25 +35,11 @@ from dalle_core.dvae.evaluate import tensor_to_image  # noqa: E402
 from dalle_core.dvae.model import build_dvae  # noqa: E402
 from dalle_core.eval import FeatureCache, InceptionMetrics, zero_shot_metrics  # noqa: E402
 from dalle_core.eval.images import map_batches  # noqa: E402
-from dalle_core.eval.inception import _extractor_class  # noqa: E402
+from dalle_core.eval.inception import write_random_weights  # noqa: E402
 from dalle_core.generation import TextToImage  # noqa: E402
 from dalle_core.prior import PRIOR_PRESETS, DalleTransformer  # noqa: E402
 from dalle_core.rerank import RERANKER_PRESETS, ContrastiveReranker  # noqa: E402
 from dalle_core.text.bpe import DalleTokenizer, text_config, train_bpe_tokenizer  # noqa: E402
-
-
-def random_inception_weights(path: Path) -> Path:
-    cls = _extractor_class()
-    torch.manual_seed(0)
-    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
-        net = cls("inception-v3-compat", ["2048"])
-    sd = net.state_dict()
-    for k, v in sd.items():
-        if k.endswith("conv.weight"):
-            torch.nn.init.kaiming_normal_(v, nonlinearity="relu")  # non-degenerate features through 90 layers
-    torch.save(sd, path)
-    return path
 
 
 def chain_from(run_dir: Path | None, captions: list[str]) -> tuple[TextToImage, str]:
@@ -91,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     references = [W.render(s, 64, 64, rng) for s in scenes]
     chain, models = chain_from(args.run_dir, captions)
     with tempfile.TemporaryDirectory() as tmp:
-        inception = InceptionMetrics.from_weights(random_inception_weights(Path(tmp) / "inc.pth"), device="cpu")
+        inception = InceptionMetrics.from_weights(write_random_weights(Path(tmp) / "inc.pth"), device="cpu")
 
         imgs = references[: args.feature_images]
         t = time.perf_counter()

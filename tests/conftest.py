@@ -51,3 +51,19 @@ def demo_run(tmp_path_factory):
     lines: list[str] = []
     summary = run_demo(settings, say=lines.append)
     return settings, summary, lines
+
+
+# Debian's Chromium (scripts/install-chromium.sh), flags that keep it off this machine's closed network
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright, one per test module."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} not found: run scripts/install-chromium.sh (as root) to install Debian's chromium")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+        yield b
+        b.close()

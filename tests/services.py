@@ -31,6 +31,17 @@ def wait_for_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | Non
     raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {timeout}s")
 
 
+def port_closed(port: int, timeout: float = 30.0) -> bool:
+    """True once nothing listens on 127.0.0.1:port (a server went away), False after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) != 0:
+                return True
+        time.sleep(0.5)
+    return False
+
+
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[str]:
     """moto's S3-protocol server (from moto[server]) on loopback; yields its endpoint URL."""

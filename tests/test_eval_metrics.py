@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from html.parser import HTMLParser
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -184,22 +183,11 @@ def test_inception_score_formula():
 
 @pytest.fixture(scope="module")
 def random_inception_weights(tmp_path_factory):
-    """A weights file in torch-fidelity's format with the extractor's architecture and seeded
-    random weights (the real ones cannot be downloaded here)."""
-    from dalle_core.eval.inception import _extractor_class
+    """A weights file in torch-fidelity's format with seeded random weights (the real ones
+    cannot be downloaded here)."""
+    from dalle_core.eval.inception import write_random_weights
 
-    cls = _extractor_class()
-    torch.manual_seed(0)
-    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
-        net = cls("inception-v3-compat", ["2048"])
-    sd = net.state_dict()
-    for k, v in sd.items():
-        if k.endswith("conv.weight"):
-            torch.nn.init.kaiming_normal_(v, nonlinearity="relu")  # keep activations O(1) through 90 layers
-    path = tmp_path_factory.mktemp("inception") / "weights-random.pth"
-    torch.save(sd, path)
-    return path
+    return write_random_weights(tmp_path_factory.mktemp("inception") / "weights-random.pth")
 
 
 def _torchmetrics_fid():

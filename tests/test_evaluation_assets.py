@@ -57,25 +57,11 @@ def test_report_without_inception_weights(demo_run):
 
 
 def test_report_with_inception_weights_and_history(demo_run, tmp_path):
-    from unittest import mock
-
-    import torch
-
-    from dalle_core.eval.inception import _extractor_class
+    from dalle_core.eval.inception import write_random_weights
     from orchestration.definitions import build_definitions
 
     # torch-fidelity's Inception with seeded random weights (the real file cannot be downloaded here)
-    cls = _extractor_class()
-    torch.manual_seed(0)
-    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
-            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
-        net = cls("inception-v3-compat", ["2048"])
-    sd = net.state_dict()
-    for k, v in sd.items():
-        if k.endswith("conv.weight"):
-            torch.nn.init.kaiming_normal_(v, nonlinearity="relu")
-    weights = tmp_path / "pt_inception-random.pth"
-    torch.save(sd, weights)
+    weights = write_random_weights(tmp_path / "pt_inception-random.pth")
 
     settings, _, _ = demo_run
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))

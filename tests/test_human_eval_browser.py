@@ -1,7 +1,6 @@
 """The raters' page in a real headless Chromium (Debian's, driven by Playwright): sign in with a
 token, see the caption and both images, answer both questions for a few items, watch progress."""
 
-from pathlib import Path
 
 import pytest
 
@@ -9,20 +8,7 @@ from test_human_eval import make_study, serve
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: run scripts/install-chromium.sh (as root) to install Debian's chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def test_rater_signs_in_and_votes(browser, tmp_path):

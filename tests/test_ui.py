@@ -10,21 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port, wait_for_port
+from services import free_port, port_closed, wait_for_port
 
 pytestmark = pytest.mark.slow
 
 
-def _port_closed(port: int, timeout: float = 30.0) -> bool:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return True
-        time.sleep(0.5)
-    return False
 
 
 def test_ui_serves_dagster_and_mlflow_and_stops_both(tmp_path):
@@ -57,4 +47,4 @@ def test_ui_serves_dagster_and_mlflow_and_stops_both(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=180)
     assert f"http://127.0.0.1:{dport}" in out and f"http://127.0.0.1:{mport}" in out
-    assert _port_closed(dport) and _port_closed(mport), "a UI process outlived `dalle ui`"
+    assert port_closed(dport) and port_closed(mport), "a UI process outlived `dalle ui`"

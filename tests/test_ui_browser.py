@@ -18,14 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from services import free_port, stop_process_group, wait_for_port
+from services import free_port, port_closed, stop_process_group, wait_for_port
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 RUN_TIMEOUT_MS = 300_000  # the data stage takes about a minute here; a loaded CI machine is slower
 
 # The start of `make demo` (orchestration.demo.run_demo): the instance, the demo URL lists as
@@ -48,16 +45,6 @@ with defs.resources["crawl_source"].serving(defs.resources["profile"].get()):
 print("crawled", ",".join(lists))
 """
 
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: run scripts/install-chromium.sh (as root) to install Debian's chromium")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
-        yield b
-        b.close()
 
 
 def _graphql(base: str, query: str) -> dict:
@@ -82,16 +69,6 @@ def _wait_for_code_location(base: str, proc: subprocess.Popen, timeout: float = 
     raise TimeoutError(f"the code location did not load in {timeout}s: {last}")
 
 
-def _port_closed(port: int, timeout: float = 30.0) -> bool:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) != 0:
-                return True
-        time.sleep(0.5)
-    return False
 
 
 def _metadata_value(page, key: str) -> str:
@@ -144,7 +121,7 @@ def test_data_stage_launched_and_checked_in_the_dagster_ui(browser, tmp_path):
         if page is not None:
             page.close()
         stop_process_group(proc, sig=signal.SIGINT, timeout=30)  # Ctrl-C, as `dalle ui` stops it
-    assert _port_closed(port), "the Dagster webserver outlived dagster dev"
+    assert port_closed(port), "the Dagster webserver outlived dagster dev"
     for shot in ("lineage.png", "data-job-run.png", "filtered-pairs-preview.png", "shards-checks.png"):
         assert (tmp_path / shot).stat().st_size > 5000, shot
     print(f"crawl {t_crawl:.0f}s, UI up at {t_ui:.0f}s, done at {t_done:.0f}s")

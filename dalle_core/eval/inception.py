@@ -77,6 +77,27 @@ def _extractor_class():
     return FeatureExtractorInceptionV3
 
 
+
+def write_random_weights(path: Union[str, os.PathLike], seed: int = 0) -> Path:
+    """A weights file in torch-fidelity's format with the extractor's architecture and
+    seeded random weights (Kaiming-initialised convs keep activations O(1) through its
+    ~90 layers): for tests and benchmarks, since the real file cannot be downloaded here.
+    It exercises the same code and costs the same time; its FID means nothing."""
+    from unittest import mock
+
+    cls = _extractor_class()
+    torch.manual_seed(seed)
+    with mock.patch.object(cls, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        net = cls("inception-v3-compat", [FID_LAYER])
+    sd = net.state_dict()
+    for k, v in sd.items():
+        if k.endswith("conv.weight"):
+            torch.nn.init.kaiming_normal_(v, nonlinearity="relu")
+    path = Path(path)
+    torch.save(sd, path)
+    return path
+
 def inception_score(logits, splits: int = IS_SPLITS, seed: int = IS_SEED) -> tuple[float, float]:
     """(mean, std) over splits of exp(E_x KL(p(y|x) || p(y))), as torch-fidelity computes it:
     samples shuffled with `seed`, float64, population std. Fewer samples than splits: one per split."""
