@@ -14,7 +14,7 @@ import torch
 
 from assets.data import coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
-from assets.generation import RERANKER_KEY, load_text_to_image, samples
+from assets.generation import load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
 from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.dvae.evaluate import tensor_to_image
@@ -113,7 +113,10 @@ def coco_zero_shot_report(
                          f"({time.monotonic() - t0:.0f}s)")
 
     reranker = chain.reranker
-    rr_id = hashlib.sha256(store.get_bytes(RERANKER_KEY)).hexdigest()[:16]
+    # the features are cached per reranker version: name it by the weights actually loaded
+    # (the champion), not by the newest file in storage, which may not have been promoted
+    rr_id = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
+                                    for t in reranker.state_dict().values())).hexdigest()[:16]
 
     def contrastive(x: torch.Tensor) -> torch.Tensor:
         return reranker.image_features(x)
