@@ -6,7 +6,11 @@ also given as achieved FLOP/s over that rate, which is comparable across noisy
 runs and machines. FLOPs are counted by torch.utils.flop_counter.
 
     .venv/bin/python bench/dvae.py                  # paper shape (256x256 -> 32x32, vocab 8192), CPU
+    .venv/bin/python bench/dvae.py --profile small --batch 16 --threads 1   # the demo's dVAE
     .venv/bin/python bench/dvae.py --batch 8 --device cuda --dtype bf16
+
+The training step is timed in both memory layouts, the contiguous (NCHW) one
+as the baseline and channels_last (what train_dvae uses) as the figure.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype on GPU")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     cfg = get_dvae_config(args.profile)
@@ -99,6 +106,11 @@ def main() -> None:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # the baseline layout first (contiguous NCHW), then channels_last as train_dvae runs it
+    step_s_nchw = timed(train_step, device, args.repeats)
+    for m in (enc, dec):
+        m.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     enc_s = timed(encode, device, args.repeats)
     step_s = timed(train_step, device, args.repeats)
     enc_flops = count_flops(encode)
@@ -116,6 +128,8 @@ def main() -> None:
         "encode_images_per_s": round(args.batch / enc_s, 3),
         "train_step_s": round(step_s, 3),
         "train_images_per_s": round(args.batch / step_s, 3),
+        "train_step_s_contiguous_nchw": round(step_s_nchw, 3),
+        "channels_last_speedup": round(step_s_nchw / step_s, 3),
         "matmul_baseline_tflops": round(peak / 1e12, 4),
         "encode_fraction_of_matmul_rate": round(enc_flops / enc_s / peak, 4),
         "train_fraction_of_matmul_rate": round(step_flops / step_s / peak, 4),

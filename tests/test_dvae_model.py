@@ -318,6 +318,17 @@ def test_gumbel_relaxation_becomes_one_hot_as_temperature_falls():
         gumbel_softmax_relaxation(logits, 0.0)
 
 
+def test_gumbel_relaxation_is_a_gumbel_max_sample():
+    """At a very low temperature the relaxed sample is the one-hot of
+    argmax(logits + Gumbel noise): the codes drawn must follow softmax(logits)
+    (the Gumbel-max trick), checked against the exact probabilities."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0]).view(1, 4, 1, 1).expand(40_000, 4, 1, 1)
+    z = gumbel_softmax_relaxation(logits, 1e-3, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(z.argmax(1).flatten(), minlength=4).float() / 40_000
+    expected = torch.softmax(torch.tensor([2.0, 1.0, 0.0, -1.0]), 0)
+    assert torch.allclose(freq, expected, atol=0.01), (freq, expected)
+
+
 def test_elb_loss_normalisation():
     torch.manual_seed(0)
     b, c, h, w, k = 2, 3, 8, 8, 16
@@ -483,3 +494,28 @@ def test_marginal_kl_penalises_collapse_not_confidence():
     assert "marginal_kl" not in out0
     assert float(out1["marginal_kl"]) == pytest.approx(math.log(K) * 16 / (3 * 16 * 16), rel=1e-4)
     assert float(out1["total"] - out0["total"]) == pytest.approx(2.0 * float(out1["marginal_kl"]), rel=1e-5)
+
+
+def test_pixel_mse_is_the_error_of_the_decoded_image():
+    """The optional squared-error term: the MSE of what decode_codes returns
+    (unmap(sigmoid(mu))) against the input, added to the ELB with its weight."""
+    from dalle_core.dvae.losses import pixel_mse
+    from dalle_core.dvae.model import unmap_pixels
+
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    out = torch.randn(2, 6, 16, 16) * 0.5  # decoded values stay inside [0, 1]: no clamp
+    logits = torch.randn(2, 8, 4, 4)
+    decoded = unmap_pixels(torch.sigmoid(out[:, :3]))
+    assert float(pixel_mse(images, out[:, :3])) == pytest.approx(float(((decoded - images) ** 2).mean()), rel=1e-5)
+    # a perfect reconstruction costs nothing
+    perfect_mu = torch.logit(map_pixels(images))
+    assert float(pixel_mse(images, perfect_mu)) == pytest.approx(0.0, abs=1e-10)
+    paper = elb_loss(images, logits, out, kl_weight=1.0)
+    mixed = elb_loss(images, logits, out, kl_weight=1.0, pixel_mse_weight=30.0)
+    assert "pixel_mse" not in paper  # weight 0: the paper's ELB, untouched
+    assert float(mixed["total"] - paper["total"]) == pytest.approx(30.0 * float(mixed["pixel_mse"]), rel=1e-5)
+    # its gradient reaches a pixel predicted beyond white (unlike the clamped unmap)
+    mu = torch.full((1, 3, 2, 2), 8.0, requires_grad=True)
+    pixel_mse(torch.full((1, 3, 2, 2), 0.5), mu).backward()
+    assert float(mu.grad.abs().min()) > 0

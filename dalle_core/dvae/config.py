@@ -59,6 +59,9 @@ class DVAEConfig:
     # weight of KL(average code distribution || uniform), losses.marginal_kl_to_uniform;
     # 0 = the paper's ELB
     marginal_kl_weight: float = 0.0
+    # weight of the squared error of the decoded image next to the logit-Laplace
+    # (losses.pixel_mse: makes short runs draw object edges); 0 = the paper's ELB
+    pixel_mse_weight: float = 0.0
 
     # --- EMA of the weights (what is exported and evaluated) -----------------
     ema_decay: float = 0.999

@@ -264,8 +264,10 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         encoder, decoder = build_dvae(config, requires_grad=True, use_mixed_precision=use_amp)
-    encoder.to(device).train()
-    decoder.to(device).train()
+    # channels_last is the layout oneDNN's and cuDNN's fast convolutions want:
+    # 20% off a small dVAE's CPU training step (bench/dvae.py), same numbers
+    encoder.to(device, memory_format=torch.channels_last).train()
+    decoder.to(device, memory_format=torch.channels_last).train()
     init_stats = None
     if config.codebook_init == "kmeans" and not (resume and _list_checkpoints(checkpoint_dir)):
         init_stats = _kmeans_init_from(batches, encoder, config, device)
@@ -339,7 +341,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             raise ValueError(f"batches ran out at step {step} of {config.total_steps}; the source "
                              f"must yield one batch per step (cycle your data)") from None
         validate_images(images, config.image_size, config.input_channels, what=f"batch for step {step}")
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
 
         # schedules for this update
         tau, beta, lr = temperature_at(step, config), kl_weight_at(step, config), lr_at(step, config)
@@ -351,7 +353,8 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             logits = encoder(map_pixels(images))
             z = gumbel_softmax_relaxation(logits, tau, generator=noise_gen)
             stats = decoder(z)
-        losses = elb_loss(images, logits.float(), stats.float(), beta, config.marginal_kl_weight)
+        losses = elb_loss(images, logits.float(), stats.float(), beta, config.marginal_kl_weight,
+                          config.pixel_mse_weight)
         loss = losses["total"]
         losses = {k: v.detach() for k, v in losses.items()}
         if not torch.isfinite(loss) and not use_scaler:
@@ -383,7 +386,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
                 "total": float(losses["total"]),
                 "recon": float(losses["recon"]),
                 "kl": float(losses["kl"]),
-                **({"marginal_kl": float(losses["marginal_kl"])} if "marginal_kl" in losses else {}),
+                **{k: float(losses[k]) for k in ("marginal_kl", "pixel_mse") if k in losses},
                 "temperature": tau,
                 "beta": beta,
                 "lr": lr,
@@ -402,6 +405,8 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     if last_ckpt is None:  # total_steps already reached and nothing on disk (cannot happen normally)
         last_ckpt = save_checkpoint()
     ema_enc.module.requires_grad = ema_dec.module.requires_grad = False
+    for m in (encoder, decoder, ema_enc.module, ema_dec.module):  # back to the layout load_dvae builds
+        m.to(memory_format=torch.contiguous_format)
     model_path = save_dvae(checkpoint_dir / "dvae.pt", ema_enc.module, ema_dec.module, config)
     return TrainResult(
         encoder=ema_enc.module, decoder=ema_dec.module, config=config, step=step, history=history,
