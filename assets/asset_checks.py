@@ -6,17 +6,18 @@ import json
 
 import dagster as dg
 
-from assets.data import FILTERED, SHARDS, filtered_pairs, load_eval_phashes, shards_asset
+from assets.data import FILTER_REPORT, SHARDS, filtered_pairs, filtered_prefix, load_eval_phashes, shards_asset
 from assets.metadata import md
 from dalle_core.data import expectations, shards
 from dalle_core.data.shards import Manifest
 from orchestration.resources import ProfileResource, StorageResource
 
 
-def _result(quality, rows: int) -> dg.AssetCheckResult:
+def _result(quality, rows: int, **extra) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=quality.success,
         metadata={
+            **extra,
             "rows_checked": rows,
             "failed_expectations": len(quality.failures),
             "result": md(quality.to_markdown()),
@@ -24,11 +25,17 @@ def _result(quality, rows: int) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset_check(asset=filtered_pairs, blocking=True, description="Great Expectations suite over the filtered pairs")
-def filtered_pairs_expectations(storage: StorageResource, profile: ProfileResource) -> dg.AssetCheckResult:
+# Runs in each filtered_pairs partition's run, over that crawl batch. (Not declared with
+# partitions_def: partitioned asset checks are a preview feature of Dagster 1.13; the
+# batch checked is in the result's metadata.)
+@dg.asset_check(asset=filtered_pairs, blocking=True, description="Great Expectations suite over one crawl batch's filtered pairs")
+def filtered_pairs_expectations(
+    context: dg.AssetCheckExecutionContext, storage: StorageResource, profile: ProfileResource
+) -> dg.AssetCheckResult:
     store, prof = storage.get(), profile.get()
-    frame = expectations.pairs_frame(shards.read_shards(store, FILTERED), eval_phashes=load_eval_phashes(store))
-    return _result(expectations.validate_filtered_pairs(frame, prof.data), len(frame))
+    pairs = shards.read_shards(store, filtered_prefix(context.partition_key))
+    frame = expectations.pairs_frame(pairs, eval_phashes=load_eval_phashes(store))
+    return _result(expectations.validate_filtered_pairs(frame, prof.data), len(frame), crawl_batch=context.partition_key)
 
 
 @dg.asset_check(asset=shards_asset, blocking=True, description="Shard checksums and counts match the manifest and the filtered pairs")
@@ -36,7 +43,7 @@ def shards_expectations(storage: StorageResource) -> dg.AssetCheckResult:
     store = storage.get()
     manifest = Manifest.load(store, SHARDS)
     problems = shards.verify_shards(store, SHARDS)
-    n_expected = json.loads(store.get_text(f"{FILTERED}/report.json"))["kept_count"]
+    n_expected = json.loads(store.get_text(FILTER_REPORT))["kept_count"]
     return _result(expectations.validate_shards(manifest, problems, n_expected), len(manifest.shards))
 
 

@@ -1,5 +1,7 @@
 """The data stage as Dagster assets: raw_pairs -> filtered_pairs -> shards, and the
-zero-shot evaluation set. Thin wrappers: the work is in dalle_core.data."""
+zero-shot evaluation set. Crawl and filters are the map (a crawl_batches partition
+each), shards the reduce (duplicates across batches, shuffle, training shards).
+Thin wrappers: the work is in dalle_core.data."""
 
 
 import json
@@ -14,6 +16,8 @@ import webdataset as wds
 
 from assets.metadata import md, md_image, md_table
 from dalle_core.data import coco, crawl as crawling, filters, shards
+from dalle_core.data.dedup import KeptHash, dedup_across_batches, merge_reports
+from dalle_core.data.filters import FilterReport
 from dalle_core.data.pairs import Pair
 from dalle_core.imaging import image_grid, png_bytes
 from orchestration.resources import (
@@ -25,33 +29,34 @@ from orchestration.resources import (
     demo_world_for,
 )
 
-crawl_batches = dg.DynamicPartitionsDefinition(name="crawl_batches")
+crawl_batches = dg.DynamicPartitionsDefinition(name="crawl_batches")  # one per URL list (the sensor adds them)
+code_shards = dg.DynamicPartitionsDefinition(name="code_shards")  # one per training shard (`shards` adds them)
 
 RAW = "raw_pairs"
 FILTERED = "filtered_pairs"
 SHARDS = "shards"
+FILTER_REPORT = f"{SHARDS}/filter_report.json"  # every batch's filters + the cross-batch duplicates
 # a step that lost its storage connection half-way is rerun (writes are idempotent: same keys)
 STORAGE_RETRY = dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL)
 EVAL = "coco_eval"
 SHUFFLE_BUFFER = 10_000
 
 
+def batch_stem(partition_key: str) -> str:
+    """A crawl batch's name in storage: the URL list's name without its extension."""
+    return partition_key.split(".")[0]
+
+
 def batch_prefix(partition_key: str) -> str:
-    """Storage prefix of one crawl batch: the URL list's name without its extension."""
-    stem = partition_key.split(".")[0]
-    return f"{RAW}/{stem}"
+    """Storage prefix of one crawl batch's raw pairs."""
+    return f"{RAW}/{batch_stem(partition_key)}"
 
 
-def completed_batches(storage) -> list[str]:
-    """Crawl batches whose crawl finished (summary written last)."""
-    return sorted(k.rsplit("/", 1)[0] for k in storage.list(RAW + "/") if k.endswith("/summary.json"))
-
-
-def iter_raw_pairs(storage, batch_prefixes: list[str]):
-    for prefix in batch_prefixes:
-        for key in storage.list(prefix + "/"):
-            if key.endswith(".tar"):
-                yield from shards.read_tar(storage, key)
+def iter_raw_pairs(storage, prefix: str):
+    """The pairs of one crawl batch, part by part."""
+    for key in storage.list(prefix + "/"):
+        if key.endswith(".tar"):
+            yield from shards.read_tar(storage, key)
 
 
 @dg.asset(
@@ -155,22 +160,38 @@ def load_eval_phashes(store) -> list[str]:
     return list(json.loads(store.get_text(f"{EVAL}/phashes.json")).values())
 
 
+def filtered_prefix(partition_key: str) -> str:
+    """Storage prefix of one crawl batch's filtered pairs."""
+    return f"{FILTERED}/{batch_stem(partition_key)}"
+
+
+def read_kept_hashes(store, partition_key: str) -> list[KeptHash]:
+    return [KeptHash(**h) for h in json.loads(store.get_text(f"{filtered_prefix(partition_key)}/hashes.json"))]
+
+
+def read_batch_report(store, partition_key: str) -> FilterReport:
+    return FilterReport.from_dict(json.loads(store.get_text(f"{filtered_prefix(partition_key)}/report.json")))
+
+
 @dg.asset(
+    partitions_def=crawl_batches,  # the map: one run (a pod at scale) per crawl batch
     automation_condition=dg.AutomationCondition.eager(),  # follows every new crawl batch
     retry_policy=STORAGE_RETRY,
     deps=[raw_pairs, coco_eval_set],
     group_name="data",
     kinds={"python"},
-    description="Pairs that pass the paper's filters (caption length, English, not boilerplate dates, "
-    "aspect ratio in [1/2, 2], size, exact/near duplicates, no overlap with the evaluation set).",
+    description="One crawl batch's pairs that pass the paper's filters (caption length, English, not "
+    "boilerplate dates, aspect ratio in [1/2, 2], size, exact/near duplicates within the batch, no overlap "
+    "with the evaluation set); duplicates across batches are removed by `shards`.",
 )
 def filtered_pairs(
     context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
-    batches = completed_batches(store)
-    if not batches:
-        raise dg.Failure("no completed crawl batch in storage: materialize raw_pairs first")
+    batch, raw, out = context.partition_key, batch_prefix(context.partition_key), filtered_prefix(context.partition_key)
+    if not store.exists(f"{raw}/summary.json"):
+        raise dg.Failure(f"crawl batch {batch} has not finished crawling (no {store.uri(raw)}/summary.json): "
+                         "materialize its raw_pairs partition first")
     pipeline = filters.build_filters(prof.data, load_eval_phashes(store))
     rejected: dict[str, list] = {}
 
@@ -180,44 +201,71 @@ def filtered_pairs(
             examples.append(pair.image)
 
     accepted_preview: list = []
+    kept_hashes: list[KeptHash] = []
 
     def kept():
-        for pair in pipeline.apply(iter_raw_pairs(store, batches), on_reject=on_reject):
+        for pair in pipeline.apply(iter_raw_pairs(store, raw), on_reject=on_reject):
             if len(accepted_preview) < 16:
                 accepted_preview.append(pair.image)
+            kept_hashes.append(KeptHash.of(pair))
             yield pair
 
-    for old in store.list(FILTERED + "/"):
-        store.delete(old)
-    manifest = shards.write_shards(kept(), store, FILTERED, prof.data.shard_size)
+    if store.exists(f"{out}/report.json"):
+        store.delete(f"{out}/report.json")  # the report lands last: a batch without one is not filtered
+    shards.write_shards(kept(), store, out, prof.data.shard_size)
+    store.put_text(f"{out}/hashes.json", json.dumps([h.to_dict() for h in kept_hashes]))
     report = pipeline.report.to_dict()
-    store.put_text(f"{FILTERED}/report.json", json.dumps(report, indent=2))
-    context.log.info(f"filtered {report['input_count']} -> {report['kept_count']} pairs from {len(batches)} batches")
-
-    rows = [(name, n, "; ".join(f"{e['caption'][:40]!r}: {e['reason']}" for e in report["examples"].get(name, [])[:2]))
-            for name, n in report["removed"].items()]
-    rejected_imgs = [im for ims in rejected.values() for im in ims]
+    store.put_text(f"{out}/report.json", json.dumps(report, indent=2))
+    context.log.info(f"filtered crawl batch {batch}: {report['input_count']} -> {report['kept_count']} pairs")
     return dg.MaterializeResult(
         metadata={
             "input": report["input_count"],
             "kept": report["kept_count"],
-            "batches": md("\n".join(f"- {b}" for b in batches)),
-            "removed_per_filter": md(md_table(["filter", "removed", "examples"], rows)),
+            "removed_per_filter": md(removed_table(report)),
             "accepted_preview": md(md_image(png_bytes(image_grid(accepted_preview)), "accepted")),
-            "rejected_preview": md(md_image(png_bytes(image_grid(rejected_imgs)), "rejected")),
-            "location": dg.MetadataValue.path(store.uri(FILTERED)),
+            "rejected_preview": md(md_image(png_bytes(image_grid([im for ims in rejected.values() for im in ims])),
+                                            "rejected")),
+            "location": dg.MetadataValue.path(store.uri(out)),
         }
     )
 
 
+def removed_table(report: dict) -> str:
+    rows = [(name, n, "; ".join(f"{e['caption'][:40]!r}: {e['reason']}" for e in report["examples"].get(name, [])[:2]))
+            for name, n in report["removed"].items()]
+    return md_table(["filter", "removed", "examples"], rows)
+
+
+def filtered_batches(context, store) -> list[str]:
+    """Every crawl batch the instance knows, each filtered (its report written last); else a Failure naming the rest."""
+    batches = sorted(context.instance.get_dynamic_partitions(crawl_batches.name))
+    if not batches:
+        raise dg.Failure("no crawl batch yet: add a URL list to the inbox (new_url_list_sensor) and crawl it")
+    unfiltered = [b for b in batches if not store.exists(f"{filtered_prefix(b)}/report.json")]
+    if unfiltered:
+        raise dg.Failure(f"crawl batches not filtered yet: {', '.join(unfiltered)} "
+                         "(materialize their filtered_pairs partitions first)")
+    return batches
+
+
+def register_code_shards(instance, names: list[str]) -> None:
+    """One code_shards partition per shard (image_codes encodes each in its own run); stale keys removed."""
+    known = set(instance.get_dynamic_partitions(code_shards.name))
+    instance.add_dynamic_partitions(code_shards.name, [n for n in names if n not in known])
+    for stale in sorted(known - set(names)):
+        instance.delete_dynamic_partition(code_shards.name, stale)
+
+
 @dg.asset(
-    automation_condition=dg.AutomationCondition.eager(),  # follows every new crawl batch
+    # waits until every known batch is filtered (eager skips while a dependency partition is missing or running)
+    automation_condition=dg.AutomationCondition.eager(),
     retry_policy=STORAGE_RETRY,
     name="shards",
     deps=[filtered_pairs],
     group_name="data",
     kinds={"python"},
-    description="Shuffled WebDataset training shards of the filtered pairs, with a manifest of counts and checksums.",
+    description="Shuffled WebDataset training shards of every batch's filtered pairs, duplicates across batches "
+    "removed (the first occurrence wins), with a manifest of counts and checksums and the merged filter report.",
 )
 def shards_asset(
     context: dg.AssetExecutionContext,
@@ -226,30 +274,43 @@ def shards_asset(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
+    batches = filtered_batches(context, store)
+    # the reduce: over the hashes each batch kept, not its images (dalle_core.data.dedup)
+    cross = dedup_across_batches({b: read_kept_hashes(store, b) for b in batches}, prof.data.near_duplicate_max_distance)
+    report = merge_reports({b: read_batch_report(store, b) for b in batches}, cross)
+    dropped = {k for keys in cross.removed_keys.values() for k in keys}
+    kept = (p for b in batches for p in shards.read_shards(store, filtered_prefix(b)) if p.key not in dropped)
     # sample-level shuffle with webdataset's own buffered shuffle (seeded: reruns give the same shards)
     shuffle = wds.shuffle(bufsize=SHUFFLE_BUFFER, initial=SHUFFLE_BUFFER, rng=random.Random(prof.data.demo_seed))
-    pairs = shuffle(shards.read_shards(store, FILTERED))
+    store.put_text(FILTER_REPORT, json.dumps(report, indent=2))
     # write_shards drops the manifest first, writes the shards, removes stale ones and
     # saves the manifest last: a run killed half-way leaves no manifest (readers refuse
     # the prefix) and its rerun, with the same seeded shuffle, rewrites the same shards
-    manifest = shards.write_shards(pairs, store, SHARDS, prof.data.shard_size)
-    report = json.loads(store.get_text(f"{FILTERED}/report.json"))
+    manifest = shards.write_shards(shuffle(kept), store, SHARDS, prof.data.shard_size)
+    register_code_shards(context.instance, [s.name for s in manifest.shards])
     with mlflow.start_run("data", tags={"stage": "data", "profile": prof.name}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
-        mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size})
+        mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size,
+                        "crawl_batches": len(batches)})
         mlf.log_metrics({"pairs_in": report["input_count"], "pairs_kept": report["kept_count"], "shards": len(manifest.shards)})
         mlf.log_metrics({f"removed_{k}": v for k, v in report["removed"].items()})
         mlf.log_dict(manifest.to_dict(), "manifest.json")
         mlf.log_dict(report, "filter_report.json")
         run_url = mlflow.run_url(run)
-    context.log.info(f"wrote {manifest.total} samples in {len(manifest.shards)} shards")
+    context.log.info(f"wrote {manifest.total} samples of {len(batches)} batches in {len(manifest.shards)} shards "
+                     f"({cross.removed_count} duplicates across batches removed)")
     return dg.MaterializeResult(
         metadata={
             "samples": manifest.total,
             "shards": len(manifest.shards),
+            "batches": len(batches),
+            "input": report["input_count"],
+            "cross_batch_duplicates": cross.removed_count,
+            "removed_per_filter": md(removed_table(report)),
             "shard_list": md(md_table(["shard", "samples", "sha256"], [(s.name, s.count, s.sha256[:12]) for s in manifest.shards])),
             "manifest": dg.MetadataValue.path(store.uri(f"{SHARDS}/manifest.json")),
+            "filter_report": dg.MetadataValue.path(store.uri(FILTER_REPORT)),
             "mlflow_run": dg.MetadataValue.url(run_url),
         }
     )

@@ -7,10 +7,10 @@ from typing import Dict
 import dagster as dg
 import torch
 
-from assets.data import SHARDS, STORAGE_RETRY, load_eval_images, shards_asset
+from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, shards_asset
 from assets.metadata import md, md_image, md_table
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
-from dalle_core.data import codes as code_shards
+from dalle_core.data import codes
 from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.data.loader import image_batches, image_to_tensor, local_shard_paths
 from dalle_core.data.shards import Manifest, ShardInfo, file_sha256, read_tar
@@ -116,55 +116,98 @@ def dvae(
 
 
 @dg.asset(
+    partitions_def=code_shards,  # one run (a pod at scale) per training shard; `shards` registers the keys
     retry_policy=STORAGE_RETRY,
     deps=[dvae, bpe_tokenizer],
     group_name="dvae",
     kinds={"pytorch"},
-    description="Every shard's images as dVAE token grids (argmax of the encoder logits) next to "
-    "the tokenized caption: what the prior trains on. Resumable shard by shard.",
+    description="One shard's images as dVAE token grids (argmax of the champion dVAE's encoder logits) next "
+    "to the tokenized caption: what the prior trains on. A shard already encoded from the same source by "
+    "the same dVAE and tokenizer is skipped.",
 )
-def image_codes(
-    context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource, mlflow: MlflowResource
-) -> dg.MaterializeResult:
-    store, prof = storage.get(), profile.get()
+def image_codes(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource) -> dg.MaterializeResult:
+    store = storage.get()
+    shard = source_shard(store, context.partition_key)
     model_file = champion_dvae_file(mlflow)
+    encoded_with = codes_encoded_with(store, model_file)
+    done = codes.read_done(store, CODES, shard.name)
+    if codes.stale_reason(done, shard.sha256, encoded_with) is None:  # resume: already done
+        context.log.info(f"image_codes: {shard.name} already encoded with this dVAE and tokenizer")
+        return codes_result(store, shard, ShardInfo(**done["info"]), resumed=True)
     encoder, _, cfg = load_dvae(model_file, device=training_device())
     tokenizer = DalleTokenizer.from_json(store.get_text(TOKENIZER_KEY), source=store.uri(TOKENIZER_KEY))
-    model_sha = file_sha256(model_file)
-    manifest = Manifest.load(store, SHARDS)
-    infos, skipped = [], 0
-    for i, shard in enumerate(manifest.shards):
-        out_key = f"{CODES}/{shard.name}"
-        done_key = f"{CODES}/{shard.name}.done.json"
-        if store.exists(done_key):  # resume: this shard was encoded with this very model
-            done = json.loads(store.get_text(done_key))
-            if done.get("dvae_sha256") == model_sha and done.get("source_sha256") == shard.sha256:
-                infos.append(ShardInfo(**done["info"]))
-                skipped += 1
-                continue
-        pairs = list(read_tar(store, f"{SHARDS}/{shard.name}"))
-        coded = []
-        for start in range(0, len(pairs), 256):
-            chunk = pairs[start : start + 256]
-            x = torch.stack([image_to_tensor(p.image, cfg.image_size, name=f"{shard.name}:{p.key}") for p in chunk])
-            grid = encode_to_codes(encoder, x).cpu().numpy()
-            text = tokenizer.encode_batch([p.caption for p in chunk]).numpy()
-            for p, g, t in zip(chunk, grid, text):
-                coded.append(code_shards.CodedPair(p.key, p.caption, t, g, {"url": p.meta.get("url"), "source_shard": shard.name}))
-        info = write_code_shard_and_mark(store, out_key, done_key, coded, model_sha, shard.sha256)
-        infos.append(info)
-        context.log.info(f"image_codes: shard {i + 1}/{len(manifest.shards)} ({info.count} pairs)")
-    extra = {"dvae_sha256": model_sha, "grid": cfg.grid_size, "image_vocab": cfg.vocab_size,
+    coded = encode_shard(encoder, tokenizer, cfg.image_size, read_tar(store, f"{SHARDS}/{shard.name}"), shard.name)
+    info = codes.write_code_shard(coded, store, f"{CODES}/{shard.name}")
+    extra = {"grid": cfg.grid_size, "image_vocab": cfg.vocab_size,
              "text_len": tokenizer.text_len, "text_vocab": tokenizer.total_vocab_size}
-    out = code_shards.save_code_manifest(store, CODES, infos, extra)
+    codes.mark_done(store, CODES, info, shard.sha256, encoded_with, extra)
+    context.log.info(f"image_codes: {shard.name}: {info.count} pairs")
+    return codes_result(store, shard, info, resumed=False,
+                        grid=f"{cfg.grid_size}x{cfg.grid_size} codes of {cfg.vocab_size}")
+
+
+def source_shard(store, name: str) -> ShardInfo:
+    """The shards manifest's entry for a code_shards partition."""
+    by_name = {s.name: s for s in Manifest.load(store, SHARDS).shards}
+    if name not in by_name:
+        raise dg.Failure(f"{name} is not in the shards manifest ({', '.join(by_name)}): a stale code_shards "
+                         "partition; materialize shards to refresh them")
+    return by_name[name]
+
+
+def codes_encoded_with(store, model_file) -> dict:
+    """What a code shard depends on besides its source: the champion dVAE and the tokenizer."""
+    import hashlib
+
+    return {"dvae_sha256": file_sha256(model_file),
+            "tokenizer_sha256": hashlib.sha256(store.get_text(TOKENIZER_KEY).encode()).hexdigest()}
+
+
+def encode_shard(encoder, tokenizer, image_size: int, pairs, shard_name: str, chunk: int = 256) -> list:
+    pairs, coded = list(pairs), []
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        x = torch.stack([image_to_tensor(p.image, image_size, name=f"{shard_name}:{p.key}") for p in part])
+        grid = encode_to_codes(encoder, x).cpu().numpy()
+        text = tokenizer.encode_batch([p.caption for p in part]).numpy()
+        for p, g, t in zip(part, grid, text):
+            coded.append(codes.CodedPair(p.key, p.caption, t, g, {"url": p.meta.get("url"), "source_shard": shard_name}))
+    return coded
+
+
+def codes_result(store, shard, info, resumed: bool, **extra) -> dg.MaterializeResult:
+    return dg.MaterializeResult(metadata={
+        "samples": info.count, "source_shard": shard.name, "resumed": resumed, **extra,
+        "location": dg.MetadataValue.path(store.uri(f"{CODES}/{shard.name}")),
+    })
+
+
+@dg.asset(
+    deps=[image_codes],  # every partition: the manifest is assembled once all shards are coded
+    group_name="dvae",
+    kinds={"python"},
+    description="The manifest of the image codes the prior reads: every shard of `shards`, each encoded by the "
+    "champion dVAE and the current tokenizer; refuses, naming them, shards that are missing or stale.",
+)
+def image_codes_manifest(
+    context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    store = storage.get()
+    encoded_with = codes_encoded_with(store, champion_dvae_file(mlflow))
+    try:
+        out = codes.assemble_code_manifest(store, CODES, Manifest.load(store, SHARDS), encoded_with)
+    except codes.CodeManifestError as e:
+        raise dg.Failure(str(e)) from None
+    extra = out.extra
+    context.log.info(f"image_codes_manifest: {out.total} pairs in {len(out.shards)} shards")
     return dg.MaterializeResult(
         metadata={
             "samples": out.total,
-            "shards": len(infos),
-            "resumed_shards": skipped,
-            "grid": f"{cfg.grid_size}x{cfg.grid_size} codes of {cfg.vocab_size}",
-            "text": f"{tokenizer.text_len} tokens of {tokenizer.total_vocab_size} (incl. per-position pads)",
-            "location": dg.MetadataValue.path(store.uri(CODES)),
+            "shards": len(out.shards),
+            "grid": f"{extra['grid']}x{extra['grid']} codes of {extra['image_vocab']}",
+            "text": f"{extra['text_len']} tokens of {extra['text_vocab']} (incl. per-position pads)",
+            "dvae_sha256": extra["dvae_sha256"][:12],
+            "location": dg.MetadataValue.path(store.uri(f"{CODES}/manifest.json")),
         }
     )
 
@@ -175,9 +218,3 @@ def champion_dvae_file(mlflow: MlflowResource):
 
     mlf.set_tracking_uri(mlflow.tracking_uri)
     return resolve_weights("@champion", "dvae")
-
-
-def write_code_shard_and_mark(store, out_key, done_key, coded, model_sha, source_sha):
-    info = code_shards.write_code_shard(coded, store, out_key)
-    store.put_text(done_key, json.dumps({"info": info.__dict__, "dvae_sha256": model_sha, "source_sha256": source_sha}))
-    return info

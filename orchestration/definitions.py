@@ -6,13 +6,13 @@ import dagster as dg
 
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
-from assets.dvae import dvae, image_codes
+from assets.dvae import dvae, image_codes, image_codes_manifest
 from assets.evaluation import coco_zero_shot_report
 from assets.generation import reranker, samples
 from assets.human_eval import human_eval_complete_sensor, human_eval_report
 from assets.prior import prior
 from assets.text import bpe_tokenizer
-from orchestration.jobs import crawl_job, data_job, dvae_job, evaluation_job, generation_job, prior_job, retrain_job
+from orchestration.jobs import ALL_JOBS
 from orchestration.schedules import retrain_schedule
 from orchestration.resources import (
     CrawlSourceResource,
@@ -20,7 +20,7 @@ from orchestration.resources import (
     ProfileResource,
     StorageResource,
 )
-from orchestration.sensors import new_url_list_sensor
+from orchestration.sensors import new_url_list_sensor, retrain_chain_sensor
 from orchestration.settings import Settings
 
 
@@ -48,12 +48,12 @@ def build_resources(settings: Settings) -> dict:
 
 def build_definitions(settings: Settings) -> dg.Definitions:
     return dg.Definitions(
-        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes, prior,
-                reranker, samples, coco_zero_shot_report, human_eval_report],
+        assets=[raw_pairs, coco_eval_set, filtered_pairs, shards_asset, bpe_tokenizer, dvae, image_codes,
+                image_codes_manifest, prior, reranker, samples, coco_zero_shot_report, human_eval_report],
         asset_checks=data_checks,
-        jobs=[crawl_job, data_job, dvae_job, prior_job, generation_job, evaluation_job, retrain_job],
+        jobs=ALL_JOBS,
         schedules=[retrain_schedule],
-        sensors=[new_url_list_sensor, human_eval_complete_sensor],
+        sensors=[new_url_list_sensor, retrain_chain_sensor, human_eval_complete_sensor],
         resources=build_resources(settings),
     )
 

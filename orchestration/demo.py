@@ -77,11 +77,18 @@ def run_demo(settings: Settings, say=print) -> dict:
     with resources["crawl_source"].serving(profile):
         for name in lists:
             run("crawl_job", f"crawled {name}", partition_key=name)
-    run("data_job", "filtered and sharded")
+    run("eval_set_job", "evaluation set")
+    for name in lists:  # the map: one run per crawl batch, as the K8s run launcher gives each a pod
+        run("filter_job", f"filtered {name}", partition_key=name)
+    run("shards_job", "merged and sharded")
     say("[demo] training the BPE tokenizer and the dVAE, then encoding the shards ...")
-    run("dvae_job", "tokenizer, dVAE and image codes")
+    run("dvae_job", "tokenizer and dVAE")
+    from assets.data import code_shards
+
+    for shard in instance.get_dynamic_partitions(code_shards.name):  # registered by shards
+        run("image_codes_job", f"encoded {shard}", partition_key=shard)
     say("[demo] training the transformer prior (torchrun, through Dagster Pipes) ...")
-    run("prior_job", "prior")
+    run("prior_job", "code manifest and prior")
     say("[demo] training the contrastive reranker, then sampling the evaluation captions ...")
     run("generation_job", "reranker and samples")
     say("[demo] zero-shot evaluation on the held-out captions ...")
@@ -105,18 +112,18 @@ def run_demo(settings: Settings, say=print) -> dict:
 
 
 def summarize(settings: Settings, instance) -> dict:
-    """One line per asset from its latest materialization's metadata."""
-    import dagster as dg
-
+    """One line per asset from its latest materialization's metadata; for a partitioned
+    asset, the sum over its partitions' latest materializations."""
     lines = []
     for key, fields in [
         ("raw_pairs", ("rows", "downloaded", "failed")),
         ("coco_eval_set", ("images",)),
         ("filtered_pairs", ("input", "kept")),
-        ("shards", ("samples", "shards")),
+        ("shards", ("samples", "shards", "cross_batch_duplicates")),
         ("bpe_tokenizer", ("trained_vocab", "mean_tokens_per_caption")),
         ("dvae", ("steps", "caption_match_reconstruction", "caption_match_original", "eval_codebook_usage", "model_version")),
-        ("image_codes", ("samples", "grid")),
+        ("image_codes", ("samples",)),
+        ("image_codes_manifest", ("samples", "shards", "grid")),
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
         ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "model_version")),
         ("samples", ("caption_match_reranked", "caption_match_random", "caption_match_shuffled",
@@ -125,10 +132,36 @@ def summarize(settings: Settings, instance) -> dict:
                                    "contrastive_fd", "contrastive_precision", "contrastive_recall", "fid",
                                    "promotion")),
     ]:
-        event = instance.get_latest_materialization_event(dg.AssetKey(key))
-        if event is None:
+        metas = latest_metadata(instance, key, PARTITIONED.get(key))
+        if not metas:
             continue
-        meta = event.asset_materialization.metadata
-        values = ", ".join(f"{f}={meta[f].value}" for f in fields if f in meta)
+        values = ", ".join(f"{f}={summed(metas, f)}" for f in fields if f in metas[0])
+        if len(metas) > 1:
+            values += f" ({len(metas)} partitions)"
         lines.append(f"{key:15s} {values}")
     return {"lines": lines}
+
+
+PARTITIONED = {"raw_pairs": "crawl_batches", "filtered_pairs": "crawl_batches", "image_codes": "code_shards"}
+
+
+def latest_metadata(instance, key: str, partitions_name: str | None) -> list[dict]:
+    """Metadata of the asset's latest materialization, one per current partition for a partitioned asset."""
+    import dagster as dg
+
+    asset_key = dg.AssetKey(key)
+    if partitions_name is None:
+        event = instance.get_latest_materialization_event(asset_key)
+        return [event.asset_materialization.metadata] if event is not None else []
+    partitions = instance.get_dynamic_partitions(partitions_name)
+    records = (instance.fetch_materializations(dg.AssetRecordsFilter(asset_key, asset_partitions=[p]), limit=1).records
+               for p in partitions)
+    return [r[0].asset_materialization.metadata for r in records if r]
+
+
+def summed(metas: list[dict], field: str):
+    """The field's value; summed over partitions when it is a count."""
+    values = [m[field].value for m in metas if field in m]
+    if len(values) > 1 and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sum(values)
+    return values[-1]

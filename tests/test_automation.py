@@ -2,6 +2,7 @@
 on the steps that talk to storage, and the failure hook (alerts file + webhook)."""
 
 import json
+import uuid
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -16,18 +17,25 @@ def test_schedule_automation_and_retries_are_declared(tmp_path):
     schedule = defs.resolve_schedule_def("weekly_retrain")
     assert schedule.cron_schedule == "0 3 * * 0"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
-    job = defs.resolve_job_def("retrain_job")
-    keys = {k.to_user_string() for k in job.asset_layer.executable_asset_keys}
-    assert {"dvae", "prior", "reranker", "coco_zero_shot_report"} <= keys and "raw_pairs" not in keys
+    # the weekly retrain: retrain_job, then (retrain_chain_sensor) image_codes per shard, then retrain_tail_job
+    def keys(job):
+        return {k.to_user_string() for k in defs.resolve_job_def(job).asset_layer.executable_asset_keys}
+
+    assert keys("retrain_job") == {"bpe_tokenizer", "dvae"}
+    assert {"image_codes_manifest", "prior", "reranker", "samples", "coco_zero_shot_report"} <= keys("retrain_tail_job")
+    assert "raw_pairs" not in keys("retrain_tail_job") | keys("retrain_job")
     graph = defs.resolve_asset_graph()
-    for key in ("filtered_pairs", "shards"):
+    for key in ("filtered_pairs", "shards"):  # a new crawl batch -> its filters -> shards
         cond = graph.get(dg.AssetKey(key)).automation_condition
         assert cond is not None and "eager" in (cond.get_label() or cond.name or "").lower(), key
     for key in ("raw_pairs", "shards", "image_codes"):
         policy = defs.get_assets_def(key).op.retry_policy
         assert policy is not None and policy.max_retries >= 2, key
     # every job reports failures
-    for name in ("crawl_job", "data_job", "dvae_job", "prior_job", "generation_job", "evaluation_job", "retrain_job"):
+    assert {j.name for j in defs.resolve_all_job_defs()} >= {
+        "crawl_job", "eval_set_job", "filter_job", "shards_job", "dvae_job", "image_codes_job", "prior_job",
+        "generation_job", "evaluation_job", "retrain_job", "retrain_tail_job"}
+    for name in (j.name for j in defs.resolve_all_job_defs() if not j.name.startswith("__")):
         assert any(h.name == "notify_on_failure" for h in defs.resolve_job_def(name).hook_defs), name
 
 
@@ -63,3 +71,67 @@ def test_a_failed_step_writes_an_alert_and_calls_the_webhook(tmp_path, monkeypat
     assert records and records[0]["job"] == "dvae_job" and records[0]["run_id"] == res.run_id
     assert records[0]["step"] in ("bpe_tokenizer", "dvae") and records[0]["error"]
     assert _Catcher.received and _Catcher.received[0]["run_id"] == res.run_id
+
+
+def _materialized(instance, key: str, partition: str | None = None) -> None:
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
+
+
+def test_a_new_crawl_batch_is_filtered_then_shards_wait_for_every_batch(tmp_path):
+    """Eager automation: a crawled batch requests its own filtered_pairs partition only; shards
+    is requested once every known batch is filtered, not before."""
+    from assets.data import crawl_batches
+
+    defs = build_definitions(Settings(run_dir=tmp_path, profile="tiny"))
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(crawl_batches.name, ["a.csv", "b.csv"])
+    _materialized(instance, "coco_eval_set")
+    data = dg.AssetSelection.assets("filtered_pairs", "shards")
+    cursor = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=data).cursor
+    _materialized(instance, "raw_pairs", "a.csv")
+    _materialized(instance, "filtered_pairs", "a.csv")
+    _materialized(instance, "raw_pairs", "b.csv")  # a new crawl batch
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=data, cursor=cursor)
+    assert result.get_requested_partitions(dg.AssetKey("filtered_pairs")) == {"b.csv"}
+    assert result.get_num_requested(dg.AssetKey("shards")) == 0  # b.csv is not filtered yet
+    _materialized(instance, "filtered_pairs", "b.csv")
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=data, cursor=result.cursor)
+    assert result.get_num_requested(dg.AssetKey("shards")) == 1
+
+
+def _finished_run(instance, job: str, tags: dict | None = None, partition: str | None = None,
+                  status=dg.DagsterRunStatus.SUCCESS) -> dg.DagsterRun:
+    tags = {**(tags or {}), **({"dagster/partition": partition} if partition else {})}
+    return instance.add_run(dg.DagsterRun(job_name=job, run_id=str(uuid.uuid4()), tags=tags, status=status))
+
+
+def _sensor_result(instance, run):
+    from orchestration.sensors import retrain_chain_sensor
+
+    event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name=run.job_name)
+    ctx = dg.build_run_status_sensor_context(sensor_name=retrain_chain_sensor.name, dagster_event=event,
+                                             dagster_instance=instance, dagster_run=run)
+    return retrain_chain_sensor(ctx)
+
+
+def test_the_weekly_retrain_is_chained_past_the_per_shard_encoding():
+    """retrain_job -> image_codes_job for every shard (a run each) -> retrain_tail_job once all succeeded."""
+    from assets.data import code_shards
+    from orchestration.sensors import RETRAIN_TAG
+
+    instance = dg.DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(code_shards.name, ["shard-00000.tar", "shard-00001.tar"])
+    retrain = _finished_run(instance, "retrain_job")
+    requests = _sensor_result(instance, retrain)
+    assert [(r.job_name, r.partition_key, r.tags[RETRAIN_TAG]) for r in requests] == [
+        ("image_codes_job", "shard-00000.tar", retrain.run_id), ("image_codes_job", "shard-00001.tar", retrain.run_id)]
+    tag = {RETRAIN_TAG: retrain.run_id}
+    first = _finished_run(instance, "image_codes_job", tag, "shard-00000.tar")
+    _finished_run(instance, "image_codes_job", tag, "shard-00001.tar", status=dg.DagsterRunStatus.STARTED)
+    waiting = _sensor_result(instance, first)
+    assert isinstance(waiting, dg.SkipReason) and "shard-00001.tar" in waiting.skip_message
+    last = _finished_run(instance, "image_codes_job", tag, "shard-00001.tar")  # (a rerun would do the same)
+    tail = _sensor_result(instance, last)
+    assert tail.job_name == "retrain_tail_job" and tail.run_key == f"{retrain.run_id}:tail"
+    # an image_codes run outside a retrain (the demo, a person in the UI) starts nothing
+    assert isinstance(_sensor_result(instance, _finished_run(instance, "image_codes_job")), dg.SkipReason)

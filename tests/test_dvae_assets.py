@@ -27,7 +27,9 @@ def test_tokenizer_and_dvae_materialized_with_figures(demo_run):
     assert 0 < meta["eval_codebook_usage"].value <= 1
     assert "recon" in meta["figures"].value and "perplexity" in meta["figures"].value
     assert meta["mlflow_run"].value.startswith("http://127.0.0.1:5000/#/experiments/")
-    assert any("tokenizer, dVAE and image codes: ok" in l for l in lines)
+    assert any("tokenizer and dVAE: ok" in l for l in lines)
+    n_shards = len(json.loads(_store(settings).get_text("shards/manifest.json"))["shards"])
+    assert sum(l.startswith("[demo] encoded shard-") and ": ok" in l for l in lines) == n_shards  # a run each
 
 
 def test_dvae_registered_with_alias_and_loads_by_it(demo_run):
@@ -69,25 +71,69 @@ def test_image_codes_cover_every_shard_sample(demo_run):
     assert out.extra["text_vocab"] == tok.total_vocab_size
 
 
-def test_image_codes_resume_skips_encoded_shards(demo_run):
+def _codes_defs(settings):
     from orchestration.definitions import build_definitions
+
+    job = dg.define_asset_job("code_manifest_only", selection=dg.AssetSelection.assets("image_codes_manifest"))
+    return dg.Definitions.merge(build_definitions(settings), dg.Definitions(jobs=[job]))
+
+
+def _files(root):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.iterdir() if p.is_file()}
+
+
+def test_a_shard_partition_encodes_only_that_shard_and_resumes(demo_run):
+    from pathlib import Path
+
     from orchestration.demo import prepare_instance
 
     settings, _, _ = demo_run
     instance = prepare_instance(settings)
-    defs = build_definitions(settings)
-    job = dg.define_asset_job("codes_only", selection=dg.AssetSelection.assets("image_codes"))
-    defs = dg.Definitions.merge(defs, dg.Definitions(jobs=[job]))
+    defs = _codes_defs(settings)
     store = _store(settings)
-    before = store.get_bytes("image_codes/manifest.json")
-    first = json.loads(before)["shards"][0]["name"]
-    store.delete(f"image_codes/{first}.done.json")  # as if killed while writing shard 0
-    result = defs.resolve_job_def("codes_only").execute_in_process(instance=instance)
+    codes_dir = Path(settings.storage_root) / "image_codes"
+    names = [s["name"] for s in json.loads(store.get_text("image_codes/manifest.json"))["shards"]]
+    target = names[1]
+    store.delete(f"image_codes/{target}.done.json")  # as if killed while writing this shard
+    before = _files(codes_dir)
+    result = defs.resolve_job_def("image_codes_job").execute_in_process(instance=instance, partition_key=target)
     meta = result.asset_materializations_for_node("image_codes")[0].metadata
-    n = len(json.loads(before)["shards"])
-    assert meta["resumed_shards"].value == n - 1
-    after = json.loads(store.get_bytes("image_codes/manifest.json"))
-    assert [s["sha256"] for s in after["shards"]] == [s["sha256"] for s in json.loads(before)["shards"]]
+    assert meta["resumed"].value is False and meta["source_shard"].value == target
+    after = _files(codes_dir)
+    changed = {n for n in after if after[n] != before.get(n)}
+    assert changed == {target, f"{target}.done.json"}, changed  # no other shard touched
+    assert after[target][1] == before[target][1]  # the same codes again
+    # a shard already encoded by this dVAE and tokenizer is skipped
+    result = defs.resolve_job_def("image_codes_job").execute_in_process(instance=instance, partition_key=names[0])
+    assert result.asset_materializations_for_node("image_codes")[0].metadata["resumed"].value is True
+    assert _files(codes_dir)[names[0]] == after[names[0]]
+    result = defs.resolve_job_def("code_manifest_only").execute_in_process(instance=instance)
+    assert [s["name"] for s in json.loads(store.get_text("image_codes/manifest.json"))["shards"]] == names
+
+
+def test_code_manifest_refuses_missing_and_stale_shards_naming_them(demo_run):
+    from orchestration.demo import prepare_instance
+
+    settings, _, _ = demo_run
+    instance = prepare_instance(settings)
+    store = _store(settings)
+    names = [s["name"] for s in json.loads(store.get_text("image_codes/manifest.json"))["shards"]]
+    missing, other = f"image_codes/{names[0]}.done.json", f"image_codes/{names[-1]}.done.json"
+    backup = {k: store.get_text(k) for k in (missing, other)}
+    try:
+        store.delete(missing)
+        store.put_text(other, json.dumps({**json.loads(backup[other]), "dvae_sha256": "f" * 64}))
+        result = _codes_defs(settings).resolve_job_def("code_manifest_only").execute_in_process(
+            instance=instance, raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        message = str(failure.step_failure_data.error)
+        assert f"{names[0]}: not encoded" in message, message
+        assert f"{names[-1]}: encoded with another dvae (ffffffffffff" in message, message
+        assert not any(n in message for n in names[1:-1]), message
+    finally:
+        for k, v in backup.items():
+            store.put_text(k, v)
 
 
 def test_dvae_cli_encode_decode_and_bad_input(demo_run, tmp_path, capsys):

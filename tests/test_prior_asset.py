@@ -14,7 +14,7 @@ def test_prior_trained_through_pipes_and_registered(demo_run):
     from orchestration.model_registry import resolve_weights
 
     settings, _, lines = demo_run
-    assert any("[demo] prior: ok" in l for l in lines)
+    assert any("[demo] code manifest and prior: ok" in l for l in lines)
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
     event = instance.get_latest_materialization_event(dg.AssetKey("prior"))
     meta = event.asset_materialization.metadata

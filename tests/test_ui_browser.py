@@ -1,8 +1,8 @@
 """The Dagster UI as a person uses it, in a real headless Chromium (Debian's, driven by
 Playwright): `dagster dev` on a fresh tiny run whose demo URL lists are crawled; in the
-browser open the asset lineage, launch the data stage from the `data_job` page, watch the
-run succeed, then read the asset checks' results and the assets' metadata (counts, the
-preview image) where a person would look for them."""
+browser open the asset lineage, launch the reduce of the data stage from the `shards_job`
+page, watch the run succeed, then read the asset checks' results and the assets' metadata
+(counts, the preview image) where a person would look for them."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_MS = 300_000  # the data stage takes about a minute here; a loaded CI machine is slower
 
 # The start of `make demo` (orchestration.demo.run_demo): the instance, the demo URL lists as
-# crawl_batches partitions, and one crawl_job run per list, on the settings in the environment.
+# crawl_batches partitions, one crawl_job and one filter_job run per list (the partitioned map
+# of the data stage), on the settings in the environment.
 CRAWL = """
 from assets.data import crawl_batches
 from orchestration.definitions import build_definitions
@@ -42,7 +43,11 @@ with defs.resources["crawl_source"].serving(defs.resources["profile"].get()):
     for name in lists:
         res = defs.resolve_job_def("crawl_job").execute_in_process(instance=instance, partition_key=name)
         assert res.success, f"crawl of {name} failed"
-print("crawled", ",".join(lists))
+assert defs.resolve_job_def("eval_set_job").execute_in_process(instance=instance).success
+for name in lists:
+    res = defs.resolve_job_def("filter_job").execute_in_process(instance=instance, partition_key=name)
+    assert res.success, f"filters of {name} failed"
+print("crawled and filtered", ",".join(lists))
 """
 
 
@@ -109,7 +114,7 @@ def test_data_stage_launched_and_checked_in_the_dagster_ui(browser, tmp_path):
         page.add_locator_handler(page.get_by_text("Join the Dagster community"),
                                  lambda _: page.get_by_role("button", name="Skip").click())
         _look_at_the_lineage(page, base, tmp_path)
-        _launch_data_job_and_wait(page, tmp_path)
+        _launch_shards_job_and_wait(page, tmp_path)
         _check_results_and_metadata(page, base, settings, tmp_path)
         t_done = time.monotonic() - t0
     except Exception:
@@ -122,7 +127,7 @@ def test_data_stage_launched_and_checked_in_the_dagster_ui(browser, tmp_path):
             page.close()
         stop_process_group(proc, sig=signal.SIGINT, timeout=30)  # Ctrl-C, as `dalle ui` stops it
     assert port_closed(port), "the Dagster webserver outlived dagster dev"
-    for shot in ("lineage.png", "data-job-run.png", "filtered-pairs-preview.png", "shards-checks.png"):
+    for shot in ("lineage.png", "shards-job-run.png", "filtered-pairs-preview.png", "shards-checks.png"):
         assert (tmp_path / shot).stat().st_size > 5000, shot
     print(f"crawl {t_crawl:.0f}s, UI up at {t_ui:.0f}s, done at {t_done:.0f}s")
 
@@ -136,13 +141,12 @@ def _look_at_the_lineage(page, base: str, tmp_path: Path) -> None:
     page.screenshot(path=str(tmp_path / "lineage.png"))
 
 
-def _launch_data_job_and_wait(page, tmp_path: Path) -> None:
+def _launch_shards_job_and_wait(page, tmp_path: Path) -> None:
     page.get_by_role("link", name=re.compile(r"(^|\s)Jobs$")).click()
-    page.get_by_role("link", name=re.compile(r"(^|\s)data_job$")).click()
-    page.get_by_text("Evaluation set, filters and shards").first.wait_for()
-    page.get_by_text("View 3 assets").wait_for()  # coco_eval_set, filtered_pairs, shards
-    page.get_by_text("filtered_pairs", exact=True).first.wait_for()  # in the job's asset graph
-    page.get_by_role("button", name="Materialize all").click()
+    page.get_by_role("link", name=re.compile(r"(^|\s)shards_job$")).click()
+    page.get_by_text("Every filtered batch merged").first.wait_for()
+    page.get_by_text("shards", exact=True).first.wait_for()  # in the job's asset graph
+    page.get_by_role("button", name=re.compile(r"Materialize( all)?$")).first.click()  # "Materialize" for one asset
     toast = page.get_by_text(re.compile(r"^Launched run [0-9a-f]{8}$"))
     toast.wait_for()
     run_id = toast.inner_text().split()[-1]
@@ -150,15 +154,17 @@ def _launch_data_job_and_wait(page, tmp_path: Path) -> None:
     page.wait_for_url(re.compile(rf"/runs/{run_id}"))
     status = page.get_by_text(re.compile(r"^(Success|Failure|Canceled)$")).first
     status.wait_for(timeout=RUN_TIMEOUT_MS)
-    page.screenshot(path=str(tmp_path / "data-job-run.png"))
-    assert status.inner_text() == "Success", f"run {run_id} ended {status.inner_text()}: see data-job-run.png"
-    page.get_by_text("3 assets", exact=True).wait_for()
-    page.get_by_text("2 checks", exact=True).wait_for()
+    page.screenshot(path=str(tmp_path / "shards-job-run.png"))
+    assert status.inner_text() == "Success", f"run {run_id} ended {status.inner_text()}: see shards-job-run.png"
 
 
 def _check_results_and_metadata(page, base: str, settings, tmp_path: Path) -> None:
-    manifest = json.loads((Path(settings.storage_root) / "shards" / "manifest.json").read_text())
-    report = json.loads((Path(settings.storage_root) / "filtered_pairs" / "report.json").read_text())
+    storage = Path(settings.storage_root)
+    manifest = json.loads((storage / "shards" / "manifest.json").read_text())
+    # filtered_pairs shows its latest partition: the last crawl batch filtered
+    last_batch = sorted(p.parent.name for p in (storage / "filtered_pairs").glob("*/report.json"))[-1]
+    report = json.loads((storage / "filtered_pairs" / last_batch / "report.json").read_text())
+    merged = json.loads((storage / "shards" / "filter_report.json").read_text())
 
     # filtered_pairs: what went in and what was kept, and the accepted images to look at
     page.goto(f"{base}/assets/filtered_pairs")
@@ -187,7 +193,9 @@ def _check_results_and_metadata(page, base: str, settings, tmp_path: Path) -> No
 
     # shards: how many samples in how many shards, as the manifest in storage says
     page.get_by_role("tab", name="Overview").first.click()  # the asset's tabs come first
-    assert _metadata_value(page, "samples") == str(sum(s["count"] for s in manifest["shards"]))
+    assert _metadata_value(page, "samples") == str(sum(s["count"] for s in manifest["shards"])) \
+        == str(merged["kept_count"])
+    assert _metadata_value(page, "input") == str(merged["input_count"])
     assert _metadata_value(page, "shards") == str(len(manifest["shards"]))
     page.get_by_text("shard-00000.tar").first.wait_for()  # the shard list, rendered from its markdown
     page.screenshot(path=str(tmp_path / "shards-asset.png"), full_page=True)

@@ -3,8 +3,11 @@
 One WebDataset sample per pair: the dVAE's token grid of the image ("codes.npy",
 int16 [grid, grid], argmax of the encoder logits), the tokenized caption
 ("text.npy", int32 [text_len], with per-position padding ids), the caption and
-the source metadata. One code shard per image shard, same name, so encoding
-resumes shard by shard; a manifest of counts and checksums sits beside them.
+the source metadata. One code shard per image shard, same name, each encoded
+on its own (a Dagster partition) and marked done with what it was encoded from
+and with (`mark_done`), so encoding resumes shard by shard; once every shard is
+coded, `assemble_code_manifest` writes the manifest of counts and checksums the
+prior reads, refusing shards that are missing or stale.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -89,3 +92,58 @@ def save_code_manifest(storage: Storage, prefix: str, infos: list[ShardInfo], ex
     )
     manifest.save(storage, prefix)
     return manifest
+
+
+# --------------------------------------------------------------------------- per-shard markers
+
+
+def done_key(prefix: str, shard_name: str) -> str:
+    return f"{prefix.rstrip('/')}/{shard_name}.done.json"
+
+
+def mark_done(storage: Storage, prefix: str, info: ShardInfo, source_sha256: str,
+              encoded_with: Mapping[str, str], extra: Mapping) -> None:
+    """Written after the code shard: the shard is done for this source and these models
+    (`encoded_with`: e.g. dvae_sha256, tokenizer_sha256); `extra` goes into the manifest."""
+    marker = {"info": info.__dict__, "source_sha256": source_sha256, **encoded_with, "extra": dict(extra)}
+    storage.put_text(done_key(prefix, info.name), json.dumps(marker))
+
+
+def read_done(storage: Storage, prefix: str, shard_name: str) -> dict | None:
+    try:
+        return json.loads(storage.get_text(done_key(prefix, shard_name)))
+    except FileNotFoundError:
+        return None
+
+
+def stale_reason(done: dict | None, source_sha256: str, encoded_with: Mapping[str, str]) -> str | None:
+    """Why a shard's codes cannot be used (None: done from this source with these models)."""
+    if done is None:
+        return "not encoded"
+    if done.get("source_sha256") != source_sha256:
+        return "encoded from another version of the shard"
+    for name, sha in encoded_with.items():
+        if done.get(name) != sha:
+            model = name.removesuffix("_sha256")
+            return f"encoded with another {model} ({str(done.get(name))[:12]}, not {sha[:12]})"
+    return None
+
+
+class CodeManifestError(ValueError):
+    """Some shards have no usable codes; the message names each and why."""
+
+
+def assemble_code_manifest(storage: Storage, prefix: str, source: Manifest,
+                           encoded_with: Mapping[str, str]) -> Manifest:
+    """The code manifest for every shard of `source`, once each is coded by these models."""
+    dones = {s.name: read_done(storage, prefix, s.name) for s in source.shards}
+    problems = [(s.name, why) for s in source.shards
+                if (why := stale_reason(dones[s.name], s.sha256, encoded_with)) is not None]
+    if problems:
+        raise CodeManifestError(
+            f"image codes for {len(problems)} of {len(source.shards)} shards are missing or stale: "
+            + "; ".join(f"{name}: {why}" for name, why in problems)
+            + " (materialize image_codes for these partitions)")
+    infos = [ShardInfo(**dones[s.name]["info"]) for s in source.shards]
+    extra = {**dones[source.shards[0].name]["extra"], **encoded_with} if source.shards else dict(encoded_with)
+    return save_code_manifest(storage, prefix, infos, extra)
