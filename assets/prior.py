@@ -9,7 +9,7 @@ from typing import Optional
 
 import dagster as dg
 
-from assets.dvae import CODES, config_digest, image_codes
+from assets.dvae import CODES, config_digest, image_codes_manifest
 from assets.metadata import md, md_table
 from assets.text import TOKENIZER_KEY
 from dalle_core.data.codes import iter_code_shard
@@ -57,7 +57,7 @@ def prior_config_for(profile_name: str, manifest_extra: dict):
 
 
 @dg.asset(
-    deps=[image_codes],
+    deps=[image_codes_manifest],
     group_name="prior",
     kinds={"pytorch"},
     description="Decoder-only sparse transformer over 'text then image' tokens (row/column/conv "
@@ -116,8 +116,14 @@ def prior(
         last = steps[-1] if steps else {}
         final = {k: last[k] for k in last if isinstance(last[k], (int, float)) and "loss" in k}
         image_loss = next((v for k, v in final.items() if "image" in k), None)
-        if image_loss is not None:
-            mlf.log_metric("image_loss_over_unigram", image_loss / baseline["image"])
+        # the ratio is undefined when every image token is the same code (a collapsed
+        # dVAE: unigram entropy 0); the run still lands, without the ratio
+        ratio = image_loss / baseline["image"] if image_loss is not None and baseline["image"] > 0 else None
+        if ratio is not None:
+            mlf.log_metric("image_loss_over_unigram", ratio)
+        else:
+            context.log.warning(f"image-token unigram entropy is {baseline['image']:.3g}: the dVAE codes "
+                                "hardly vary, so the prior has little to learn (check the dvae asset's codebook usage)")
         # the tokenizer travels with the prior: `dalle generate --prior @champion` needs both
         tokenizer_file = store.get_file(TOKENIZER_KEY, storage.scratch("prior-tokenizer") / "bpe_tokenizer.json")
         # a challenger until the zero-shot report compares it with the champion (the first one is champion)
@@ -142,5 +148,6 @@ def prior(
     if image_loss is not None:
         meta["image_loss"] = round(float(image_loss), 4)
         meta["image_unigram"] = round(baseline["image"], 4)
-        meta["image_loss_over_unigram"] = round(float(image_loss) / baseline["image"], 4)
+    if ratio is not None:
+        meta["image_loss_over_unigram"] = round(ratio, 4)
     return dg.MaterializeResult(metadata=meta)

@@ -142,13 +142,15 @@ def _kmeans_init_from(batches: BatchSource, encoder: Encoder, config: DVAEConfig
     it, seen = _open_batches(batches, 0), []
     while sum(len(b) for b in seen) < config.codebook_init_images:
         try:
-            seen.append(next(it))
+            batch = next(it)
         except StopIteration:
             break
+        # the same check and wording as the training loop: these are the batches its steps read
+        validate_images(batch, config.image_size, config.input_channels, what=f"batch for step {len(seen)}")
+        seen.append(batch)
     if not seen:
         raise ValueError("codebook_init='kmeans' needs training images, the batch source is empty")
     images = torch.cat(seen)[: config.codebook_init_images]
-    validate_images(images, config.image_size, config.input_channels, what="codebook-init images")
     return kmeans_codebook_init(encoder, images.to(device), logit_std=config.codebook_init_logit_std,
                                 seed=config.seed)
 
