@@ -3,7 +3,6 @@
 and always the Frechet distance and precision / recall in the platform's own
 contrastive space, plus the demo world's caption-match rate."""
 
-import hashlib
 import json
 import os
 import time
@@ -17,8 +16,8 @@ from assets.dvae import demo_check, training_device
 from assets.generation import load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
 from dalle_core.data.demo_world import check_image, parse_caption
-from dalle_core.dvae.evaluate import tensor_to_image
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
+from dalle_core.eval.generated import generate_best_images, weights_digest
 from dalle_core.eval.inception import WEIGHTS_ENV
 from dalle_core.eval.report import numeric_metrics
 from dalle_core.storage import open_storage
@@ -103,20 +102,22 @@ def coco_zero_shot_report(
     captions = [c for _, c in eval_set]
     references = [im for im, _ in eval_set]
 
-    # generate: N candidates per caption, the reranker's best kept (the paper's protocol)
-    t0, generated = time.monotonic(), []
-    for start in range(0, len(captions), config.batch_captions):
-        chunk = captions[start:start + config.batch_captions]
-        out = chain.generate(chunk, n=config.candidates, keep=1, seed=config.seed + start, batch_size=256)
-        generated += [tensor_to_image(x) for x in out.images[:, 0]]
-        context.log.info(f"zero-shot: generated {len(generated)}/{len(captions)} "
-                         f"({time.monotonic() - t0:.0f}s)")
+    # generate: N candidates per caption, the reranker's best kept (the paper's protocol),
+    # in chunks kept on disk: a killed evaluation's rerun generates only what is missing
+    t0, resumed = time.monotonic(), []
+
+    def generation_progress(done: int, total: int, from_disk: bool) -> None:
+        resumed.append(from_disk)
+        context.log.info(f"zero-shot: generated {done}/{total} ({'from an earlier run' if from_disk else 'new'}, "
+                         f"{time.monotonic() - t0:.0f}s)")
+
+    generated = generate_best_images(chain, captions, config.candidates, config.batch_captions, config.seed,
+                                     cache_dir=storage.scratch("zero-shot-generated"), progress=generation_progress)
 
     reranker = chain.reranker
     # the features are cached per reranker version: name it by the weights actually loaded
     # (the champion), not by the newest file in storage, which may not have been promoted
-    rr_id = hashlib.sha256(b"".join(t.detach().cpu().numpy().tobytes()
-                                    for t in reranker.state_dict().values())).hexdigest()[:16]
+    rr_id = weights_digest(reranker)[:16]
 
     def contrastive(x: torch.Tensor) -> torch.Tensor:
         return reranker.image_features(x)
@@ -181,6 +182,7 @@ def coco_zero_shot_report(
         "report": dg.MetadataValue.path(store.uri(f"{REPORTS}/{stamp}.html")),
         "mlflow_run": dg.MetadataValue.url(run_url),
         "captions": len(captions),
+        "resumed_chunks": f"{sum(resumed)} of {len(resumed)}",
         "prior_version": f"prior v{prior_version}" if prior_version else "unregistered",
         "promotion": promotion,
     }

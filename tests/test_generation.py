@@ -184,3 +184,48 @@ def test_retrieval_figures_on_a_model_that_reads_colour():
     f = retrieval_figures(Model(), Tok(), images, caps)
     assert f["retrieval_image_to_text"] == 1.0 and f["retrieval_text_to_image"] == 1.0
     assert f["swap_binding"] == pytest.approx(0.5)  # "disc red" scores the same as "red disc"
+
+
+def test_zero_shot_generation_killed_after_a_chunk_resumes_to_the_same_images(parts, tmp_path):
+    """A killed evaluation's rerun reads the finished chunks back and draws only the
+    rest; the images equal an uninterrupted run's, and other weights never reuse them."""
+    import numpy as np
+
+    from dalle_core.eval.generated import generate_best_images
+
+    caps = CAPTIONS + ["a blue square below an orange circle", "a purple circle above a red triangle"]
+    c = chain(parts)
+    straight = generate_best_images(c, caps, candidates=3, chunk_size=2, seed=5)
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_chunk(done, total, from_disk):
+        raise Killed
+
+    with pytest.raises(Killed):
+        generate_best_images(c, caps, 3, 2, 5, cache_dir=tmp_path, progress=die_after_first_chunk)
+    assert len(list(tmp_path.glob("chunk-*.npz"))) == 1
+
+    calls, flags = [], []
+    real = c.generate
+    c.generate = lambda chunk, **kw: calls.append(list(chunk)) or real(chunk, **kw)
+    resumed = generate_best_images(c, caps, 3, 2, 5, cache_dir=tmp_path,
+                                   progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [True, False] and calls == [caps[2:]]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(straight, resumed))
+    assert len(resumed) == len(caps)
+
+    # a half-written or damaged chunk is drawn again, not read
+    for p in tmp_path.glob("chunk-*.npz"):
+        p.write_bytes(b"not a npz")
+    flags.clear()
+    generate_best_images(c, caps, 3, 2, 5, cache_dir=tmp_path, progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [False, False]
+
+    # another prior (any changed weight) never reads this prior's chunks
+    prior, encoder, decoder, tok, reranker = parts
+    other = TextToImage(DalleTransformer(prior.config).eval(), decoder, tok, reranker=reranker)
+    flags.clear()
+    generate_best_images(other, caps[:2], 3, 2, 5, cache_dir=tmp_path, progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [False]

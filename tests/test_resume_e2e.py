@@ -1,6 +1,8 @@
 """Kill the whole demo (SIGKILL to its process group, torchrun included) while
-the dVAE trains, and again while the prior trains; each rerun resumes from the
-last checkpoint, and the final artifacts are complete with no duplicates."""
+the dVAE trains, again while the prior trains, and again while the zero-shot
+evaluation computes; each rerun resumes from the last checkpoint (or the
+finished chunks of generated images), and the final artifacts are complete with
+no duplicates."""
 
 import json
 import os
@@ -57,7 +59,13 @@ def test_demo_killed_in_training_resumes_to_complete_artifacts(tmp_path):
     killed = _kill_when(_start(run_dir, port), lambda: any(scratch.glob("prior-runs/*/step-*")))
     assert killed
 
-    # 3. rerun to the end
+    # 3. rerun, killed in the evaluation, once a chunk of zero-shot images is on disk
+    killed = _kill_when(_start(run_dir, port), lambda: any(scratch.glob("zero-shot-generated/chunk-*.npz")))
+    assert killed
+    assert not (run_dir / "storage" / "reports" / "zero_shot" / "latest.json").exists()
+    chunks = {p.name: p.stat().st_mtime_ns for p in scratch.glob("zero-shot-generated/chunk-*.npz")}
+
+    # 4. rerun to the end
     proc = _start(run_dir, port)
     assert proc.wait(timeout=600) == 0
 
@@ -67,9 +75,9 @@ def test_demo_killed_in_training_resumes_to_complete_artifacts(tmp_path):
         return instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization.metadata
 
     # the dVAE of run 2 went on from run 1's checkpoint instead of starting over
-    # (run 3 loads the finished dVAE back: no materialization started from scratch)
+    # (runs 3 and 4 load the finished dVAE back: no materialization started from scratch)
     dvae_events = instance.fetch_materializations(dg.AssetKey("dvae"), limit=10).records
-    assert len(dvae_events) == 2
+    assert len(dvae_events) == 3
     assert all(e.asset_materialization.metadata["resumed_from"].value != "none" for e in dvae_events)
     # ... and the prior of run 3 resumed from run 2's checkpoint
     runs = list(scratch.glob("prior-runs/*/metrics.jsonl"))
@@ -86,3 +94,9 @@ def test_demo_killed_in_training_resumes_to_complete_artifacts(tmp_path):
                 "reranker", "samples", "coco_zero_shot_report"):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
     assert meta("prior")["train_step"].value == 60
+    # the evaluation of run 4 read run 3's finished chunks back instead of generating them again
+    report = meta("coco_zero_shot_report")
+    assert report["resumed_chunks"].value.startswith(f"{len(chunks)} of ")
+    assert all((scratch / "zero-shot-generated" / n).stat().st_mtime_ns == t for n, t in chunks.items())
+    assert report["captions"].value == meta("coco_eval_set")["images"].value
+    assert len(list((run_dir / "storage" / "reports" / "zero_shot").glob("2*.html"))) == 1  # one report, not two
