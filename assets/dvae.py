@@ -1,6 +1,7 @@
 """Stage one of the paper: the discrete VAE and the image codes it produces."""
 
 
+import hashlib
 import json
 from typing import Dict
 
@@ -27,8 +28,6 @@ CODES = "image_codes"
 
 
 def config_digest(config: dict) -> str:
-    import hashlib
-
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -157,8 +156,6 @@ def source_shard(store, name: str) -> ShardInfo:
 
 def codes_encoded_with(store, model_file) -> dict:
     """What a code shard depends on besides its source: the champion dVAE and the tokenizer."""
-    import hashlib
-
     return {"dvae_sha256": file_sha256(model_file),
             "tokenizer_sha256": hashlib.sha256(store.get_text(TOKENIZER_KEY).encode()).hexdigest()}
 

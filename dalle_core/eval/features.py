@@ -48,21 +48,30 @@ class FeatureCache:
             return cached
         self.misses += 1
         feats = {k: np.asarray(v) for k, v in compute().items()}
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **feats)
-        os.replace(tmp, p)  # atomic: a crash never leaves a half-written entry under the real name
+        write_npz_atomic(p, **feats)
         return feats
 
     @staticmethod
     def _read(p: Path, n: int) -> Optional[Features]:
-        if not p.exists():
-            return None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                feats = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
-            return None  # corrupt: recompute
+        feats = read_npz(p)
         if not feats or any(v.ndim < 1 or v.shape[0] != n for v in feats.values()):
             return None
         return feats
+
+
+def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez to a temporary name, then renamed: a crash never leaves a
+    half-written file under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def read_npz(path: Path) -> Optional[dict[str, np.ndarray]]:
+    """The arrays of an .npz file, or None if it is missing or unreadable (recompute)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError):
+        return None

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+from dalle_core.eval.features import read_npz, write_npz_atomic
 
 ChunkProgress = Callable[[int, int, bool], None]  # (captions done, total, chunk came from disk)
 
@@ -65,7 +66,7 @@ def generate_best_images(chain, captions: Sequence[str], candidates: int, chunk_
             out = chain.generate(chunk, n=candidates, keep=1, seed=seed + start, batch_size=256)
             pixels = (out.images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             if path is not None:
-                _write(path, pixels)
+                write_npz_atomic(path, images=pixels)
         images += [Image.fromarray(p, "RGB") for p in pixels]
         if progress is not None:
             progress(len(images), len(captions), from_disk)
@@ -79,18 +80,7 @@ def _chunk_key(digest: str, captions: list[str], candidates: int, seed: int) -> 
 
 def _read(path: Path, n: int) -> np.ndarray | None:
     """The chunk's images, or None if missing, unreadable or of the wrong size (regenerate)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            pixels = z["images"]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
-        return None
-    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[0] != n:
+    pixels = (read_npz(path) or {}).get("images")
+    if pixels is None or pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[0] != n:
         return None
     return pixels
-
-
-def _write(path: Path, pixels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, images=pixels)
-    os.replace(tmp, path)  # atomic: a kill never leaves a half-written chunk under the real name
