@@ -4,16 +4,42 @@ downstream assets and the CLI resolve (`models:/dvae@champion`)."""
 
 from __future__ import annotations
 
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 
+from dalle_core.eval.fairness import SHORT, check_rules, decide, fingerprint_id
+
 WEIGHTS = "weights"
 DEFAULT_ALIAS = "champion"
+_TYPE_HINT_NAG = "Add type hints to the `predict` method"
 
 
-class DVAEModel(mlflow.pyfunc.PythonModel):
+class _PythonModel(mlflow.pyfunc.PythonModel):
+    """MLflow warns when a PythonModel subclass is created whose `predict` has no type
+    hints ("Add type hints to the `predict` method ..."), so every `dalle` command printed
+    it three times. Our models take dicts of arrays, which MLflow's type-hint validation
+    cannot describe (a dict hint fails at class creation), and the CLI's user cannot act
+    on it. A warnings filter cannot silence it: MLflow checks the hints under its own
+    `catch_warnings` with a 'once' filter in front. So the subclass hook runs with its
+    warnings recorded, that one message is dropped and any other is passed on."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().__init_subclass__(**kwargs)
+        for w in caught:
+            if _TYPE_HINT_NAG not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+class DVAEModel(_PythonModel):
     """pyfunc face of the dVAE: RGB uint8 images [B, H, W, 3] -> token grids [B, h, w]."""
 
     def load_context(self, context):
@@ -52,20 +78,62 @@ def log_and_register(model_file: Path, name: str, python_model, alias: str = DEF
 
 
 CHALLENGER = "challenger"
-METRIC_TAG = "eval."  # a version's evaluation figures, as tags: eval.<metric> = value
+METRIC_TAG = "eval."  # a version's figures, per fingerprint: eval.<fingerprint id>.<metric> = value
+FINGERPRINT_TAG = "fingerprint."  # fingerprint.<id> = JSON of the conditions those figures were measured under
+RUN_TAG = "eval_run."  # eval_run.<id> = the MLflow run that measured them
+_FIGURE = re.compile(r"^eval\.(?P<fp>[0-9a-f]{%d})\.(?P<metric>.+)$" % SHORT)
 
 
-def record_evaluation(name: str, version: str, metrics: dict[str, float]) -> None:
-    """Store a version's evaluation figures on the version itself (tags), so a
-    later challenger is compared with what its champion scored."""
+@dataclass
+class Figures:
+    """A version's figures under one fingerprint."""
+    fingerprint: dict[str, str]
+    metrics: dict[str, float]
+    run_id: str = ""
+
+
+def version_figures(name: str, version: str) -> dict[str, Figures]:
+    """{fingerprint id: Figures} recorded on a registered version. Figures stored before
+    fingerprints existed (tags eval.<metric>) are not returned: their conditions are unknown."""
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags or {}
+    out: dict[str, Figures] = {}
+    for k, v in tags.items():
+        m = _FIGURE.match(k)
+        if m:
+            fig = out.setdefault(m["fp"], Figures({}, {}))
+            fig.metrics[m["metric"]] = float(v)
+    for fp, fig in out.items():
+        try:
+            fig.fingerprint = json.loads(tags.get(f"{FINGERPRINT_TAG}{fp}", "{}"))
+        except ValueError:
+            fig.fingerprint = {}
+        fig.run_id = tags.get(f"{RUN_TAG}{fp}", "")
+    return out
+
+
+def record_evaluation(name: str, version: str, fingerprint: dict[str, str], metrics: dict[str, float],
+                      run_id: str = "") -> Figures:
+    """Store a version's figures under their fingerprint (tags on the version itself), so a
+    later challenger measured under the same conditions is compared with them.
+
+    Figures already recorded under this fingerprint are never overwritten: the same
+    fingerprint means the same captions, seed, candidates, scoring weights, radii and code,
+    so a second evaluation can only repeat them (it keeps its own numbers in its own MLflow
+    run); metrics the earlier one lacked are added. Figures under other fingerprints are
+    untouched. Returns what the version holds under the fingerprint afterwards."""
     client = mlflow.MlflowClient()
+    fp = fingerprint_id(fingerprint)
+    have = version_figures(name, version).get(fp)
+    if have is None:
+        client.set_model_version_tag(name, version, f"{FINGERPRINT_TAG}{fp}", json.dumps(fingerprint, sort_keys=True))
+        if run_id:
+            client.set_model_version_tag(name, version, f"{RUN_TAG}{fp}", run_id)
+        have = Figures(dict(fingerprint), {}, run_id)
     for k, v in metrics.items():
-        client.set_model_version_tag(name, version, f"{METRIC_TAG}{k}", repr(float(v)))
-
-
-def _version_metrics(name: str, version: str) -> dict[str, float]:
-    mv = mlflow.MlflowClient().get_model_version(name, version)
-    return {k[len(METRIC_TAG):]: float(v) for k, v in (mv.tags or {}).items() if k.startswith(METRIC_TAG)}
+        if k not in have.metrics and math.isfinite(float(v)):
+            client.set_model_version_tag(name, version, f"{METRIC_TAG}{fp}.{k}", repr(float(v)))
+            have.metrics[k] = float(v)
+    return have
 
 
 def champion_version(name: str, alias: str = DEFAULT_ALIAS) -> str | None:
@@ -75,37 +143,84 @@ def champion_version(name: str, alias: str = DEFAULT_ALIAS) -> str | None:
         return None
 
 
-def promote_if_better(name: str, version: str, metrics: dict[str, float],
-                      rules: dict[str, str]) -> tuple[bool, str]:
-    """Champion / challenger: `version` is (already) the challenger; it becomes the
-    champion if there is none, or if it beats the champion on every metric that
-    `rules` names ({"contrastive_fd": "lower", "retrieval": "higher"}). Returns
-    (promoted, reason). The figures are recorded on the version either way."""
-    for metric, direction in rules.items():
-        if direction not in ("lower", "higher"):
-            raise ValueError(f"promotion rule for {metric!r} must be 'lower' or 'higher', got {direction!r}")
-        if metric not in metrics:
-            raise ValueError(f"promotion metric {metric!r} was not computed (have: {sorted(metrics)})")
-    record_evaluation(name, version, metrics)
+def resolve_version(name: str, ref: str) -> str:
+    """A version number from '7', 'v7', '@challenger' or 'challenger' (an alias)."""
+    ref = ref.strip()
+    if ref.lstrip("v").isdigit():
+        return ref.lstrip("v")
+    alias = ref.lstrip("@")
+    v = champion_version(name, alias)
+    if v is None:
+        raise ModelNotFoundError(f"model {name!r} has no version with alias @{alias} in the MLflow registry "
+                                 f"({mlflow.get_tracking_uri()})")
+    return v
+
+
+def champion_figures(name: str, version: str, fingerprint: dict[str, str]) -> dict[str, float] | None:
+    """The version's figures under exactly this fingerprint, or None."""
+    fig = version_figures(name, version).get(fingerprint_id(fingerprint))
+    return dict(fig.metrics) if fig is not None else None
+
+
+class Promotion(tuple):
+    """(promoted, reason), so `promoted, reason = promote_if_better(...)` reads as before,
+    with the comparison's details as attributes."""
+
+    def __new__(cls, promoted: bool, reason: str, champion: str | None = None,
+                champion_metrics: dict | None = None, fingerprint_id: str = ""):
+        self = super().__new__(cls, (promoted, reason))
+        self.champion = champion  # the champion compared with (before this decision); None: there was none
+        self.champion_metrics = champion_metrics  # its figures under the fingerprint; None: it has none
+        self.fingerprint_id = fingerprint_id
+        return self
+
+    @property
+    def promoted(self) -> bool:
+        return self[0]
+
+    @property
+    def reason(self) -> str:
+        return self[1]
+
+
+# callers that do not say under which conditions they measured share this one fingerprint
+# (so they compare with each other as before, and never with fingerprinted figures)
+UNSPECIFIED = {"conditions": "not recorded by the evaluation"}
+
+
+def promote_if_better(name: str, version: str, metrics: dict[str, float], rules: dict[str, str],
+                      fingerprint: dict[str, str] | None = None, champion_metrics: dict[str, float] | None = None,
+                      run_id: str = "") -> Promotion:
+    """Champion / challenger under one fingerprint: `version` is (already) the challenger;
+    it becomes the champion if there is none, or if it beats the champion on every metric
+    that `rules` names ({"contrastive_fd": "lower"}), the champion's figures being those
+    measured under the same `fingerprint`. `champion_metrics`: the champion re-scored under
+    this fingerprint in the same run (recorded on it, without replacing figures it already
+    has there). Without champion figures under the fingerprint, or with a rule's metric
+    missing from them, the challenger is not promoted (the reason says why). The
+    challenger's figures are recorded on it either way."""
+    check_rules(rules, metrics)
+    fingerprint = dict(fingerprint or UNSPECIFIED)
+    fp = fingerprint_id(fingerprint)
+    record_evaluation(name, version, fingerprint, metrics, run_id)
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(name, CHALLENGER, version)
     current = champion_version(name)
     if current is None or current == version:
         client.set_registered_model_alias(name, DEFAULT_ALIAS, version)
-        return True, f"{name} v{version} is the first evaluated version: champion"
-    theirs = _version_metrics(name, current)
-    worse = []
-    for metric, direction in rules.items():
-        if metric not in theirs:
-            continue  # the champion was never scored on it: no evidence against the challenger
-        ours, best = metrics[metric], theirs[metric]
-        better = ours < best if direction == "lower" else ours > best
-        if not better:
-            worse.append(f"{metric} {ours:.4g} vs champion's {best:.4g} ({direction} is better)")
-    if worse:
-        return False, f"{name} v{version} stays challenger, champion v{current} kept: " + "; ".join(worse)
-    client.set_registered_model_alias(name, DEFAULT_ALIAS, version)
-    return True, f"{name} v{version} beat champion v{current} on {', '.join(rules)}: promoted to champion"
+        others = sorted(k for k in version_figures(name, version) if k != fp)
+        why = (f"{name} v{version} is the champion; its figures under fingerprint {fp} recorded beside those "
+               f"under {', '.join(others)}" if others else f"{name} v{version} is the first evaluated version: champion")
+        return Promotion(True, why, None, None, fp)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if champion_metrics is not None:
+        record_evaluation(name, current, fingerprint, champion_metrics, run_id)
+    held = version_figures(name, current)
+    theirs = held[fp].metrics if fp in held else None
+    d = decide(f"{name} v{version}", f"champion v{current}", metrics, theirs, rules, fp,
+               other_fingerprints=sorted(held))
+    if d.promote:
+        client.set_registered_model_alias(name, DEFAULT_ALIAS, version)
+    return Promotion(d.promote, d.reason, current, theirs, fp)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -144,7 +259,7 @@ def resolve_companion(spec: str, default_name: str, suffix: str) -> Path | None:
     return next((p for p in resolve_model_files(spec, default_name) if p.suffix == suffix), None)
 
 
-class PriorModel(mlflow.pyfunc.PythonModel):
+class PriorModel(_PythonModel):
     """pyfunc face of the prior: {"text": ids [B, L], "image": codes [B, N]} -> loss per sample (nats)."""
 
     def load_context(self, context):
@@ -165,7 +280,7 @@ class PriorModel(mlflow.pyfunc.PythonModel):
         return nll.numpy()
 
 
-class RerankerModel(mlflow.pyfunc.PythonModel):
+class RerankerModel(_PythonModel):
     """pyfunc face of the reranker: {"images": uint8 [B, H, W, 3], "text": ids [B, L]} -> cosine similarity [B]."""
 
     def load_context(self, context):
