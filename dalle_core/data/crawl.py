@@ -28,7 +28,20 @@ Each download: GET with `config.crawl_timeout_s` for connect and for each read
 connection errors, timeouts, HTTP 429 and 5xx with exponential back-off
 (`crawl_backoff_s * 2**attempt` plus up to 25% jitter, or the server's
 `Retry-After` when larger, bounded by `MAX_RETRY_AFTER_S`); other 4xx are final.
-The body must have an image content type, fit in `max_body_bytes` and decode
+Redirects are followed here, at most `MAX_REDIRECTS` hops.
+
+Addresses (`dalle_core.data.net_guard`): every connection, so every redirect
+hop, resolves its host, checks all the addresses it resolves to and connects to
+one of exactly those (no second DNS lookup). Unless
+`config.allow_private_addresses` (the demo and test profiles, for the demo
+world on 127.0.0.1), only globally routable addresses are allowed: a URL list
+from the open web cannot make the crawler fetch from the cluster's own services
+or the cloud metadata endpoint. A refused target fails with `blocked_address`
+and is not retried.
+
+The body must have an image content type, fit in `max_body_bytes`, be one of
+`IMAGE_FORMATS`, declare in its header at most `config.max_image_pixels`
+pixels (checked before anything is decoded: `too_many_pixels`) and decode
 fully with Pillow; it is converted to RGB, its original size recorded, then
 resized (shorter side to `config.image_size`, centre square crop) and encoded
 as `config.image_format`. No filtering on size, aspect ratio or caption
@@ -56,6 +69,7 @@ from typing import Callable, Iterator
 
 from ..profiles import DataConfig
 from ..storage import LocalStorage, Storage
+from .net_guard import AddressPolicy, BlockedAddressError, guarded_session
 from .urllist import UrlRow, read_url_list
 
 # --------------------------------------------------------------------------- constants
@@ -66,12 +80,17 @@ FAILURE_REASONS = (
     "not_image",  # the response's content type is not an image
     "decode_error",  # Pillow could not decode the bytes fully (truncated, corrupt)
     "empty_url",  # the URL list row has no url
-    "too_large",  # body over max_body_bytes, or a decompression bomb
+    "too_large",  # body over max_body_bytes
     "invalid_url",  # not an http(s) URL requests can fetch
+    "blocked_address",  # the host (or a redirect hop's) resolves to a non-public address (net_guard)
+    "too_many_pixels",  # the header declares more than max_image_pixels pixels (a decompression bomb): not decoded
 )  # ... plus "http_<code>" for any non-2xx final status
 _HTTP_REASON = re.compile(r"http_\d{3}")
 
 MAX_BODY_BYTES = 20 * 1024 * 1024  # bodies are streamed and cut off past this
+MAX_REDIRECTS = 5  # redirect hops followed per download (each hop's address is checked)
+# what Pillow may open: web image formats only (no EPS, which would run Ghostscript, and the like)
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "MPO")
 MAX_RETRY_AFTER_S = 30.0  # a server's Retry-After is honoured up to this
 TOTAL_TIMEOUT_FACTOR = 3.0  # whole-body deadline, in units of crawl_timeout_s
 JITTER = 0.25  # back-off jitter, as a fraction of the back-off
@@ -230,17 +249,15 @@ def _result_from_markers(markers: list[dict]) -> CrawlResult:
 # --------------------------------------------------------------------------- one download
 
 
-def make_session(workers: int):
-    """A `requests.Session` whose connection pool is sized to the workers."""
-    import requests
-    from requests.adapters import HTTPAdapter
+def make_session(workers: int, policy: AddressPolicy | None = None):
+    """A `requests.Session` whose connection pool is sized to the workers and whose every
+    connection is resolved, checked and pinned by `policy` (default: public addresses only)."""
+    return guarded_session(policy if policy is not None else AddressPolicy(), workers, USER_AGENT)
 
-    session = requests.Session()
-    adapter = HTTPAdapter(pool_connections=max(workers, 1), pool_maxsize=max(workers, 1), max_retries=0)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = USER_AGENT
-    return session
+
+def address_policy_for(config: DataConfig) -> AddressPolicy:
+    """The address policy of a DataConfig: public addresses only unless allow_private_addresses."""
+    return AddressPolicy(allow_private=bool(config.allow_private_addresses))
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -305,36 +322,57 @@ def _fail(reason, detail, retryable=False, retry_after=None) -> _Attempt:
     return _Attempt(False, reason=reason, detail=str(detail)[:500], retryable=retryable, retry_after=retry_after)
 
 
+def _get_once(session, url: str, timeout_s: float, max_body_bytes: int, start: float, deadline: float):
+    """One GET without following redirects: the outcome, or the next URL when redirected."""
+    with session.get(url, timeout=(timeout_s, timeout_s), stream=True, allow_redirects=False) as r:
+        code = r.status_code
+        if r.is_redirect:  # 301, 302, 303, 307, 308 with a Location
+            from requests.compat import urljoin
+
+            return urljoin(r.url, session.get_redirect_target(r))
+        if not 200 <= code < 300:
+            retryable = code == 429 or 500 <= code < 600
+            return _fail(
+                f"http_{code}",
+                f"HTTP {code} {r.reason or ''}".strip(),
+                retryable,
+                _parse_retry_after(r.headers.get("Retry-After")) if retryable else None,
+            )
+        ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype and not ctype.startswith("image/") and ctype not in _OCTET:
+            return _fail("not_image", f"content type {ctype!r}")
+        length = r.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > max_body_bytes:
+            return _fail("too_large", f"Content-Length {length} > {max_body_bytes} bytes")
+        buf = bytearray()
+        for chunk in r.iter_content(chunk_size=64 * 1024):
+            buf += chunk
+            if len(buf) > max_body_bytes:
+                return _fail("too_large", f"body over {max_body_bytes} bytes")
+            if time.monotonic() > deadline:
+                return _fail("timeout", f"body not complete after {deadline - start:.1f}s", True)
+        return _Attempt(True, data=bytes(buf), content_type=ctype)
+
+
 def _download_once(session, url: str, timeout_s: float, max_body_bytes: int) -> _Attempt:
     import requests
 
     start = time.monotonic()
     deadline = start + timeout_s * TOTAL_TIMEOUT_FACTOR
+    hop, current = 0, url
     try:
-        with session.get(url, timeout=(timeout_s, timeout_s), stream=True) as r:
-            code = r.status_code
-            if not 200 <= code < 300:
-                retryable = code == 429 or 500 <= code < 600
-                return _fail(
-                    f"http_{code}",
-                    f"HTTP {code} {r.reason or ''}".strip(),
-                    retryable,
-                    _parse_retry_after(r.headers.get("Retry-After")) if retryable else None,
-                )
-            ctype = r.headers.get("Content-Type", "").split(";")[0].strip().lower()
-            if ctype and not ctype.startswith("image/") and ctype not in _OCTET:
-                return _fail("not_image", f"content type {ctype!r}")
-            length = r.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_body_bytes:
-                return _fail("too_large", f"Content-Length {length} > {max_body_bytes} bytes")
-            buf = bytearray()
-            for chunk in r.iter_content(chunk_size=64 * 1024):
-                buf += chunk
-                if len(buf) > max_body_bytes:
-                    return _fail("too_large", f"body over {max_body_bytes} bytes")
-                if time.monotonic() > deadline:
-                    return _fail("timeout", f"body not complete after {deadline - start:.1f}s", True)
-            return _Attempt(True, data=bytes(buf), content_type=ctype)
+        while True:
+            attempt = _get_once(session, current, timeout_s, max_body_bytes, start, deadline)
+            if isinstance(attempt, _Attempt):
+                return attempt
+            if hop == MAX_REDIRECTS:
+                return _fail("connection_error", f"TooManyRedirects: more than {MAX_REDIRECTS} redirects")
+            hop, current = hop + 1, attempt
+            if current.split(":", 1)[0].lower() not in ("http", "https"):
+                return _fail("invalid_url", f"redirect {hop} to {current!r}: not an http(s) URL")
+    except BlockedAddressError as e:
+        where = f" (redirect {hop} to {current})" if hop else ""
+        return _fail("blocked_address", f"{e}{where}")
     except requests.exceptions.Timeout as e:
         return _fail("timeout", f"{type(e).__name__}: {e}", True)
     except (
@@ -361,28 +399,43 @@ class ImageDecodeError(ValueError):
         super().__init__(f"{reason}: {detail}")
 
 
-def load_rgb(data: bytes):
+def load_rgb(data: bytes, max_pixels: int | None = None, formats: tuple[str, ...] | None = None):
     """Decode image bytes fully and return an RGB PIL image (camera orientation applied).
 
     Transparent areas become white. Raises ImageDecodeError("decode_error" |
-    "too_large", Pillow's message): truncated data fails here, at load().
+    "too_many_pixels", Pillow's message): truncated data fails
+    here, at load(). With `max_pixels`, an image whose header declares more
+    pixels is refused before anything is decoded (Image.open reads only the
+    header), so a worker's memory stays bounded by max_pixels (see
+    DataConfig.max_image_pixels). `formats`: what Pillow may open (default: any).
     """
     from PIL import Image, ImageOps
 
     if not data:
         raise ImageDecodeError("decode_error", "empty body")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=formats) as im:
+            width, height = im.size  # from the header: nothing decoded yet
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageDecodeError(
+                    "too_many_pixels",
+                    f"{im.format} header declares {width}x{height} = {width * height} pixels"
+                    f" > max_image_pixels={max_pixels} (not decoded)",
+                )
             im.load()  # decode everything now: truncated data fails here
             im = ImageOps.exif_transpose(im)  # camera orientation; returns a copy
-    except Image.DecompressionBombError as e:
-        raise ImageDecodeError("too_large", str(e)) from e
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:  # Pillow's own header check (2 x MAX_IMAGE_PIXELS)
+        raise ImageDecodeError("too_many_pixels", f"{e} (not decoded)") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for bad bytes
         raise ImageDecodeError("decode_error", f"{type(e).__name__}: {e}") from e
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
+        rgba = im if im.mode == "RGBA" else im.convert("RGBA")  # no extra copy: memory per worker
+        del im
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         background.alpha_composite(rgba)  # transparent areas become white, not black
+        del rgba
         return background.convert("RGB")
     return im.convert("RGB")
 
@@ -419,13 +472,20 @@ def encode_image(img, image_format: str = "png", jpeg_quality: int = 95) -> byte
     return buf.getvalue()
 
 
-def process_image(data: bytes, image_size: int, image_format: str = "png", jpeg_quality: int = 95):
+def process_image(
+    data: bytes,
+    image_size: int,
+    image_format: str = "png",
+    jpeg_quality: int = 95,
+    max_pixels: int | None = None,
+):
     """Downloaded bytes -> (encoded square image, original_width, original_height).
 
-    Decode fully, convert to RGB, resize + centre-crop, encode as png or jpg.
-    Raises ImageDecodeError("decode_error" | "too_large", message).
+    Decode fully (only `IMAGE_FORMATS`, at most `max_pixels` pixels), convert
+    to RGB, resize + centre-crop, encode as png or jpg.
+    Raises ImageDecodeError("decode_error" | "too_many_pixels", message).
     """
-    rgb = load_rgb(data)
+    rgb = load_rgb(data, max_pixels=max_pixels, formats=IMAGE_FORMATS)
     width, height = rgb.size
     return encode_image(resize_center_crop(rgb, image_size), image_format, jpeg_quality), width, height
 
@@ -459,7 +519,7 @@ class _Fetcher:
             return _failure_record(row, result.reason, result.detail, attempts)
         try:
             encoded, width, height = process_image(
-                result.data, cfg.image_size, cfg.image_format, cfg.jpeg_quality
+                result.data, cfg.image_size, cfg.image_format, cfg.jpeg_quality, cfg.max_image_pixels
             )
         except ImageDecodeError as e:
             detail = e.detail if result.content_type else f"{e.detail} (no content type)"
@@ -681,6 +741,7 @@ def _check_config(config: DataConfig, key_prefix: str) -> None:
         ("crawl_workers", config.crawl_workers, 1),
         ("crawl_retries", config.crawl_retries, 0),
         ("image_size", config.image_size, 1),
+        ("max_image_pixels", config.max_image_pixels, 1),
     ):
         if not isinstance(value, int) or value < low:
             raise CrawlError(f"DataConfig.{name}={value!r} must be an integer >= {low}")
@@ -706,6 +767,7 @@ def crawl(
     key_prefix: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     session=None,
+    address_policy: AddressPolicy | None = None,
 ) -> CrawlResult:
     """Crawl `url_list` into WebDataset parts under `prefix` (see the module doc).
 
@@ -721,12 +783,19 @@ def crawl(
     batches are merged into shards. `url_col` / `caption_col` name the URL
     list's columns (img2dataset's "URL" / "TEXT" only when given here).
     `scratch_dir` holds the journals (default: `default_scratch_dir`).
+    `address_policy` decides which addresses may be fetched (default:
+    `address_policy_for(config)`); a `session` given here must come from
+    `make_session` (its connections are the ones that check addresses).
     """
     t_run = time.monotonic()
     url_list = Path(url_list)
     if key_prefix is None:
         key_prefix = default_key_prefix(url_list)
     _check_config(config, key_prefix)
+    if session is not None and getattr(session, "address_policy", None) is None:
+        raise CrawlError("crawl(session=...) must be a session from make_session(): its connections check addresses")
+    if address_policy is None:
+        address_policy = address_policy_for(config)
     prefix = prefix.strip("/")
     rows = read_url_list(url_list, url_col=url_col, caption_col=caption_col)
     scratch = Path(scratch_dir) if scratch_dir is not None else default_scratch_dir(storage, prefix)
@@ -735,7 +804,7 @@ def crawl(
     try:
         return _crawl_locked(
             url_list, rows, storage, prefix, config, progress, should_stop, scratch,
-            key_prefix, max_body_bytes, session, t_run,
+            key_prefix, max_body_bytes, session, t_run, address_policy,
         )
     finally:
         lock.close()  # releases the lock (the kernel does the same for a killed process)
@@ -771,6 +840,7 @@ def _crawl_locked(
     max_body_bytes: int,
     session,
     t_run: float,
+    address_policy: AddressPolicy,
 ) -> CrawlResult:
     size = config.crawl_part_size
     chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
@@ -838,7 +908,7 @@ def _crawl_locked(
     stop = threading.Event()
     own_session = session is None
     if own_session:
-        session = make_session(config.crawl_workers)
+        session = make_session(config.crawl_workers, address_policy)
     fetch = _Fetcher(config, session, stop, max_body_bytes)
     pool = ThreadPoolExecutor(max_workers=config.crawl_workers, thread_name_prefix="crawl")
     in_flight: dict[Future, tuple[_Part, UrlRow]] = {}
