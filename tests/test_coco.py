@@ -113,3 +113,93 @@ def test_write_then_load_round_trip(tmp_path):
         (3, "a.png", 64, 64, ["a small green triangle"]),
         (7, "b.png", 128, 96, ["a red circle above a blue square", "two shapes"]),
     ]
+
+
+# --------------------------------------------------------------------------- hostile or empty captions files
+
+
+@pytest.mark.parametrize("file_name, reason", [
+    ("/etc/passwd", "absolute path"),
+    ("../secret.jpg", "'..' component"),
+    ("val2014/../../secret.jpg", "'..' component"),
+    ("val2014/..", "'..' component"),
+    ("..\\secret.jpg", "backslash"),
+    ("val2014\\x.jpg", "backslash"),
+    ("C:\\Windows\\win.ini", "backslash"),
+    ("C:secret.jpg", "drive letter"),
+    ("c:/secret.jpg", "drive letter"),
+    ("\\\\server\\share\\x.jpg", "backslash"),
+    ("", "empty file_name"),
+    ("a//b.jpg", "empty or '.' path component"),
+    ("./a.jpg", "empty or '.' path component"),
+    ("val2014/", "empty or '.' path component"),
+    ("a\x00.jpg", "control character"),
+])
+def test_file_names_that_leave_the_image_folder_are_refused(tmp_path, file_name, reason):
+    images = [{"id": 1, "file_name": "ok.jpg"}, {"id": 2, "file_name": file_name}]
+    path = coco_json(tmp_path, images=images, annotations=[{"image_id": 1, "id": 1, "caption": "a cat"}])
+    image_dir = tmp_path / "images"
+    image_dir.mkdir()
+    (image_dir / "ok.jpg").write_bytes(b"jpeg")
+    for folder in (image_dir, None):  # the name alone decides, with or without an image folder
+        with pytest.raises(CocoFormatError) as e:
+            load_coco_captions(path, folder, limit=1)  # the whole file is checked, not only what limit keeps
+        msg = str(e.value)
+        assert str(path) in msg and "images[1] (id 2)" in msg and reason in msg and repr(file_name) in msg
+
+
+def test_every_bad_entry_is_counted_and_the_first_ones_named(tmp_path):
+    images = [{"id": i, "file_name": f"../{i}.jpg"} for i in range(8)] + [{"id": 99, "file_name": "fine.jpg"}]
+    path = coco_json(tmp_path, images=images, annotations=[])
+    with pytest.raises(CocoFormatError, match=r"8 file_name\(s\) would leave the image folder") as e:
+        load_coco_captions(path)
+    assert "images[0] (id 0)" in str(e.value) and "images[4] (id 4)" in str(e.value)
+    assert "images[5]" not in str(e.value) and "and 3 more" in str(e.value)
+
+
+def test_subfolders_are_fine_links_out_of_the_folder_are_not(tmp_path):
+    image_dir = tmp_path / "images"
+    (image_dir / "val2014").mkdir(parents=True)
+    (image_dir / "val2014" / "a.jpg").write_bytes(b"jpeg")
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes(b"secret")
+    (image_dir / "link.jpg").symlink_to(outside)
+    ann = [{"image_id": 1, "id": 1, "caption": "a cat"}, {"image_id": 2, "id": 2, "caption": "a dog"}]
+    ok = coco_json(tmp_path, images=[{"id": 1, "file_name": "val2014/a.jpg"}], annotations=ann[:1])
+    assert load_coco_captions(ok, image_dir)[0].path == image_dir / "val2014" / "a.jpg"
+    linked = coco_json(tmp_path, images=[{"id": 1, "file_name": "val2014/a.jpg"}, {"id": 2, "file_name": "link.jpg"}],
+                       annotations=ann)
+    with pytest.raises(CocoFormatError, match=r"image 2 file_name 'link.jpg' resolves to .*outside the image folder"):
+        load_coco_captions(linked, image_dir)
+
+
+def test_repeated_file_names_bad_limit_and_missing_folder(tmp_path):
+    dup = coco_json(tmp_path, images=[{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "a.jpg"}], annotations=[])
+    with pytest.raises(CocoFormatError, match=r"images\[1\] \(id 2\) repeats file_name 'a.jpg' of image id 1"):
+        load_coco_captions(dup)
+    path = coco_json(tmp_path)
+    for bad in (0, -1):
+        with pytest.raises(CocoFormatError, match=f"limit={bad}"):
+            load_coco_captions(path, limit=bad)
+    with pytest.raises(CocoFormatError, match="image folder .*nowhere does not exist"):
+        load_coco_captions(path, tmp_path / "nowhere")
+    not_text = coco_json(tmp_path, images=[{"id": 1, "file_name": ["a.jpg"]}], annotations=[])
+    with pytest.raises(CocoFormatError, match="is not a string"):
+        load_coco_captions(not_text)
+
+
+def test_an_evaluation_set_needs_images_and_captions(tmp_path):
+    from dalle_core.data.coco import check_eval_set
+
+    empty = coco_json(tmp_path, images=[], annotations=[])
+    with pytest.raises(CocoFormatError, match="has no images") as e:
+        check_eval_set(load_coco_captions(empty), empty)
+    assert str(empty) in str(e.value)
+    silent = coco_json(tmp_path, images=[{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+                       annotations=[])
+    with pytest.raises(CocoFormatError, match=r"has no captions \(2 image\(s\), no 'annotations'"):
+        check_eval_set(load_coco_captions(silent), silent)
+    some = coco_json(tmp_path, annotations=[{"image_id": 42, "id": 1, "caption": "a shoe rack"}])
+    with pytest.raises(CocoFormatError, match=r"2 of 3 image\(s\) have no caption \(image ids 73, 136\)"):
+        check_eval_set(load_coco_captions(some), some)
+    check_eval_set(load_coco_captions(coco_json(tmp_path)), "fine.json")  # every image captioned: accepted
