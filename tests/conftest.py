@@ -13,6 +13,14 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def pytest_configure(config):
+    # required services: a `service` test whose service is missing fails under CI=true, skips locally
+    from services import RequiredServices
+
+    if not config.pluginmanager.has_plugin("dalle-required-services"):
+        config.pluginmanager.register(RequiredServices(), "dalle-required-services")
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     from services import moto_s3_server, s3_test_env
@@ -57,12 +65,17 @@ def demo_run(tmp_path_factory):
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium driven by Playwright, one per test module."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    """Headless Chromium driven by Playwright, one per test module (a required service: missing,
+    the test fails under CI=true and skips otherwise)."""
+    from services import require_module, require_service
+
+    sync_api = require_module("playwright.sync_api", "the playwright package is not installed (extra 'dev')")
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found: run scripts/install-chromium.sh (as root) to install Debian's chromium")
+        require_service(f"{CHROMIUM} not found: run scripts/install-chromium.sh (as root) to install Debian's chromium")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         yield b

@@ -9,7 +9,67 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
+
+import pytest
+
+# ---------------------------------------------------------------- required services
+# Under CI (CI=true, what .ci/run sets) a test whose real service is missing FAILS, naming it: a
+# green CI run then proves the browser, Postgres, S3 and FID cross-check tests really ran. On a
+# developer's machine (CI unset) the same test skips with the same reason, for a quick local run.
+
+SERVICE_MARK = "service"
+# tests that use these fixtures need a real service: they get the `service` mark automatically
+SERVICE_FIXTURES = frozenset({"browser", "s3_endpoint", "s3_bucket", "postgres", "postgres_server"})
+
+
+def ci_requires_services() -> bool:
+    """True under CI: the CI variable set to anything but empty/0/false/no."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def require_service(reason: str) -> NoReturn:
+    """Stop the test because a required service is missing: fail under CI, skip otherwise."""
+    if ci_requires_services():
+        pytest.fail(f"required service missing (CI={os.environ.get('CI')}): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_module(name: str, reason: str):
+    """pytest.importorskip for a package a real service needs: fails under CI, skips otherwise."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        require_service(f"{reason} ({type(e).__name__}: {e})")
+
+
+class RequiredServices:
+    """pytest plugin, registered by tests/conftest.py: gives every test that uses a service
+    fixture the `service` mark and, under CI, turns any skip of a `service` test (an
+    importorskip, a plain pytest.skip in a helper) into a failure that keeps the skip's reason."""
+
+    def pytest_configure(self, config) -> None:
+        config.addinivalue_line(
+            "markers", f"{SERVICE_MARK}: needs a real service (Chromium, Postgres, moto S3, torch-fidelity); "
+            "skips when it is missing, fails under CI=true")
+
+    def pytest_collection_modifyitems(self, items) -> None:
+        for item in items:
+            if SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+                item.add_marker(getattr(pytest.mark, SERVICE_MARK))
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        outcome = yield
+        rep = outcome.get_result()
+        if (rep.skipped and not hasattr(rep, "wasxfail") and ci_requires_services()
+                and item.get_closest_marker(SERVICE_MARK) is not None):
+            reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+            rep.outcome = "failed"
+            rep.longrepr = (f"required service missing (CI={os.environ.get('CI')}): "
+                            f"{reason.removeprefix('Skipped: ')}")
 
 
 def free_port() -> int:
@@ -44,7 +104,12 @@ def port_closed(port: int, timeout: float = 30.0) -> bool:
 
 @contextlib.contextmanager
 def moto_s3_server() -> Iterator[str]:
-    """moto's S3-protocol server (from moto[server]) on loopback; yields its endpoint URL."""
+    """moto's S3-protocol server (from moto[server]) on loopback; yields its endpoint URL.
+    Without moto[server] the test stops through require_service (fails under CI)."""
+    import importlib.util
+
+    if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+        require_service("moto's S3 server is not installed (pip install 'moto[server]', extra 'dev')")
     port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
@@ -74,19 +139,19 @@ def s3_test_env() -> dict[str, str]:
 
 
 class ServiceUnavailable(RuntimeError):
-    """A real service the test needs could not start on this machine (the test skips, naming why)."""
+    """A real service the test needs could not start on this machine (the test hands the reason
+    to require_service: it fails under CI, skips otherwise)."""
 
 
 @contextlib.contextmanager
 def postgres_server() -> Iterator[str]:
     """A throwaway PostgreSQL on loopback (scripts/pg-test-server.sh); yields
     `postgresql://postgres@127.0.0.1:PORT` (trust auth: no password). Raises
-    ServiceUnavailable when this machine has no server binaries or it does not start."""
+    ServiceUnavailable when this machine has no server binaries or it does not start (the
+    script finds the binaries and says why)."""
     import shutil
     import tempfile
 
-    if not (shutil.which("pg_ctl") or Path("/usr/local/bin/pg_ctl").exists()):
-        raise ServiceUnavailable("no PostgreSQL server binaries (pg_ctl) on this machine")
     script = Path(__file__).resolve().parent.parent / "scripts" / "pg-test-server.sh"
     d = tempfile.mkdtemp(prefix="dalle-pg-")  # under /tmp: as root the server runs as `postgres`, which must reach it
     port = free_port()
