@@ -15,7 +15,7 @@ import dagster as dg
 import webdataset as wds
 
 from assets.metadata import md, md_image, md_table
-from dalle_core.data import coco, crawl as crawling, filters, shards
+from dalle_core.data import coco, crawl as crawling, filters, quality_gate, shards
 from dalle_core.data.dedup import KeptHash, dedup_across_batches, merge_reports
 from dalle_core.data.filters import FilterReport
 from dalle_core.data.pairs import Pair
@@ -130,17 +130,30 @@ def coco_eval_set(
         else:
             captions_json = demo_world_for(prof).write_eval_set(Path(tmp))
             image_dir, source = captions_json.parent / "images", "demo world (held-out compositions)"
-        images = coco.load_coco_captions(captions_json, Path(image_dir) if image_dir else None, limit=config.limit)
+        # everything is checked, and every image read, before anything is written to storage:
+        # a refused set leaves the previous evaluation set as it was
+        if not image_dir:
+            raise dg.Failure(f"coco_eval_set needs image_dir to hash the evaluation images ({captions_json}): "
+                             "set config image_dir to the folder the captions file's file_name entries are in")
+        try:
+            images = coco.load_coco_captions(captions_json, Path(image_dir), limit=config.limit)
+            coco.check_eval_set(images, captions_json)
+        except coco.CocoFormatError as e:
+            raise dg.Failure(f"evaluation set refused: {e}", metadata={"captions_json": str(captions_json),
+                                                                      "image_dir": str(image_dir)}) from e
         phashes, preview = {}, []
         for im in images:
-            if im.path is None:
-                raise ValueError(f"coco_eval_set needs image_dir to hash the evaluation images ({captions_json})")
-            store.put_file(f"{EVAL}/images/{im.file_name}", im.path)
-            img = crawling.load_rgb(im.path.read_bytes())
+            try:
+                img = crawling.load_rgb(im.path.read_bytes())
+            except (OSError, crawling.ImageDecodeError) as e:
+                raise dg.Failure(f"evaluation set refused: {captions_json}: image {im.image_id} file {im.path} "
+                                 f"cannot be read as an image ({e})") from e
             square = crawling.resize_center_crop(img, prof.data.image_size)
             phashes[im.file_name] = filters.compute_phash(square)
             if len(preview) < 16:
                 preview.append(square)
+        for im in images:
+            store.put_file(f"{EVAL}/images/{im.file_name}", im.path)
         coco.write_coco_captions(images, Path(tmp) / "captions.json")
         store.put_file(f"{EVAL}/captions.json", Path(tmp) / "captions.json")
     store.put_text(f"{EVAL}/phashes.json", json.dumps(phashes, indent=1))
@@ -167,6 +180,36 @@ def filtered_prefix(partition_key: str) -> str:
 
 def read_kept_hashes(store, partition_key: str) -> list[KeptHash]:
     return [KeptHash(**h) for h in json.loads(store.get_text(f"{filtered_prefix(partition_key)}/hashes.json"))]
+
+
+def filtered_batch_digest(store, partition_key: str) -> str:
+    """What a batch's quality verdict is bound to: its filter report and the hashes of the pairs it kept."""
+    out = filtered_prefix(partition_key)
+    return quality_gate.data_digest(store, [f"{out}/report.json", f"{out}/hashes.json"])
+
+
+def batch_gate(store, partition_key: str) -> quality_gate.GateStatus:
+    """May this filtered crawl batch enter the shards? Only with a passing verdict on its current data."""
+    return quality_gate.gate(store, filtered_prefix(partition_key), filtered_batch_digest(store, partition_key),
+                             f"crawl batch {partition_key}",
+                             f"fix the URL list or the profile's bounds and re-run filter_job for {partition_key}")
+
+
+def shards_digest(store) -> str:
+    return quality_gate.data_digest(store, [f"{SHARDS}/manifest.json"])
+
+
+def require_passing_shards(store) -> dict:
+    """For every stage that reads the shards (tokenizer, dVAE, image codes): the shards' verdict,
+    or a Failure naming the failed expectations. The weekly retrain goes through here too."""
+    if not store.exists(f"{SHARDS}/manifest.json"):
+        raise dg.Failure(f"no shards yet ({store.uri(SHARDS)}/manifest.json): materialize shards first (shards_job)")
+    status = quality_gate.gate(store, SHARDS, shards_digest(store), "the training shards",
+                               "re-run shards_job (it re-checks them)")
+    if not status.passed:
+        raise dg.Failure(f"refusing the training shards: {status.reason}",
+                         metadata={"held_back": "shards", "reason": status.reason})
+    return status.verdict
 
 
 def read_batch_report(store, partition_key: str) -> FilterReport:
@@ -212,6 +255,7 @@ def filtered_pairs(
 
     if store.exists(f"{out}/report.json"):
         store.delete(f"{out}/report.json")  # the report lands last: a batch without one is not filtered
+    quality_gate.clear_verdict(store, out)  # re-filtered data is held back until its suite passes again
     shards.write_shards(kept(), store, out, prof.data.shard_size)
     store.put_text(f"{out}/hashes.json", json.dumps([h.to_dict() for h in kept_hashes]))
     report = pipeline.report.to_dict()
@@ -236,8 +280,9 @@ def removed_table(report: dict) -> str:
     return md_table(["filter", "removed", "examples"], rows)
 
 
-def filtered_batches(context, store) -> list[str]:
-    """Every crawl batch the instance knows, each filtered (its report written last); else a Failure naming the rest."""
+def filtered_batches(context, store) -> tuple[list[str], dict[str, str]]:
+    """(batches that pass their quality gate, {held-back batch: reason}) over every crawl batch the
+    instance knows, each filtered (its report written last); else a Failure naming the rest."""
     batches = sorted(context.instance.get_dynamic_partitions(crawl_batches.name))
     if not batches:
         raise dg.Failure("no crawl batch yet: add a URL list to the inbox (new_url_list_sensor) and crawl it")
@@ -245,7 +290,17 @@ def filtered_batches(context, store) -> list[str]:
     if unfiltered:
         raise dg.Failure(f"crawl batches not filtered yet: {', '.join(unfiltered)} "
                          "(materialize their filtered_pairs partitions first)")
-    return batches
+    gates = {b: batch_gate(store, b) for b in batches}
+    held_back = {b: g.reason for b, g in gates.items() if not g.passed}
+    passing = [b for b in batches if gates[b].passed]
+    if not passing:
+        raise dg.Failure("every crawl batch is held back by its data-quality gate: "
+                         + " | ".join(held_back.values()), metadata={"held_back": md(held_back_table(held_back))})
+    return passing, held_back
+
+
+def held_back_table(held_back: dict[str, str]) -> str:
+    return md_table(["crawl batch", "held back because"], sorted(held_back.items())) if held_back else "none"
 
 
 def register_code_shards(instance, names: list[str]) -> None:
@@ -257,8 +312,10 @@ def register_code_shards(instance, names: list[str]) -> None:
 
 
 @dg.asset(
-    # waits until every known batch is filtered (eager skips while a dependency partition is missing or running)
-    automation_condition=dg.AutomationCondition.eager(),
+    # waits until every known batch is filtered (eager skips while a dependency partition is missing or running),
+    # and not after a batch whose blocking check failed (that batch is held back; the shards would not change)
+    automation_condition=(dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed())
+    .with_label("eager, once the blocking checks of its dependencies passed"),
     retry_policy=STORAGE_RETRY,
     name="shards",
     deps=[filtered_pairs],
@@ -274,7 +331,10 @@ def shards_asset(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
-    batches = filtered_batches(context, store)
+    batches, held_back = filtered_batches(context, store)
+    for batch, reason in held_back.items():
+        context.log.warning(f"held back from the shards: {reason}")
+    quality_gate.clear_verdict(store, SHARDS)  # new shards are unchecked until shards_expectations runs
     # the reduce: over the hashes each batch kept, not its images (dalle_core.data.dedup)
     cross = dedup_across_batches({b: read_kept_hashes(store, b) for b in batches}, prof.data.near_duplicate_max_distance)
     report = merge_reports({b: read_batch_report(store, b) for b in batches}, cross)
@@ -292,7 +352,7 @@ def shards_asset(
         import mlflow as mlf
 
         mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size,
-                        "crawl_batches": len(batches)})
+                        "crawl_batches": len(batches), "held_back_batches": ",".join(sorted(held_back)) or "none"})
         mlf.log_metrics({"pairs_in": report["input_count"], "pairs_kept": report["kept_count"], "shards": len(manifest.shards)})
         mlf.log_metrics({f"removed_{k}": v for k, v in report["removed"].items()})
         mlf.log_dict(manifest.to_dict(), "manifest.json")
@@ -305,6 +365,8 @@ def shards_asset(
             "samples": manifest.total,
             "shards": len(manifest.shards),
             "batches": len(batches),
+            "held_back_batches": len(held_back),
+            "held_back": md(held_back_table(held_back)),
             "input": report["input_count"],
             "cross_batch_duplicates": cross.removed_count,
             "removed_per_filter": md(removed_table(report)),

@@ -8,7 +8,7 @@ from typing import Dict
 import dagster as dg
 import torch
 
-from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, shards_asset
+from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, require_passing_shards, shards_asset
 from assets.metadata import md, md_image, md_table
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data import codes
@@ -56,6 +56,7 @@ def dvae(
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
+    require_passing_shards(store)  # the dVAE (and so the weekly retrain) never trains on shards that failed their suite
     cfg = prof.dvae
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
     # one checkpoint folder per config: a rerun resumes, a changed config starts afresh
@@ -126,6 +127,7 @@ def dvae(
 )
 def image_codes(context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     store = storage.get()
+    require_passing_shards(store)
     shard = source_shard(store, context.partition_key)
     model_file = champion_dvae_file(mlflow)
     encoded_with = codes_encoded_with(store, model_file)
@@ -190,6 +192,7 @@ def image_codes_manifest(
     context: dg.AssetExecutionContext, storage: StorageResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     store = storage.get()
+    require_passing_shards(store)  # the prior's data: codes of shards that passed their suite, and only those
     encoded_with = codes_encoded_with(store, champion_dvae_file(mlflow))
     try:
         out = codes.assemble_code_manifest(store, CODES, Manifest.load(store, SHARDS), encoded_with)

@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from assets.data import SHARDS, shards_asset
+from assets.data import SHARDS, require_passing_shards, shards_asset
 from assets.metadata import md, md_table
 from dalle_core.data import shards
 from dalle_core.text.bpe import train_bpe_tokenizer
@@ -22,6 +22,7 @@ def bpe_tokenizer(
     context: dg.AssetExecutionContext, storage: StorageResource, profile: ProfileResource, mlflow: MlflowResource
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
+    require_passing_shards(store)
     captions = [p.caption for p in shards.read_shards(store, SHARDS)]
     tok = train_bpe_tokenizer(captions, prof.text)
     store.put_text(TOKENIZER_KEY, tok.to_json())

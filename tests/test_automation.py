@@ -28,6 +28,8 @@ def test_schedule_automation_and_retries_are_declared(tmp_path):
     for key in ("filtered_pairs", "shards"):  # a new crawl batch -> its filters -> shards
         cond = graph.get(dg.AssetKey(key)).automation_condition
         assert cond is not None and "eager" in (cond.get_label() or cond.name or "").lower(), key
+    # shards waits for passing blocking checks (a failed batch is also held back by shards itself: test_quality_gate)
+    assert "blocking checks" in graph.get(dg.AssetKey("shards")).automation_condition.get_label()
     for key in ("raw_pairs", "shards", "image_codes"):
         policy = defs.get_assets_def(key).op.retry_policy
         assert policy is not None and policy.max_retries >= 2, key
@@ -77,6 +79,11 @@ def _materialized(instance, key: str, partition: str | None = None) -> None:
     instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key, partition=partition))
 
 
+def _checked(instance, key: str, check: str, passed: bool) -> None:
+    instance.report_runless_asset_event(dg.AssetCheckEvaluation(asset_key=dg.AssetKey(key), check_name=check,
+                                                                passed=passed))
+
+
 def test_a_new_crawl_batch_is_filtered_then_shards_wait_for_every_batch(tmp_path):
     """Eager automation: a crawled batch requests its own filtered_pairs partition only; shards
     is requested once every known batch is filtered, not before."""
@@ -95,6 +102,9 @@ def test_a_new_crawl_batch_is_filtered_then_shards_wait_for_every_batch(tmp_path
     assert result.get_requested_partitions(dg.AssetKey("filtered_pairs")) == {"b.csv"}
     assert result.get_num_requested(dg.AssetKey("shards")) == 0  # b.csv is not filtered yet
     _materialized(instance, "filtered_pairs", "b.csv")
+    result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=data, cursor=result.cursor)
+    assert result.get_num_requested(dg.AssetKey("shards")) == 0  # b.csv's blocking check has not passed yet
+    _checked(instance, "filtered_pairs", "filtered_pairs_expectations", passed=True)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=data, cursor=result.cursor)
     assert result.get_num_requested(dg.AssetKey("shards")) == 1
 

@@ -15,7 +15,8 @@ from dalle_core.data import demo_world as dw
 from dalle_core.data.coco import load_coco_captions
 from dalle_core.data.demo_world import (
     COLOURS, FAULT_EXPECTED, FAULTS, OPPOSITE, RELATIONS, SHAPES, TEMPLATES, CaptionSpec, DemoWorld,
-    ImageAnalysis, Scene, SceneObject, check_image, is_held_out, parse_caption, random_scene, render,
+    ImageAnalysis, Scene, SceneObject, check_image, is_held_out, is_validation, parse_caption, random_scene, render,
+    split_of,
 )
 
 PIPELINE_MAX_PHASH_DISTANCE = 6  # DataConfig.near_duplicate_max_distance in every profile
@@ -243,6 +244,46 @@ def test_training_never_uses_held_out_and_eval_only_does(world):
     assert all(is_held_out(e.scene) and is_held_out(e.caption) for e in evals)
 
 
+def all_compositions():
+    objects = [(c, s) for c in COLOURS for s in SHAPES]
+    return [Scene(SceneObject(ca, sa), rel, SceneObject(cb, sb))
+            for (ca, sa), (cb, sb) in itertools.permutations(objects, 2) if ca != cb for rel in RELATIONS]
+
+
+def test_validation_compositions_are_neither_evaluated_nor_trained_on():
+    compositions = all_compositions()
+    validation = [s for s in compositions if is_validation(s)]
+    assert 0.02 < len(validation) / len(compositions) < 0.08
+    for s in compositions:
+        assert not (is_validation(s) and is_held_out(s))
+        assert is_validation(s) == is_validation(Scene(s.b, OPPOSITE[s.relation], s.a)) == is_validation(s.caption())
+        assert split_of(s) == ("eval" if is_held_out(s) else "validation" if is_validation(s) else "train")
+    # training still sees every object and relation
+    training = [s for s in compositions if split_of(s) == "train"]
+    assert {(s.a.colour, s.a.shape) for s in training} == {(s.a.colour, s.a.shape) for s in compositions}
+    assert {s.relation for s in training} == set(RELATIONS)
+    with pytest.raises(ValueError, match="unknown split"):
+        random_scene(np.random.default_rng(0), split="test")
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_validation_items_are_disjoint_from_evaluation_and_every_training_batch(seed):
+    world = DemoWorld(seed=seed, items_per_batch=120, n_batches=3, n_eval=16)
+    validation = world.validation_items(40)
+    assert len(validation) == 40 and len({v.key for v in validation}) == 40
+    val_comps = {dw.composition(v.scene) for v in validation}
+    assert all(is_validation(v.scene) and is_validation(v.caption) for v in validation)
+    assert val_comps.isdisjoint(dw.composition(e.scene) for e in world.eval_items())
+    for item in world.all_items():  # every crawled scene, planted copies and duplicates included
+        assert dw.composition(item.scene) not in val_comps and not is_validation(item.scene), item.key
+        if parse_caption(item.caption) is not None:
+            assert not is_validation(item.caption), item.caption
+    # deterministic: the same world gives the same items, and the split does not depend on the seed
+    assert [(v.key, v.caption, v.seed) for v in DemoWorld(seed=seed, n_eval=16).validation_items(40)] == \
+        [(v.key, v.caption, v.seed) for v in validation]
+    assert len(world.validation_items()) == world.n_eval
+
+
 # --------------------------------------------------------------------------- rendering and the checker
 
 
@@ -327,6 +368,20 @@ def test_write_eval_set_in_coco_format(world, tmp_path):
     assert [im.image_id for im in images] == [e.image_id for e in evals]
     for im, e in zip(images, evals):
         assert im.captions == [e.caption] and is_held_out(im.captions[0])
+        image = decode(im.path.read_bytes())
+        assert image.size == (im.width, im.height) == (128, 128)
+        assert check_image(image, im.captions[0]).match
+
+
+def test_write_validation_set_in_coco_format(world, tmp_path):
+    path = world.write_validation_set(tmp_path / "val", n=12)
+    assert path == tmp_path / "val" / "captions.json"
+    images = load_coco_captions(path, tmp_path / "val" / "images")
+    items = world.validation_items(12)
+    assert [im.image_id for im in images] == [v.image_id for v in items]
+    assert {im.path.name for im in images}.isdisjoint(e.file_name for e in world.eval_items())
+    for im, v in zip(images, items):
+        assert im.captions == [v.caption] and is_validation(im.captions[0]) and not is_held_out(im.captions[0])
         image = decode(im.path.read_bytes())
         assert image.size == (im.width, im.height) == (128, 128)
         assert check_image(image, im.captions[0]).match

@@ -183,3 +183,98 @@ def test_shard_suite(tmp_path, good_pairs):
     assert {e["name"] for e in ck["examples"]} == {"shard-00001.tar", "shard-00007.tar"}
     assert fails[("expect_column_values_to_be_in_set", "in_manifest")]["unexpected_count"] == 1
     assert "checksum_ok" in bad.to_markdown()
+
+
+# ----------------------------------------------------------------- crawl-batch figures (bad data)
+
+def _batch(n_rows=100, n_failed=10, input_count=90, kept=80, removed=None):
+    from dalle_core.data.expectations import batch_statistics
+
+    size = DATA.image_size
+    frame = pairs_frame([{"key": f"k{i}", "caption": "a small red circle above a blue square", "original_width": 120,
+                          "original_height": 100, "width": size, "height": size} for i in range(kept)])
+    return frame, batch_statistics({"n_rows": n_rows, "n_failed": n_failed},
+                                   {"input_count": input_count, "kept_count": kept, "removed": removed or {}}, frame)
+
+
+def test_batch_figures_are_rates_of_what_the_crawl_and_filters_saw():
+    _, stats = _batch(n_rows=200, n_failed=50, input_count=150, kept=90, removed={"non_english": 30, "boilerplate_date": 30})
+    assert stats["crawl_failure_rate"] == 0.25 and stats["kept_fraction"] == 0.6
+    assert stats["drop_rate.non_english"] == 0.2 and stats["non_english_share"] == 0.2
+    assert stats["drop_rate.boilerplate_date"] == 0.2 and stats["drop_rate.aspect_ratio"] == 0.0
+    assert stats["mean_caption_words"] == 8.0
+
+
+def test_a_healthy_batch_passes_its_bounds():
+    from dalle_core.data.expectations import validate_crawl_batch
+
+    frame, stats = _batch(removed={"non_english": 5, "exact_duplicate": 5})
+    result = validate_crawl_batch(frame, stats, {"mean_caption_words": 8.5, "non_english_share": 0.1, "batches": 2}, DATA)
+    assert result.success, result.failure_lines()
+
+
+@pytest.mark.parametrize("batch, reference, figure, bound", [
+    (dict(n_failed=80), None, "crawl_failure_rate 0.8", "max_crawl_failure_rate"),  # an expired list: dead links
+    (dict(kept=20, removed={"boilerplate_date": 70}), None, "drop_rate.boilerplate_date 0.778", "max_filter_drop_rate"),
+    (dict(kept=20, removed={"boilerplate_date": 70}), None, "kept_fraction 0.222", "min_kept_fraction"),
+    # caption length drifted: 8 words against 4 before (a different source, a scraper change)
+    (dict(), {"mean_caption_words": 4.0, "non_english_share": 0.0, "batches": 3}, "mean_caption_words 8",
+     "max_caption_words_drift vs 3 earlier batches"),
+    # the language mix drifted: 25% non-English against 1% before
+    (dict(removed={"non_english": 23}, kept=60), {"mean_caption_words": 8.0, "non_english_share": 0.01, "batches": 1},
+     "non_english_share 0.256", "max_non_english_drift vs 1 earlier batches"),
+])
+def test_bad_data_fails_naming_the_figure_its_value_and_the_profile_bound(batch, reference, figure, bound):
+    from dalle_core.data.expectations import validate_crawl_batch
+
+    frame, stats = _batch(**batch)
+    result = validate_crawl_batch(frame, stats, reference, DATA)
+    text = "\n".join(result.failure_lines())
+    assert not result.success and figure in text and f"({bound})" in text, text
+
+
+def test_bounds_are_profile_fields():
+    from dataclasses import replace
+
+    from dalle_core.data.expectations import validate_crawl_batch
+
+    frame, stats = _batch(kept=20, removed={"non_english": 70})
+    assert not validate_crawl_batch(frame, stats, None, DATA).success
+    lenient = replace(DATA, filter_drop_rate_bounds=(("non_english", 0.9),), min_kept_fraction=0.2)
+    result = validate_crawl_batch(frame, stats, None, lenient)
+    assert result.success, result.failure_lines()
+
+
+def test_drift_reference_is_the_mean_of_earlier_passing_batches():
+    from dalle_core.data.expectations import drift_reference
+
+    assert drift_reference([]) is None
+    ref = drift_reference([{"mean_caption_words": 6.0, "non_english_share": 0.1},
+                           {"mean_caption_words": 8.0, "non_english_share": 0.3}, {}])
+    assert ref == pytest.approx({"mean_caption_words": 7.0, "non_english_share": 0.2, "batches": 2})
+
+
+# ----------------------------------------------------------------- verdicts in storage (the gate)
+
+def test_the_gate_fails_closed_and_is_bound_to_the_data(tmp_path):
+    from dalle_core.data import quality_gate as qg
+
+    store = LocalStorage(tmp_path)
+    store.put_text("b/report.json", "{}")
+    digest = qg.data_digest(store, ["b/report.json"])
+    status = qg.gate(store, "b", digest, "crawl batch b", "re-run filter_job")
+    assert not status.passed and "no data-quality verdict" in status.reason  # never checked: held back
+    failed = QualityResult(False, [{"expectation": "expect_column_values_to_be_in_set", "column": "lang",
+                                    "unexpected_count": 3, "element_count": 10, "examples": ["k1"]}], {}, "filtered_pairs")
+    qg.write_verdict(store, "b", failed, digest)
+    status = qg.gate(store, "b", digest, "crawl batch b", "re-run filter_job")
+    assert not status.passed and "crawl batch b failed" in status.reason and "3 of 10 rows" in status.reason
+    with pytest.raises(qg.QualityGateError, match="lang"):
+        qg.require(status)
+    qg.write_verdict(store, "b", QualityResult(True, [], {}, "filtered_pairs"), digest)
+    assert qg.gate(store, "b", digest, "crawl batch b", "").passed
+    store.put_text("b/report.json", '{"changed": 1}')  # new data under an old verdict
+    status = qg.gate(store, "b", qg.data_digest(store, ["b/report.json"]), "crawl batch b", "re-run filter_job")
+    assert not status.passed and "changed since" in status.reason
+    qg.clear_verdict(store, "b")
+    assert qg.read_verdict(store, "b") is None

@@ -10,6 +10,9 @@ come for free:
 - held-out compositions: ~10% of (colour, shape, relation, colour, shape)
   arrangements never appear in training; the evaluation set (MS-COCO captions
   format) uses only them, so sampling from its captions is truly zero-shot;
+- validation compositions: another ~5%, in neither the crawl nor the
+  evaluation set, for tuning presets (`validation_items`, `write_validation_set`)
+  without looking at the figures that reports and promotion use;
 - `check_image`: a programmatic judge of whether an image shows what a caption
   says, used to score dVAE reconstructions and generated samples.
 
@@ -187,18 +190,49 @@ def composition(x: Scene | CaptionSpec | str) -> tuple[str, str, str, str, str]:
     return (s.colour_a, s.shape_a, s.relation, s.colour_b, s.shape_b)
 
 
+# Shares of compositions (percent of the hash buckets below): evaluation first,
+# validation next; the rest is training.
+HELD_OUT_PERCENT = 10
+VALIDATION_PERCENT = 5
+SPLITS = ("train", "validation", "eval")
+
+
+def _bucket(x: Scene | CaptionSpec | str) -> int:
+    """0..99 from a stable hash of the canonical composition, independent of the seed."""
+    digest = hashlib.sha256("|".join(composition(x)).encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100
+
+
 def is_held_out(x: Scene | CaptionSpec | str) -> bool:
     """True for the ~10% of compositions reserved for zero-shot evaluation.
 
     A stable hash of the canonical composition, independent of the seed, so the
     same arrangements are held out in every world and every run.
     """
-    digest = hashlib.sha256("|".join(composition(x)).encode()).digest()
-    return int.from_bytes(digest[:4], "big") % 100 < 10
+    return _bucket(x) < HELD_OUT_PERCENT
 
 
-def random_scene(rng: np.random.Generator, held_out: bool | None = False) -> Scene:
-    """A uniformly random scene; `held_out` True/False restricts the composition."""
+def is_validation(x: Scene | CaptionSpec | str) -> bool:
+    """True for the ~5% of compositions kept for tuning: in neither the crawl nor
+    the evaluation set (the next hash buckets after the held-out ones)."""
+    return HELD_OUT_PERCENT <= _bucket(x) < HELD_OUT_PERCENT + VALIDATION_PERCENT
+
+
+def split_of(x: Scene | CaptionSpec | str) -> str:
+    """"eval", "validation" or "train": which part of the world a composition belongs to."""
+    return "eval" if is_held_out(x) else "validation" if is_validation(x) else "train"
+
+
+def random_scene(rng: np.random.Generator, held_out: bool | None = False, split: str | None = None) -> Scene:
+    """A uniformly random scene of one split ("train", "validation", "eval").
+
+    Without `split`, `held_out` True means "eval", False "train" (neither
+    evaluation nor validation compositions) and None any composition.
+    """
+    if split is None:
+        split = None if held_out is None else "eval" if held_out else "train"
+    elif split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
     while True:
         ca, cb = rng.choice(len(COLOURS), size=2, replace=False)
         colours = list(COLOURS)
@@ -208,7 +242,7 @@ def random_scene(rng: np.random.Generator, held_out: bool | None = False) -> Sce
             SceneObject(colours[cb], SHAPES[rng.integers(3)], list(SIZES)[rng.integers(2)]),
             list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
         )
-        if held_out is None or is_held_out(scene) == held_out:
+        if split is None or split_of(scene) == split:
             return scene
 
 
@@ -574,7 +608,8 @@ class HttpResponse:
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One image of the zero-shot evaluation set (a held-out composition)."""
+    """One image of the zero-shot evaluation set (a held-out composition), or of
+    the validation set (a validation composition)."""
 
     image_id: int
     key: str
@@ -805,21 +840,41 @@ class DemoWorld:
                                            int(rng.integers(2**63))))
         return self._eval
 
+    def validation_items(self, n: int | None = None) -> list[EvalItem]:
+        """`n` images (default: as many as the evaluation set) of validation
+        compositions, for tuning: disjoint from the crawl and from `eval_items`."""
+        items = []
+        for i in range(self.n_eval if n is None else n):
+            rng = self._rng(4, i)
+            scene = random_scene(rng, split="validation")
+            items.append(EvalItem(i + 1, f"val-{i + 1:06d}", scene, random_caption(scene, rng),
+                                  int(rng.integers(2**63))))
+        return items
+
     # -- files --------------------------------------------------------------
 
     def write_eval_set(self, out_dir: str | Path) -> Path:
         """The evaluation set as MS-COCO captions: out_dir/captions.json and
         out_dir/images/<file_name>. Returns the JSON's path."""
+        return self._write_coco(self.eval_items(), out_dir,
+                                "demo world zero-shot evaluation set (held-out compositions)")
+
+    def write_validation_set(self, out_dir: str | Path, n: int | None = None) -> Path:
+        """`validation_items(n)` as MS-COCO captions, laid out as `write_eval_set`
+        lays out the evaluation set. Returns the JSON's path."""
+        return self._write_coco(self.validation_items(n), out_dir,
+                                "demo world validation set (compositions in neither training nor evaluation)")
+
+    def _write_coco(self, items: list[EvalItem], out_dir: str | Path, description: str) -> Path:
         from .coco import CocoImage, write_coco_captions
 
         out_dir = Path(out_dir)
         (out_dir / "images").mkdir(parents=True, exist_ok=True)
         images = []
-        for item in self.eval_items():
+        for item in items:
             (out_dir / "images" / item.file_name).write_bytes(item.image_bytes())
             images.append(CocoImage(item.image_id, item.file_name, item.width, item.height, [item.caption]))
-        info = {"description": "demo world zero-shot evaluation set (held-out compositions)",
-                "seed": self.seed, "n_images": self.n_eval}
+        info = {"description": description, "seed": self.seed, "n_images": len(items)}
         return write_coco_captions(images, out_dir / "captions.json", info=info)
 
     def write_url_lists(self, out_dir: str | Path, base_url: str) -> list[Path]:
@@ -843,3 +898,29 @@ class DemoWorld:
                 frame.to_csv(path, index=False, sep="," if fmt == "csv" else "\t")
             paths.append(path)
         return paths
+
+    def write_broken_url_list(self, out_dir: str | Path, base_url: str, name: str = "broken-links.csv",
+                              dead_fraction: float = 0.8) -> Path:
+        """Bad *data* of the kind a real inbox receives: a URL list whose links are mostly dead
+        (an expired list: 404 for `dead_fraction` of the rows; the rest re-list batch 0's images).
+        Every row is a valid URL with an English caption, so no filter rejects it; only the
+        crawl-batch quality suite (failure-rate bound) holds it back from the shards."""
+        import pandas as pd
+
+        n = max(20, self.items_per_batch // 4)
+        rng = self._rng(5)
+        live = [i for i in self.batch_items(0) if i.expected == "keep"]
+        base_url = base_url.rstrip("/")
+        urls, captions = [], []
+        for row in range(n):
+            if rng.random() < dead_fraction:  # a key the world does not have: the server answers 404
+                urls.append(f"{base_url}/img/b999-{row:06d}")
+                captions.append(random_caption(random_scene(rng), rng))
+            else:
+                item = live[int(rng.integers(len(live)))]
+                urls.append(f"{base_url}/img/{item.key}")
+                captions.append(item.caption)
+        path = Path(out_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"url": urls, "caption": captions}).to_csv(path, index=False)
+        return path

@@ -10,7 +10,12 @@ Checks on filtered pairs (one row per pair, `pairs_frame`): captions present
 and non-empty, caption length within the profile's bounds, language "en",
 aspect ratio of the original within [1/2, 2], original sides >= min_image_side,
 stored images exactly image_size square, keys unique, and no pair within the
-near-duplicate distance of an evaluation image. Checks on shards (one row per
+near-duplicate distance of an evaluation image. Those restate the filters' own
+promises, which only a filter bug can break; bad *data* is caught by the
+crawl-batch suite (`batch_frame`, one row per figure with its bounds): the
+crawl's failure rate, the kept fraction and each filter's drop rate within the
+profile's bounds, and the mean caption length and the non-English share within
+a drift bound of the earlier passing batches. Checks on shards (one row per
 shard, `shards_frame`): checksum ok, sample count equal to the manifest's,
 no shard outside the manifest, and the total equal to the filtered count.
 """
@@ -189,6 +194,9 @@ class QualityResult:
     def failure_lines(self) -> list[str]:
         lines = []
         for f in self.failures:
+            if f.get("expectation") == BATCH_FIGURE:  # the figures say it all: "crawl_failure_rate 0.8 not in [0, 0.5] (...)"
+                lines.append(f"{f['unexpected_count']} batch figure(s) out of bounds: " + "; ".join(map(str, f["examples"])))
+                continue
             where = f" on column `{f['column']}`" if f.get("column") else ""
             if f.get("unexpected_count") is not None:
                 of = f" of {f['element_count']}" if f.get("element_count") is not None else ""
@@ -411,8 +419,98 @@ def validate_shards(manifest, verify_problems: Sequence, n_expected: int) -> Qua
     return result
 
 
+# --------------------------------------------------------------------------- crawl-batch figures
+
+BATCH_FIGURE = "batch_figure_within_bounds"
+FILTER_NAMES = ("caption_too_short", "non_english", "boilerplate_date", "aspect_ratio", "image_too_small",
+                "exact_duplicate", "near_duplicate", "eval_overlap")
+
+
+def batch_statistics(crawl_summary: Mapping[str, Any], filter_report: Mapping[str, Any],
+                     pairs: pd.DataFrame) -> dict:
+    """The figures of one crawl batch that bad data moves: what the crawl lost, what the
+    filters dropped (each), what they kept, and the mix of what was kept."""
+    rows, failed = int(crawl_summary.get("n_rows", 0)), int(crawl_summary.get("n_failed", 0))
+    seen = int(filter_report.get("input_count", 0))
+    removed = filter_report.get("removed", {})
+    stats = {
+        "crawl_rows": rows,
+        "crawl_failure_rate": failed / rows if rows else 1.0,
+        "kept_fraction": int(filter_report.get("kept_count", 0)) / seen if seen else 0.0,
+        # the language mix of the crawl, as the English filter saw it (kept pairs are all English)
+        "non_english_share": int(removed.get("non_english", 0)) / seen if seen else 0.0,
+        "mean_caption_words": float(pairs["caption_words"].mean()) if len(pairs) else float("nan"),
+    }
+    for name in sorted(set(FILTER_NAMES) | set(removed)):
+        stats[f"drop_rate.{name}"] = int(removed.get(name, 0)) / seen if seen else 0.0
+    return stats
+
+
+def drift_reference(earlier: Sequence[Mapping[str, Any]]) -> dict | None:
+    """Mean caption length and non-English share over earlier batches that passed (None: no history)."""
+    usable = [s for s in earlier if s and not math.isnan(float(s.get("mean_caption_words", math.nan)))]
+    if not usable:
+        return None
+    return {k: sum(float(s[k]) for s in usable) / len(usable) for k in ("mean_caption_words", "non_english_share")} \
+        | {"batches": len(usable)}
+
+
+def batch_frame(stats: Mapping[str, Any], reference: Mapping[str, Any] | None, data_config) -> pd.DataFrame:
+    """One row per bounded figure: check (a readable name with value and bound), value, low, high."""
+    d = data_config
+    per_filter = dict(d.filter_drop_rate_bounds)
+    rows = [("crawl_failure_rate", stats["crawl_failure_rate"], 0.0, d.max_crawl_failure_rate, "max_crawl_failure_rate"),
+            ("kept_fraction", stats["kept_fraction"], d.min_kept_fraction, 1.0, "min_kept_fraction")]
+    for key in sorted(k for k in stats if k.startswith("drop_rate.")):
+        name = key.split(".", 1)[1]
+        bound = per_filter.get(name, d.max_filter_drop_rate)
+        rows.append((key, stats[key], 0.0, bound,
+                     "filter_drop_rate_bounds" if name in per_filter else "max_filter_drop_rate"))
+    if reference is not None:
+        ref, drift = reference["mean_caption_words"], d.max_caption_words_drift
+        rows.append(("mean_caption_words", stats["mean_caption_words"], ref * (1 - drift), ref * (1 + drift),
+                     f"max_caption_words_drift vs {reference['batches']} earlier batches"))
+        ref, drift = reference["non_english_share"], d.max_non_english_drift
+        rows.append(("non_english_share", stats["non_english_share"], ref - drift, ref + drift,
+                     f"max_non_english_drift vs {reference['batches']} earlier batches"))
+    return pd.DataFrame(
+        [{"check": f"{name} {value:.3g} not in [{low:.3g}, {high:.3g}] ({field})",
+          "value": float(value), "low": float(low), "high": float(high)} for name, value, low, high, field in rows])
+
+
+def validate_crawl_batch(pairs: pd.DataFrame, stats: Mapping[str, Any], reference: Mapping[str, Any] | None,
+                         data_config) -> QualityResult:
+    """One crawl batch's suite: the filtered pairs' invariants, then its figures within their bounds."""
+    gxe = _ge()["gx"].expectations
+    within = _run_suite("crawl_batch", batch_frame(stats, reference, data_config), [
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="value", column_B="low", or_equal=True),
+        gxe.ExpectColumnPairValuesAToBeGreaterThanB(column_A="high", column_B="value", or_equal=True),
+        gxe.ExpectColumnValuesToNotBeNull(column="value"),
+    ], index_column="check")
+    # a failed figure reads best as the figure itself: "crawl_failure_rate 0.8 not in [0, 0.5] (...)"
+    within.failures = [{**f, "expectation": BATCH_FIGURE, "column": None,
+                        "examples": [e.get("check", e) if isinstance(e, dict) else e for e in f["examples"]]}
+                       for f in within.failures]
+    return merge_results("filtered_pairs", validate_filtered_pairs(pairs, data_config), within)
+
+
+def merge_results(suite: str, *results: QualityResult) -> QualityResult:
+    stats: dict = {}
+    for r in results:
+        for k, v in r.statistics.items():
+            if k in ("evaluated_expectations", "successful_expectations", "unsuccessful_expectations"):
+                stats[k] = stats.get(k, 0) + (v or 0)
+    stats["rows"] = results[0].statistics.get("rows", 0) if results else 0
+    return QualityResult(success=all(r.success for r in results),
+                         failures=[f for r in results for f in r.failures], statistics=stats, suite=suite)
+
+
 __all__ = [
     "PAIR_COLUMNS",
+    "batch_frame",
+    "batch_statistics",
+    "drift_reference",
+    "validate_crawl_batch",
     "QualityResult",
     "pairs_frame",
     "shards_frame",
