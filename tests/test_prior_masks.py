@@ -4,6 +4,7 @@ hand-written matrices for small grids, and the paper's layer pattern."""
 import pytest
 import torch
 
+from dalle_core.prior.config import PriorConfig
 from dalle_core.prior.masks import (
     attention_mask,
     build_attention_mask,
@@ -134,21 +135,22 @@ def test_conv_mask_paper_size_has_61_keys_inside_the_image():
 
 def test_stream_layout_text_causal_image_sees_all_text():
     # 2 text tokens then a 2x2 image, row attention
+    # (column 3 = position L holds the last text token: open to every image query)
     assert_mask(row_attention_mask(2, 2), """
         1.....
         11....
         111...
         1111..
         11111.
-        11.111
+        111111
     """)
     assert_mask(column_attention_mask(2, 2), """
         1.....
         11....
         111...
-        11.1..
+        1111..
         111.1.
-        11.1.1
+        1111.1
     """)
 
 
@@ -161,6 +163,8 @@ def test_common_rules(kind):
     assert torch.equal(m[:L, :L], text_causal_mask(L))  # text causal
     assert not m[:L, L:].any()  # text never sees image
     assert m[L:, :L].all()  # image sees all text
+    assert m[L:, L].all()  # ... and position L, whose input is the last text token
+    assert not m[:L, L].any()  # which no text query sees
     assert not torch.triu(m, diagonal=1).any()  # causal everywhere
     assert m.diagonal().all()  # every position sees itself (no empty softmax row)
 
@@ -221,3 +225,95 @@ def test_layer_pattern_small_models():
     assert [layer_attention_kind(i, 1) for i in range(1)] == ["conv"]
     assert [layer_attention_kind(i, 2) for i in range(2)] == ["row", "conv"]
     assert [layer_attention_kind(i, 4) for i in range(4)] == ["row", "column", "row", "conv"]
+
+
+# --- every image token sees every text token (issue 13, part 5) ------------------------------
+
+def one_layer(kind: str) -> PriorConfig:
+    return PriorConfig(n_layer=1, n_head=2, d_head=8, text_vocab_size=32, text_len=5,
+                       image_vocab_size=16, image_grid=4, conv_kernel=3, attention_kinds=(kind,),
+                       init_std=0.2, amp_dtype="fp32")
+
+
+def one_layer_model(kind: str):
+    from dalle_core.prior.model import DalleTransformer
+
+    torch.manual_seed(0)
+    return DalleTransformer(one_layer(kind)).double().eval()
+
+
+def stream(cfg: PriorConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(0, cfg.text_vocab_size, (1, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab_size, (1, cfg.image_len), generator=g)
+    return text, image
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_every_text_token_reaches_every_image_position_in_one_layer(kind):
+    """One layer of each kind: changing any text token t_1 .. t_L - the last one,
+    the input at the first image position, included - changes the logits of
+    every image position.
+
+    before: t_L reached only the image positions whose own pattern opens image
+    key 0 - in this 4x4 grid row 5 of 16 (0..grid), column 4 (column 0), conv
+    (3x3, wrapped) 5; at the paper's size (32x32, 11x11) row 33, column 32,
+    conv 61 of 1024. after: all 16 here, all 1024 there (every kind)."""
+    cfg = one_layer(kind)
+    model = one_layer_model(kind)
+    text, image = stream(cfg)
+    with torch.no_grad():
+        _, base = model(text, image)
+        for i in range(cfg.text_len):
+            other = text.clone()
+            other[0, i] = (other[0, i] + 1) % cfg.text_vocab_size
+            _, changed = model(other, image)
+            moved = (changed - base).abs().amax(-1)[0]  # [N]
+            assert bool((moved > 1e-9).all()), (
+                f"{kind}: changing text token {i + 1} of {cfg.text_len} left image positions "
+                f"{(moved <= 1e-9).nonzero().flatten().tolist()} unchanged")
+    # the paper's size, on the masks: every image query sees keys 0 .. L
+    L, g = 256, 32
+    assert attention_mask(kind, L, g)[L:, : L + 1].all()
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_future_image_tokens_never_change_earlier_logits(kind):
+    """Causality kept: changing image token i_k (the input at position L + k)
+    leaves the text logits and the logits of image positions 0 .. k - 1 exactly
+    unchanged (one layer of each kind)."""
+    cfg = one_layer(kind)
+    model = one_layer_model(kind)
+    text, image = stream(cfg, seed=1)
+    with torch.no_grad():
+        base_text, base = model(text, image)
+        for k in range(1, cfg.image_len):
+            other = image.clone()
+            other[0, k - 1] = (other[0, k - 1] + 1) % cfg.image_vocab_size  # i_k is image[:, k - 1]
+            t, changed = model(text, other)
+            assert torch.equal(t, base_text), (kind, k)
+            assert torch.equal(changed[:, :k], base[:, :k]), (kind, k)
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_kv_cached_logits_equal_the_full_forward(kind):
+    """The sampler's cached path (prefill, then one position a step, each under
+    its row of the same cached mask) gives the full forward's image logits."""
+    from dalle_core.prior.sampling import StaticKVCache
+
+    cfg = one_layer(kind).replace(n_layer=2, attention_kinds=(kind, kind))
+    torch.manual_seed(0)
+    from dalle_core.prior.model import DalleTransformer
+
+    model = DalleTransformer(cfg).double().eval()
+    text, image = stream(cfg, seed=2)
+    L, N = cfg.text_len, cfg.image_len
+    with torch.no_grad():
+        _, full = model(text, image)
+        cache = StaticKVCache(cfg.n_layer, L + N)
+        h = model.hidden_states(model.embed(text, None, start=0), start=0, cache=cache)
+        steps = [model.head_logits(h[:, -1:], start=L)[1]]
+        for j in range(1, N):
+            x = model.embed(None, image[:, :j], start=L + j)
+            steps.append(model.head_logits(model.hidden_states(x, start=L + j, cache=cache), start=L + j)[1])
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-10, rtol=0)

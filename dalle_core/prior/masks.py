@@ -12,6 +12,11 @@ Rules shared by every kind:
 - text -> text: causal (q attends to k <= q);
 - text -> image: never;
 - image -> text: always (every image position sees the whole caption);
+- image -> the first image position: always. Because the stream is shifted by
+  one (see "Which position holds which token" below), the *input* at image
+  position 0 is the last text token t_L, so this position belongs to the text
+  stream as far as the keys go: every image query, in every layer kind, sees
+  it (`combine_text_image`);
 - image -> image: causal (k <= q, the diagonal included) and further restricted
   by the layer's kind. With image positions numbered j = 0 .. grid*grid - 1 and
   (row, col) = divmod(j, grid), image query j may attend to image key k if
@@ -126,12 +131,37 @@ def _image_mask(kind: str, grid: int, kernel: int, wraparound: bool) -> torch.Te
 
 def combine_text_image(text_len: int, image_mask: torch.Tensor) -> torch.Tensor:
     """[L + N, L + N] stream mask from its image -> image block: text causal,
-    text never sees image, image sees all text."""
+    text never sees image, image sees all text - the last text token included.
+
+    The last text token t_L is the *input* at position L, the first image
+    position (the stream is shifted by one behind BOS: model.py), so the image
+    block's own pattern would open it only to the image queries that may see
+    image key 0 (row layers: queries 0..grid; column layers: column 0; the conv
+    layer: the 6 + 5 * 11 = 61 queries within its reach, paper size). Key
+    position L is therefore opened to every image query in every layer kind.
+    The paper (appendix B.1, Figure 11) shows the masks over image tokens only
+    and has every image token attend to all text tokens, without saying where
+    its stream puts the last text token. Reading taken: the text part of every
+    image query is the whole caption, t_1 .. t_L, wherever the shift puts t_L
+    (here: keys 0 .. L, BOS included) - otherwise a row layer's 991 later image
+    tokens could not read the caption's last word directly, which no reading of
+    the figure suggests. Text queries never see key L (text stays causal);
+    query L sees keys 0..L as before.
+
+    Density (paper size, L = 256, 32x32, kernel 11): each image query past the
+    image block's own reach gains one key. Keys kept of the S^2 = 1280^2 matrix:
+    row 328,304 -> 329,295 (20.04% -> 20.10%), column 311,936 -> 312,928
+    (19.04% -> 19.10%), conv 352,209 -> 353,172 (21.50% -> 21.56%); mean image
+    keys per image query (the image block plus key L) row 32.48 -> 33.45,
+    column 16.50 -> 17.47, conv 55.83 -> 56.77 (tests/test_prior_masks.py).
+    """
     n = image_mask.shape[0]
     mask = torch.zeros(text_len + n, text_len + n, dtype=torch.bool)
     mask[:text_len, :text_len] = text_causal_mask(text_len)
     mask[text_len:, :text_len] = True
     mask[text_len:, text_len:] = image_mask
+    if n:
+        mask[text_len:, text_len] = True  # key L holds t_L: the rest of the caption
     return mask
 
 
