@@ -2,8 +2,10 @@
 
 One WebDataset sample per pair: the dVAE's token grid of the image ("codes.npy",
 int16 [grid, grid], argmax of the encoder logits), the tokenized caption
-("text.npy", int32 [text_len], with per-position padding ids), the caption and
-the source metadata. One code shard per image shard, same name, each encoded
+("text.npy", int32 [text_len], with per-position padding ids; the deterministic
+encoding, no BPE dropout), the caption ("txt": the prior's data path encodes it
+again with seeded BPE dropout for every batch, dalle_core.prior.data) and the
+source metadata. One code shard per image shard, same name, each encoded
 on its own (a Dagster partition) and marked done with what it was encoded from
 and with (`mark_done`), so encoding resumes shard by shard; once every shard is
 coded, `assemble_code_manifest` writes the manifest of counts and checksums the
@@ -67,10 +69,19 @@ def write_code_shard(pairs: Iterable[CodedPair], storage: Storage, key: str) -> 
 
 
 def iter_code_shard(path: str | Path) -> Iterator[CodedPair]:
+    """The pairs of one code shard. Every sample must hold codes.npy, text.npy,
+    txt (the caption: the prior re-encodes it with BPE dropout at batch time)
+    and json; a sample without one names the shard and the member missing."""
     import webdataset as wds
 
     ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False)
     for s in ds:
+        missing = [m for m in ("codes.npy", "text.npy", "txt", "json") if m not in s]
+        if missing:
+            raise ValueError(f"code shard {Path(path).name}: sample {s.get('__key__')!r} has no "
+                             f"{', '.join(missing)} (written by another version of the code-shard writer; "
+                             f"the prior needs the caption text to apply BPE dropout): re-materialize "
+                             f"image_codes for {Path(path).name}")
         yield CodedPair(
             key=s["__key__"],
             caption=s["txt"].decode("utf-8"),

@@ -1,10 +1,24 @@
 """Batches of (text tokens, image codes) for the prior, from image-code shards.
 
 The shards are WebDataset tars written by `dalle_core.data.codes` (one sample
-per pair: text.npy int32 [text_len], codes.npy int16 [grid, grid]), read here
-with `iter_code_shard`. A batch is ``(text LongTensor[B, L], image
-LongTensor[B, grid * grid])``, the codes flattened row-major (the prior's image
-order).
+per pair: text.npy int32 [text_len], codes.npy int16 [grid, grid], the caption
+txt), read here with `iter_code_shard`. A batch is ``(text LongTensor[B, L],
+image LongTensor[B, grid * grid])``, the codes flattened row-major (the prior's
+image order).
+
+Text and BPE dropout (paper section 2.2 / appendix B.2: 10% in training)
+-----------------------------------------------------------------------
+The text ids stored in a shard are the deterministic encoding (no dropout) made
+when the shard was written. With ``tokenizer`` and ``bpe_dropout > 0`` the
+stored *caption* is encoded again for every batch with seeded BPE dropout
+(`DalleTokenizer.encode(dropout=True, rng=..., rate=...)`), so the same caption
+gets another segmentation each time it comes round. The generator of a sample
+is seeded from ``(seed, global step, its position in the global batch)``
+(`dropout_rng`): the same seed, rank and step give the same batch, a resumed
+run the batches it would have seen, and in ``split="sample"`` the rank slices
+still make up the single-process batch whatever the world size. With
+``bpe_dropout == 0`` (or no tokenizer) the stored ids are used as they are.
+`prior_tokenizer` finds the tokenizer the codes were encoded with.
 
 Order is a pure function of (seed, epoch): each epoch shuffles the shard order
 and then the samples through a seeded shuffle buffer, and yields
@@ -29,6 +43,8 @@ yields its ``batch_size / world_size`` slice of each global batch.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +53,13 @@ import numpy as np
 import torch
 
 from dalle_core.data.codes import CodedPair, iter_code_shard
+
+log = logging.getLogger(__name__)
+
+# Where `prior_tokenizer` looks for the tokenizer, relative to the storage root
+# that holds the code prefix: next to the codes, then the pipeline's tokenizer
+# key (assets.text.TOKENIZER_KEY; dalle_core cannot import assets).
+TOKENIZER_KEYS = ("{prefix}/tokenizer.json", "tokenizer/bpe.json")
 
 
 def code_shards(storage, prefix: str = "image_codes", cache_dir: str | Path | None = None
@@ -86,12 +109,38 @@ def _stream(paths: Sequence[Path], order: Sequence[int], rng: random.Random, buf
     return _shuffled(raw(), rng, buffer)
 
 
-def _to_batch(items: list[CodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
+def dropout_rng(seed: int, step: int, position: int) -> random.Random:
+    """The BPE-dropout generator of the sample at `position` of global batch
+    `step`. Seeded from a string, which `random.Random` hashes with SHA-512:
+    the same in every process (unlike ``hash()``) and on every platform."""
+    return random.Random(f"dalle-prior-bpe-dropout/{int(seed)}/{int(step)}/{int(position)}")
+
+
+def _dropout_text(items: list[CodedPair], tokenizer, rate: float, seed: int, step: int,
+                  positions: Sequence[int]) -> np.ndarray:
+    out = []
+    for it, pos in zip(items, positions):
+        if tokenizer.text_len != it.text.shape[0]:
+            raise ValueError(f"sample {it.key}: {it.text.shape[0]} stored text ids, but the tokenizer writes "
+                             f"{tokenizer.text_len}: not the tokenizer these codes were encoded with")
+        try:
+            out.append(tokenizer.encode(it.caption, dropout=True, rng=dropout_rng(seed, step, pos), rate=rate))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"sample {it.key}: its caption does not encode: {e}") from None
+    return np.asarray(out, dtype=np.int64)
+
+
+def _to_batch(items: list[CodedPair], tokenizer=None, bpe_dropout: float = 0.0, seed: int = 0,
+              step: int = 0, positions: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = {(it.text.shape, it.codes.shape) for it in items}
     if len(shapes) != 1:
         keys = ", ".join(it.key for it in items[:4])
         raise ValueError(f"samples {keys}... have different text / code shapes {sorted(map(str, shapes))}")
-    text = torch.from_numpy(np.stack([it.text for it in items]).astype(np.int64))
+    if tokenizer is not None and bpe_dropout > 0.0:
+        positions = range(len(items)) if positions is None else positions
+        text = torch.from_numpy(_dropout_text(items, tokenizer, bpe_dropout, seed, step, positions))
+    else:
+        text = torch.from_numpy(np.stack([it.text for it in items]).astype(np.int64))
     image = torch.from_numpy(np.stack([it.codes.reshape(-1) for it in items]).astype(np.int64))
     return text, image
 
@@ -99,11 +148,18 @@ def _to_batch(items: list[CodedPair]) -> tuple[torch.Tensor, torch.Tensor]:
 def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_step: int = 0,
                  rank: int = 0, world_size: int = 1, *, split: str = "sample",
                  shuffle_buffer: int = 1000, counts: Sequence[int] | None = None,
-                 epochs: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 epochs: int | None = None, tokenizer=None,
+                 bpe_dropout: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (or `epochs`) stream of this rank's slice of each global batch:
     ``(text LongTensor[B / world_size, L], image LongTensor[B / world_size, N])``,
     starting at global batch `start_step`. `counts`: samples per shard (from
-    the manifest; counted from the tars when None)."""
+    the manifest; counted from the tars when None). `tokenizer` (a
+    `DalleTokenizer`) and `bpe_dropout` (`PriorConfig.bpe_dropout`): encode the
+    stored captions again with seeded BPE dropout (module docstring)."""
+    if not 0.0 <= float(bpe_dropout) < 1.0:
+        raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout!r}")
+    if bpe_dropout > 0.0 and tokenizer is None:
+        raise ValueError("bpe_dropout > 0 needs the tokenizer (the stored text ids have no dropout)")
     paths = [Path(p) for p in paths]
     if not paths:
         raise ValueError("no image-code shards")
@@ -140,7 +196,7 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
                              f"{world_size} ranks")
 
     # Find the epoch holding global batch `start_step`.
-    epoch, skip = 0, start_step
+    epoch, skip, global_step = 0, start_step, start_step
     while True:
         n = steps_per_epoch if split == "sample" else spe(epoch)
         if n < 1:
@@ -166,17 +222,20 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
             rng = random.Random((seed * 1_000_003 + epoch) * 65_537 + rank)
             stream = _stream(paths, mine, rng, shuffle_buffer)
             per_step = local_b
-        step, j, batch = 0, 0, []
+        step, j, batch, positions = 0, 0, [], []
         first_sample = skip * per_step
         for item in stream:
             if j >= first_sample and (split == "shard" or (j % batch_size) % world_size == rank):
                 batch.append(item)
+                # the sample's position in the global batch (seeds its BPE dropout)
+                positions.append(j % batch_size if split == "sample" else rank * local_b + len(positions))
             j += 1
             if j % per_step == 0 and j > first_sample:
                 if len(batch) != local_b:  # cannot happen: per_step samples hold exactly local_b of ours
                     raise RuntimeError(f"internal error: rank batch of {len(batch)}, expected {local_b}")
-                yield _to_batch(batch)
-                batch = []
+                yield _to_batch(batch, tokenizer, float(bpe_dropout), seed, global_step, positions)
+                batch, positions = [], []
+                global_step += 1
                 step += 1
                 if step + skip >= n_steps:
                     break
@@ -186,6 +245,54 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
                                    f"(epoch {epoch}: {j} samples read)")
         epoch += 1
         skip = 0
+
+
+def prior_tokenizer(storage, prefix: str, text_len: int, text_vocab_size: int, path: str | Path | None = None):
+    """The tokenizer to encode the prior's captions with at batch time, or None.
+
+    `path`: an explicit tokenizer file; it must fit the prior (text_len, BPE
+    vocabulary) and, when the code manifest names one (``tokenizer_sha256``), be
+    that tokenizer - else ValueError. Without `path` the keys `TOKENIZER_KEYS`
+    of `storage` are tried: one that is not the manifest's tokenizer (retrained
+    since the codes were made) is skipped with a warning, one that is but does
+    not fit the prior raises; None (train on the stored ids, without BPE
+    dropout) is returned with a warning when none is found."""
+    from dalle_core.data.shards import Manifest
+    from dalle_core.text.bpe import DalleTokenizer
+
+    try:
+        expected = (Manifest.load(storage, prefix).extra or {}).get("tokenizer_sha256")
+    except Exception:  # noqa: BLE001 - no manifest: nothing to compare with
+        expected = None
+
+    def stale(text: str, source: str) -> str | None:
+        sha = hashlib.sha256(text.encode()).hexdigest()
+        if expected and sha != expected:
+            return (f"{source} is not the tokenizer the image codes were encoded with "
+                    f"(sha256 {sha[:12]}, the code manifest says {str(expected)[:12]})")
+        return None
+
+    def check(text: str, source: str) -> DalleTokenizer:
+        if (why := stale(text, source)) is not None:
+            raise ValueError(why)
+        tok = DalleTokenizer.from_json(text, source=source)
+        if tok.text_len != text_len or tok.vocab_size != text_vocab_size:
+            raise ValueError(f"{source} writes {tok.text_len} text positions of {tok.vocab_size} BPE ids; "
+                             f"the prior reads {text_len} of {text_vocab_size}")
+        return tok
+
+    if path is not None:
+        return check(Path(path).read_text(encoding="utf-8"), str(path))
+    for key in (k.format(prefix=prefix.strip("/")) for k in TOKENIZER_KEYS):
+        if storage.exists(key):
+            text = storage.get_text(key)
+            if (why := stale(text, storage.uri(key))) is not None:
+                log.warning("skipping %s", why)
+                continue
+            return check(text, storage.uri(key))
+    log.warning("no tokenizer for the image codes at %s (tried %s): the prior trains on the stored caption ids, "
+                "WITHOUT BPE dropout (pass --tokenizer)", storage.uri(prefix), ", ".join(TOKENIZER_KEYS))
+    return None
 
 
 def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3, per_shard: int = 40,
@@ -220,4 +327,4 @@ def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3,
     return save_code_manifest(storage, prefix, infos, {"synthetic": True, "n_templates": n_templates})
 
 
-__all__ = ["code_batches", "code_shards", "write_synthetic_code_shards"]
+__all__ = ["code_batches", "code_shards", "dropout_rng", "prior_tokenizer", "write_synthetic_code_shards"]

@@ -39,7 +39,18 @@ fast, but not reproducible. Passing ``rng`` (a ``random.Random`` or an int
 seed) switches to a small pure-Python BPE-dropout over the same vocabulary and
 merges, which gives the same segmentation for the same generator state, so a
 resumed training run sees the same text tokens. With no dropout both paths
-produce exactly the ids of the ``tokenizers`` encoder (tested).
+produce exactly the ids of the ``tokenizers`` encoder (tested). ``rate``
+overrides ``config.bpe_dropout`` for one call (the prior's data path passes
+``PriorConfig.bpe_dropout``). Dropout happens only when asked for
+(``dropout=True``): evaluation, sampling and `dalle generate` call the plain
+encoders, which never vary.
+
+Why not seed the library: ``tokenizers`` (Rust) draws BPE dropout from
+``rand::thread_rng()``, which has no seed in the Python API; the pure-Python
+path applies the same procedure (Provilkov et al.: at every merge step each
+applicable merge is dropped with probability p, the best surviving one
+applied; a word is done when every applicable merge was dropped) over the
+same ranked merges, so a seed fixes the segmentation.
 
 Files
 -----
@@ -335,6 +346,14 @@ class DalleTokenizer:
             out.extend(vocab.get(s, unk) for s in symbols)
         return out
 
+    def _rate(self, dropout: bool, rate: float | None) -> float:
+        if not dropout:
+            return 0.0
+        p = float(self.config.bpe_dropout if rate is None else rate)
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"BPE dropout rate must be in [0, 1), got {rate!r}")
+        return p
+
     def _finish(self, bpe_ids: Sequence[int], caption: Any, where: str = "") -> TextEncoding:
         if len(bpe_ids) == 0:
             raise ValueError(f"{where}caption is empty or whitespace-only: {caption!r}")
@@ -348,30 +367,35 @@ class DalleTokenizer:
             raise TypeError(f"{where}caption must be str, got {type(caption).__name__}: {caption!r:.80}")
 
     def encode_with_info(
-        self, caption: str, dropout: bool = False, rng: random.Random | int | None = None
+        self, caption: str, dropout: bool = False, rng: random.Random | int | None = None,
+        rate: float | None = None,
     ) -> TextEncoding:
         """Encode one caption and report whether it was truncated."""
         self._check_str(caption)
         gen = _as_rng(rng)
-        p = float(self.config.bpe_dropout) if dropout else 0.0
+        p = self._rate(dropout, rate)
         if gen is not None and p > 0.0:
             bpe_ids = self._seeded_bpe_ids(caption, p, gen)
+        elif p > 0.0 and rate is not None and p != float(self.config.bpe_dropout):
+            raise ValueError("an unseeded dropout encode uses config.bpe_dropout; pass rng for another rate")
         else:
             tok = self._dropout_tokenizer() if p > 0.0 else self._tok
             bpe_ids = tok.encode(caption, add_special_tokens=False).ids
         return self._finish(bpe_ids, caption)
 
-    def encode(self, caption: str, dropout: bool = False, rng: random.Random | int | None = None) -> list[int]:
+    def encode(self, caption: str, dropout: bool = False, rng: random.Random | int | None = None,
+               rate: float | None = None) -> list[int]:
         """Exactly ``text_len`` ids: BPE ids truncated to ``text_len``, then pad id ``vocab_size + i``
-        at every free position ``i``. ``dropout=True`` applies BPE dropout (training); ``rng``
-        makes it reproducible."""
-        return self.encode_with_info(caption, dropout=dropout, rng=rng).ids
+        at every free position ``i``. ``dropout=True`` applies BPE dropout (training) at ``rate``
+        (default ``config.bpe_dropout``); ``rng`` makes it reproducible."""
+        return self.encode_with_info(caption, dropout=dropout, rng=rng, rate=rate).ids
 
     def encode_batch_with_info(
         self,
         captions: Sequence[str],
         dropout: bool = False,
         rng: random.Random | int | None = None,
+        rate: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids LongTensor[B, text_len], truncated BoolTensor[B])``."""
         captions = list(captions)
@@ -379,9 +403,11 @@ class DalleTokenizer:
         for index, caption in enumerate(captions):
             self._check_str(caption, where=f"batch item {index} of {n}: ")
         gen = _as_rng(rng)
-        p = float(self.config.bpe_dropout) if dropout else 0.0
+        p = self._rate(dropout, rate)
         if gen is not None and p > 0.0:
             all_ids = [self._seeded_bpe_ids(c, p, gen) for c in captions]
+        elif p > 0.0 and rate is not None and p != float(self.config.bpe_dropout):
+            raise ValueError("an unseeded dropout encode uses config.bpe_dropout; pass rng for another rate")
         else:
             tok = self._dropout_tokenizer() if p > 0.0 else self._tok
             all_ids = [e.ids for e in tok.encode_batch(captions, add_special_tokens=False)] if captions else []
@@ -393,10 +419,11 @@ class DalleTokenizer:
         return ids, truncated
 
     def encode_batch(
-        self, captions: Sequence[str], dropout: bool = False, rng: random.Random | int | None = None
+        self, captions: Sequence[str], dropout: bool = False, rng: random.Random | int | None = None,
+        rate: float | None = None,
     ) -> torch.Tensor:
         """``LongTensor[B, text_len]`` of :meth:`encode` rows."""
-        return self.encode_batch_with_info(captions, dropout=dropout, rng=rng)[0]
+        return self.encode_batch_with_info(captions, dropout=dropout, rng=rng, rate=rate)[0]
 
     def tokens(self, caption: str) -> list[str]:
         """The BPE token strings of a caption (byte-level symbols; for inspection)."""
