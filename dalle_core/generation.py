@@ -26,6 +26,7 @@ from dalle_core.dvae.model import decode_codes, encode_to_codes
 from dalle_core.prior.model import DalleTransformer
 from dalle_core.prior.sampling import prompt_rows as cut_prompt_rows
 from dalle_core.prior.sampling import sample_image_codes
+from dalle_core.prior.sampling_memory import batch_size_for, sampling_dtype
 from dalle_core.text.bpe import DalleTokenizer
 
 ProgressFn = Callable[[int, int], None]
@@ -130,13 +131,15 @@ class TextToImage:
                  seed: int = 0, prompt_codes: torch.Tensor | None = None, use_cache: bool = True,
                  batch_size: int | None = None, decode_batch_size: int = 64, truncate: bool = False,
                  rerank: bool = True, return_candidates: bool = False,
-                 progress: ProgressFn | None = None) -> Generated:
+                 progress: ProgressFn | None = None, dtype: torch.dtype | None = None) -> Generated:
         """Draw ``n`` candidates per caption and keep ``keep`` (default all).
 
         prompt_codes: [B, r] or [1, r] (shared) from `image_prompt`;
         rerank: use the reranker when there is one (keep the best ``keep`` by
         its score); otherwise the first ``keep`` draws are kept;
-        batch_size: rows the prior decodes together (None: all);
+        batch_size: rows the prior decodes together (None: as many as the device's free
+        memory holds, from the KV cache per row: `dalle_core.prior.sampling_memory`);
+        dtype: the prior's sampling precision (None: bf16/fp16 on a GPU, fp32 on CPU);
         progress(done, total): per drawn token position (from the sampler).
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
@@ -149,9 +152,16 @@ class TextToImage:
         B = text.shape[0]
         if prompt_codes is not None and prompt_codes.shape[0] == 1 and B > 1:
             prompt_codes = prompt_codes.expand(B, -1)
-        codes = sample_image_codes(self.prior, text, n_per_caption=n, temperature=temperature, top_k=top_k,
-                                   top_p=top_p, seed=seed, use_cache=use_cache, prompt_codes=prompt_codes,
-                                   progress=progress, batch_size=batch_size).cpu()
+        device = next(self.prior.parameters()).device
+        dtype = sampling_dtype(device) if dtype is None else dtype
+        if batch_size is None:
+            batch_size = batch_size_for(self.prior, device, dtype)
+        # half precision where the device has it (the paper sampled in fp16); the sampler's
+        # logits are taken in fp32 either way (filter_logits / sample_from_logits)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            codes = sample_image_codes(self.prior, text, n_per_caption=n, temperature=temperature, top_k=top_k,
+                                       top_p=top_p, seed=seed, use_cache=use_cache, prompt_codes=prompt_codes,
+                                       progress=progress, batch_size=batch_size).cpu()
         grids = codes.view(B * n, self.grid, self.grid)
         images = torch.cat([decode_codes(self.decoder, grids[i:i + decode_batch_size]).cpu()
                             for i in range(0, B * n, decode_batch_size)])
