@@ -42,6 +42,9 @@ def codes_dir(storage: StorageResource, store) -> Path:
     cache = storage.scratch("image-codes-cache")
     local_shard_paths(store, CODES, cache_dir=cache)
     store.get_file(f"{CODES}/manifest.json", cache / "manifest.json")
+    # the tokenizer travels with the codes: the trainer re-encodes captions with BPE dropout
+    # (dalle_core.prior.data.prior_tokenizer finds it next to the manifest)
+    store.get_file(TOKENIZER_KEY, cache / "tokenizer.json")
     return cache
 
 
