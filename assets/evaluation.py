@@ -9,20 +9,25 @@ import time
 from typing import Dict, List
 
 import dagster as dg
-import torch
 
 from assets.data import coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
-from assets.generation import load_text_to_image, samples
+from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
 from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
+from dalle_core.eval.fairness import comparison_table, digest_texts, fingerprint_id, make_fingerprint
 from dalle_core.eval.generated import generate_best_images, weights_digest
+from dalle_core.eval.images import image_set_digest
 from dalle_core.eval.inception import WEIGHTS_ENV
 from dalle_core.eval.report import numeric_metrics
+from dalle_core.eval.zero_shot import describe_metric
+from dalle_core.generation import TextToImage
+from dalle_core.rerank import load_reranker
 from dalle_core.storage import open_storage
-from orchestration.model_registry import promote_if_better
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
+from orchestration.model_registry import (CHALLENGER, champion_figures, champion_version, log_comparison,
+                                          promote_if_better, resolve_weights)
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 
 REPORTS = "reports/zero_shot"
 STAGE = "coco_zero_shot_report"
@@ -37,6 +42,15 @@ class ZeroShotConfig(dg.Config):
     batch_captions: int = 32  # captions sampled together
     # champion / challenger: the newly trained prior becomes champion only if it beats it on all of these
     promote_on: Dict[str, str] = {"contrastive_fd": "lower"}
+    # the prior evaluated: a registered version ("7") or alias; default the challenger, which the
+    # `prior` asset points at the version it just registered (never "the newest file in storage")
+    prior: str = "@" + CHALLENGER
+    # without figures of the champion under this evaluation's fingerprint, score it too in this run
+    # (same captions, seed, candidates, scorer); False: refuse the promotion instead, with the reason
+    rescore_champion: bool = True
+    # a second contrastive model (weights path, models:/reranker/3, @alias) that did not select the
+    # samples: its Frechet distance is reported as independent_fd (and is part of the fingerprint)
+    independent_reranker: str = ""
 
 
 def resolve_inception(spec: str, storage: StorageResource):
@@ -66,26 +80,74 @@ def earlier_reports(mlflow_resource: MlflowResource, limit: int = 5) -> list[dic
             for r in runs]
 
 
-def newest_version(name: str, mlflow_resource: MlflowResource):
-    """The latest registered version of a model (the prior the `prior` asset just
-    registered as challenger); None when none is registered."""
-    import mlflow as mlf
+def evaluate_chain(chain: TextToImage, captions: list[str], references: list, config: ZeroShotConfig, inception,
+                   storage: StorageResource, independent=None, log=None) -> tuple[dict, list]:
+    """The zero-shot figures of one generation chain: N candidates per caption, the reranker's
+    best kept (the paper's protocol), generated in chunks kept on disk (a killed evaluation's
+    rerun generates only what is missing), then the metrics. Returns (metrics, generated)."""
+    t0, resumed = time.monotonic(), []
 
-    mlf.set_tracking_uri(mlflow_resource.tracking_uri)
-    try:
-        versions = mlf.MlflowClient().search_model_versions(f"name = '{name}'")
-    except Exception:
-        return None
-    return str(max(int(v.version) for v in versions)) if versions else None
+    def generation_progress(done: int, total: int, from_disk: bool) -> None:
+        resumed.append(from_disk)
+        if log:
+            log(f"zero-shot: generated {done}/{total} ({'from an earlier run' if from_disk else 'new'}, "
+                f"{time.monotonic() - t0:.0f}s)")
+
+    generated = generate_best_images(chain, captions, config.candidates, config.batch_captions, config.seed,
+                                     cache_dir=storage.scratch("zero-shot-generated"), progress=generation_progress)
+    reranker = chain.reranker
+    # the features are cached per model: named by the weights actually loaded
+    rr_id = weights_digest(reranker)[:16]
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if done == total and log:
+            log(f"zero-shot: {stage} features {done}/{total}")
+
+    metrics = zero_shot_metrics(generated, references, reranker.image_features, inception=inception,
+                                radii=(0, *config.radii), progress=progress,
+                                cache=FeatureCache(storage.scratch("eval-features")), contrastive_id=f"reranker-{rr_id}",
+                                independent_features_fn=independent.image_features if independent is not None else None,
+                                independent_id=f"reranker-{weights_digest(independent)[:16]}" if independent is not None else None)
+    if all(parse_caption(c) is not None for c in captions):
+        checks = [check_image(im, c) for im, c in zip(generated, captions)]
+        metrics["caption_match"] = sum(r.match for r in checks) / len(captions)
+        metrics["colour_match"] = sum(r.colours for r in checks) / len(captions)  # partial credit
+        metrics["caption_match_reference"] = sum(demo_check(im, c) for im, c in zip(references, captions)) / len(captions)
+    metrics["num_captions"] = float(len(captions))
+    metrics["candidates_per_caption"] = float(config.candidates)
+    metrics["resumed_chunks"] = (sum(resumed), len(resumed))
+    return metrics, generated
+
+
+def evaluation_fingerprint(chain: TextToImage, captions: list[str], references: list, config: ZeroShotConfig,
+                           inception, independent=None) -> dict[str, str]:
+    """Everything the figures depend on besides the prior under test: the captions and
+    reference images, candidates, seed, chunking (it sets each caption's seed), radii, the
+    weights of the scoring models (the reranker selects the samples and defines the feature
+    space; Inception; the independent model) and of the dVAE decoder, and the code."""
+    return make_fingerprint(
+        evaluation="zero-shot", captions=digest_texts(captions), references=image_set_digest(references),
+        candidates=config.candidates, seed=config.seed, batch_captions=config.batch_captions,
+        radii=[0.0, *config.radii], scorer=weights_digest(chain.reranker),
+        inception=inception.extractor_id if isinstance(inception, InceptionMetrics) else "not computed",
+        independent=weights_digest(independent) if independent is not None else "none",
+        decoder=weights_digest(chain.decoder), code_version=code_version())
+
+
+MAIN = ("fid", "inception_score", "contrastive_fd", "independent_fd", "contrastive_precision", "contrastive_recall",
+        "caption_match", "colour_match", "caption_match_reference")
 
 
 @dg.asset(
     deps=[samples, coco_eval_set],
     group_name="evaluation",
     kinds={"pytorch"},
-    description="Zero-shot report on the evaluation captions (MS-COCO format): FID / IS with blur "
-    "radii 1-8 when Inception weights are configured, Frechet distance and precision / recall in "
-    "the contrastive model's space always, caption match on the demo world; HTML report in MLflow.",
+    description="Zero-shot report on the evaluation captions (MS-COCO format) of a registered prior version "
+    "(default the challenger the `prior` asset just registered): FID / IS with blur radii 1-8 when Inception "
+    "weights are configured, Frechet distance and precision / recall in the reranker's own space (the model "
+    "that selected the samples) always, in an independent contrastive model's space when configured, caption "
+    "match on the demo world; the champion is scored under the same fingerprint when it has no figures under "
+    "it, and the challenger promoted only on a same-fingerprint win; HTML report in MLflow.",
 )
 def coco_zero_shot_report(
     context: dg.AssetExecutionContext, config: ZeroShotConfig, storage: StorageResource,
@@ -93,7 +155,11 @@ def coco_zero_shot_report(
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     inception = resolve_inception(config.inception_weights, storage)
-    chain = load_text_to_image(store, storage, mlflow, device=training_device())
+    device = training_device()
+    chain, versions = load_text_to_image(store, storage, mlflow, device=device, prior=config.prior)
+    prior_version = versions["prior"]
+    independent = (load_reranker(resolve_weights(config.independent_reranker, "reranker"), device=device).eval()
+                   if config.independent_reranker else None)
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     if config.captions:
         eval_set = eval_set[: config.captions]
@@ -101,93 +167,105 @@ def coco_zero_shot_report(
         raise dg.Failure("the evaluation set needs at least 2 captions")
     captions = [c for _, c in eval_set]
     references = [im for im, _ in eval_set]
+    fingerprint = evaluation_fingerprint(chain, captions, references, config, inception, independent)
+    fp = fingerprint_id(fingerprint)
+    champ = champion_version("prior")
+    role = "champion" if champ == prior_version else CHALLENGER
+    evaluated = f"prior v{prior_version} ({role})" + (f" vs champion v{champ}" if champ and champ != prior_version else "")
+    context.log.info(f"zero-shot: {evaluated}, fingerprint {fp} ({describe_versions(versions)})")
 
-    # generate: N candidates per caption, the reranker's best kept (the paper's protocol),
-    # in chunks kept on disk: a killed evaluation's rerun generates only what is missing
-    t0, resumed = time.monotonic(), []
+    metrics, generated = evaluate_chain(chain, captions, references, config, inception, storage, independent,
+                                        log=context.log.info)
+    resumed = metrics.pop("resumed_chunks")
+    numbers = numeric_metrics(metrics)
 
-    def generation_progress(done: int, total: int, from_disk: bool) -> None:
-        resumed.append(from_disk)
-        context.log.info(f"zero-shot: generated {done}/{total} ({'from an earlier run' if from_disk else 'new'}, "
-                         f"{time.monotonic() - t0:.0f}s)")
-
-    generated = generate_best_images(chain, captions, config.candidates, config.batch_captions, config.seed,
-                                     cache_dir=storage.scratch("zero-shot-generated"), progress=generation_progress)
-
-    reranker = chain.reranker
-    # the features are cached per reranker version: name it by the weights actually loaded
-    # (the champion), not by the newest file in storage, which may not have been promoted
-    rr_id = weights_digest(reranker)[:16]
-
-    def contrastive(x: torch.Tensor) -> torch.Tensor:
-        return reranker.image_features(x)
-
-    def progress(stage: str, done: int, total: int) -> None:
-        if done == total:
-            context.log.info(f"zero-shot: {stage} features {done}/{total}")
-
-    metrics = zero_shot_metrics(generated, references, contrastive, inception=inception,
-                                radii=(0, *config.radii), progress=progress,
-                                cache=FeatureCache(storage.scratch("eval-features")), contrastive_id=f"reranker-{rr_id}")
-    demo = all(parse_caption(c) is not None for c in captions)
-    if demo:
-        checks = [check_image(im, c) for im, c in zip(generated, captions)]
-        metrics["caption_match"] = sum(r.match for r in checks) / len(captions)
-        metrics["colour_match"] = sum(r.colours for r in checks) / len(captions)  # partial credit
-        metrics["caption_match_reference"] = sum(demo_check(im, c) for im, c in zip(references, captions)) / len(captions)
-    metrics["num_captions"] = float(len(captions))
-    metrics["candidates_per_caption"] = float(config.candidates)
+    # the champion under the same conditions: its recorded figures under this fingerprint, else
+    # scored now with the same captions, seed, candidates and scorers (unless configured not to)
+    champ_numbers, rescored = None, "no"
+    if champ is not None and champ != prior_version:
+        stored = champion_figures("prior", champ, fingerprint)
+        if stored is not None and all(k in stored for k in config.promote_on):
+            rescored = f"no: figures under fingerprint {fp} recorded"
+        elif config.rescore_champion:
+            champ_prior, champ_tok, _ = load_prior_version(champ, store, device=device)
+            champ_chain = TextToImage(champ_prior, chain.decoder, champ_tok, reranker=chain.reranker, encoder=chain.encoder)
+            context.log.info(f"zero-shot: scoring champion prior v{champ} under fingerprint {fp}")
+            champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
+                                              independent, log=context.log.info)
+            champ_metrics.pop("resumed_chunks")
+            champ_numbers = numeric_metrics(champ_metrics)
+            rescored = f"yes: champion v{champ} scored in this run under fingerprint {fp}"
+        else:
+            rescored = "no (rescore_champion is off): promotion refused without same-fingerprint figures"
 
     history = earlier_reports(mlflow)  # before this run is logged
     shown = [{"caption": c, "generated": [g], "reference": r}
              for c, g, r in list(zip(captions, generated, references))[:12]]
-    report = render_report(metrics, samples=shown, history=history,
-                           settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
-                                     "profile": prof.name}, version="this run")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    store.put_text(f"{REPORTS}/{stamp}.html", report.html)
-    store.put_text(f"{REPORTS}/latest.html", report.html)
-    numbers = numeric_metrics(metrics)
-    store.put_text(f"{REPORTS}/latest.json", json.dumps({"metrics": numbers, "not_computed": metrics.get("not_computed", {})},
-                                                        indent=1))
-
-    prior_version = newest_version("prior", mlflow)
-    with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version or ""},
-                          data_version=data_version(store)) as run:
+    with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version,
+                                       "evaluated": evaluated}, data_version=data_version(store)) as run:
         import mlflow as mlf
 
-        mlf.log_params({k: v for k, v in config.model_dump().items() if k != "inception_weights"}
-                       | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured"})
+        mlf.log_params({k: v for k, v in config.model_dump().items() if k not in ("inception_weights", "independent_reranker")}
+                       | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured",
+                          "independent_reranker": "configured" if independent is not None else "none"})
         mlf.log_metrics(numbers)
-        mlf.log_text(report.html, "report/zero_shot.html")
         for name, reason in metrics.get("not_computed", {}).items():
             mlf.set_tag(f"not_computed.{name}", reason[:250])
+        for name in ("contrastive_fd", "independent_fd"):
+            if name in numbers:
+                mlf.set_tag(f"metric_note.{name}", describe_metric(name))
+        promotion = promote_if_better("prior", prior_version, numbers, dict(config.promote_on), fingerprint,
+                                      champion_metrics=champ_numbers, run_id=run.info.run_id)
+        names = [k for k in MAIN if k in numbers]
+        comparison = log_comparison(f"prior v{prior_version}", promotion, numbers, dict(config.promote_on),
+                                    fingerprint, names=names)
+        champ_label = f"champion v{promotion.champion}" if promotion.champion else "champion"
+        report = render_report(
+            metrics, samples=shown, history=history, version=f"prior v{prior_version}",
+            settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
+                      "profile": prof.name, "evaluated": evaluated, "fingerprint": fp,
+                      **{f"fingerprint.{k}": v for k, v in fingerprint.items()}},
+            descriptions={k: describe_metric(k) for k in numbers},
+            comparison={"title": f"prior v{prior_version} vs {champ_label} (fingerprint {fp})",
+                        "header": ["metric", f"prior v{prior_version}", champ_label, "rule"],
+                        "rows": comparison_table("", "", numbers, promotion.champion_metrics, dict(config.promote_on),
+                                                 names),
+                        "note": promotion.reason})
+        mlf.log_text(report.html, "report/zero_shot.html")
         if report.plot_png:
             from PIL import Image
             import io
 
             mlf.log_image(Image.open(io.BytesIO(report.plot_png)), "report/fd_vs_blur.png")
-        promoted, promotion = (False, "no registered prior to promote")
-        if prior_version is not None:
-            promoted, promotion = promote_if_better("prior", prior_version, numbers, dict(config.promote_on))
-            mlf.set_tag("promotion", promotion[:250])
-        context.log.info(promotion)
+        context.log.info(promotion.reason)
         run_url = mlflow.run_url(run)
+    store.put_text(f"{REPORTS}/{stamp}.html", report.html)
+    store.put_text(f"{REPORTS}/latest.html", report.html)
+    store.put_text(f"{REPORTS}/latest.json", json.dumps({"metrics": numbers, "not_computed": metrics.get("not_computed", {}),
+                                                        "evaluated": evaluated, "fingerprint": fingerprint,
+                                                        "promotion": promotion.reason}, indent=1))
 
-    main = [k for k in ("fid", "inception_score", "contrastive_fd", "contrastive_precision", "contrastive_recall",
-                        "caption_match", "colour_match", "caption_match_reference") if k in numbers]
     meta = {
-        "metrics": md(md_table(["metric", "value"], [(k, f"{numbers[k]:.4g}") for k in numbers]
-                               + [(k, f"not computed: {r}") for k, r in metrics.get("not_computed", {}).items()])),
+        "metrics": md(md_table(["metric", "value", "what it measures"],
+                               [(k, f"{numbers[k]:.4g}", describe_metric(k)) for k in numbers]
+                               + [(k, f"not computed: {r}", "") for k, r in metrics.get("not_computed", {}).items()])),
         "report": dg.MetadataValue.path(store.uri(f"{REPORTS}/{stamp}.html")),
         "mlflow_run": dg.MetadataValue.url(run_url),
         "captions": len(captions),
-        "resumed_chunks": f"{sum(resumed)} of {len(resumed)}",
-        "prior_version": f"prior v{prior_version}" if prior_version else "unregistered",
-        "promotion": promotion,
+        "resumed_chunks": f"{resumed[0]} of {resumed[1]}",
+        "prior_version": f"prior v{prior_version}",
+        "evaluated": evaluated,
+        "models": describe_versions(versions),
+        "fingerprint": fp,
+        "fingerprint_fields": md(md_table(["field", "value"], sorted(fingerprint.items()))),
+        "champion_rescored": rescored,
+        "comparison": md(comparison),
+        "promotion": promotion.reason,
+        "promoted": promotion.promoted,
     }
     if report.plot_png:
         meta["fd_vs_blur"] = md(md_image(report.plot_png, "Frechet distance vs blur radius"))
-    meta.update({k: round(numbers[k], 4) for k in main})
-    context.log.info("zero-shot: " + json.dumps({k: round(numbers[k], 4) for k in main}))
+    meta.update({k: round(numbers[k], 4) for k in names})
+    context.log.info("zero-shot: " + json.dumps({k: round(numbers[k], 4) for k in names}))
     return dg.MaterializeResult(metadata=meta)

@@ -11,7 +11,7 @@ import torch
 from assets.data import SHARDS, load_eval_images, shards_asset
 from assets.dvae import DVAE_KEY, config_digest, dvae, training_device
 from assets.metadata import md, md_image, md_table
-from assets.prior import PRIOR_KEY, prior
+from assets.prior import prior
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data.demo_world import check_image, parse_caption
 from dalle_core.data.loader import image_caption_batches, local_shard_paths
@@ -24,8 +24,12 @@ from dalle_core.rerank import get_reranker_config, load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import negatives_for_batch
 from dalle_core.text.bpe import DalleTokenizer
-from orchestration.model_registry import CHALLENGER, RerankerModel, log_and_register, promote_if_better, resolve_weights
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
+from dalle_core.eval.fairness import digest_texts, make_fingerprint
+from dalle_core.eval.images import image_set_digest
+from orchestration.model_registry import (CHALLENGER, DEFAULT_ALIAS, RerankerModel, champion_figures, champion_version,
+                                          comparison_markdown, log_and_register, log_comparison, promote_if_better,
+                                          resolve_model_files, resolve_version, resolve_weights)
+from orchestration.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 
 RERANKER_KEY = "reranker/reranker.pt"
 SAMPLES = "samples"
@@ -90,13 +94,27 @@ def reranker(
                                 device=training_device())
         model = result.model.cpu().eval()
         eval_set = load_eval_images(store, image_size, storage.scratch("eval-cache"))
-        figures = retrieval_figures(model, tok, [im for im, _ in eval_set], [c for _, c in eval_set],
-                                    rng=random.Random(0))
+        images, captions = [im for im, _ in eval_set], [c for _, c in eval_set]
+        figures = retrieval_figures(model, tok, images, captions, rng=random.Random(0))
         mlf.log_metrics(figures, step=steps)
         store.put_file(RERANKER_KEY, result.model_path)
         version = log_and_register(result.model_path, "reranker", RerankerModel(), alias=CHALLENGER)
-        promoted, promotion = promote_if_better("reranker", version, figures, dict(config.promote_on))
-        context.log.info(promotion)
+        # what the figures depend on besides the model: the held-out pairs, the swap draws, the code
+        fingerprint = make_fingerprint(evaluation="reranker held-out retrieval", captions=digest_texts(captions),
+                                       images=image_set_digest(images), swap_seed=0, code_version=code_version())
+        champ, champ_figures, rescored = champion_version("reranker"), None, ""
+        if champ is not None and champ != version:
+            stored = champion_figures("reranker", champ, fingerprint)
+            if stored is None or any(k not in stored for k in config.promote_on):
+                # re-scored under the same conditions (cheap: one pass over the held-out pairs)
+                champ_figures, rescored = rescore_reranker(champ, tok, images, captions)
+                context.log.info(f"reranker: champion v{champ} {rescored}")
+        promotion = promote_if_better("reranker", version, figures, dict(config.promote_on), fingerprint,
+                                      champion_metrics=champ_figures, run_id=run.info.run_id)
+        promoted = promotion.promoted
+        comparison = log_comparison(f"reranker v{version}", promotion, figures, dict(config.promote_on),
+                                    fingerprint, names=list(figures))
+        context.log.info(promotion.reason)
         run_url = mlflow.run_url(run)
 
     meta = {
@@ -105,12 +123,27 @@ def reranker(
         "final_loss": round(float(result.final_loss), 4) if result.final_loss is not None else "n/a",
         "held_out": md(md_table(["metric", "value"], [(k, f"{v:.3f}") for k, v in figures.items()])),
         "model_version": f"reranker v{version} @{'champion' if promoted else CHALLENGER}",
-        "promotion": promotion,
+        "promotion": promotion.reason,
+        "comparison": md(comparison),
+        "champion_rescored": rescored or "no",
         "location": dg.MetadataValue.path(store.uri(RERANKER_KEY)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     }
     meta.update({k: round(v, 4) for k, v in figures.items()})
     return dg.MaterializeResult(metadata=meta)
+
+
+def rescore_reranker(version: str, tok, images, captions) -> tuple[dict | None, str]:
+    """Held-out figures of a registered reranker version under the current conditions;
+    (None, why) when it cannot be scored with this tokenizer (then promotion is refused)."""
+    try:
+        model = load_reranker(resolve_weights(f"models:/reranker/{version}", "reranker")).eval()
+    except Exception as e:  # weights gone from the artifact store, an unloadable file
+        return None, f"could not be re-scored: {type(e).__name__}: {e}"
+    if (model.config.text_vocab_size, model.config.text_len) != (tok.vocab_size, tok.text_len):
+        return None, (f"could not be re-scored: trained for another tokenizer (vocab {model.config.text_vocab_size}, "
+                      f"length {model.config.text_len}; now {tok.vocab_size}, {tok.text_len})")
+    return retrieval_figures(model, tok, images, captions, rng=random.Random(0)), "re-scored under these conditions"
 
 
 class SamplesConfig(dg.Config):
@@ -120,20 +153,44 @@ class SamplesConfig(dg.Config):
     temperature: float = 1.0
     top_k: Optional[int] = None
     seed: int = 0
+    # the prior sampled: a registered version ("7"), an alias ("@champion", "@challenger");
+    # never the newest file in storage, which may be a challenger that lost its evaluation
+    prior: str = "@" + DEFAULT_ALIAS
 
 
-def load_text_to_image(store, storage: StorageResource, mlflow: MlflowResource, device: str = "cpu") -> TextToImage:
-    """The chain under evaluation: the newest prior (what the `prior` asset just
-    trained: the challenger until the zero-shot report promotes it) with the
-    champion dVAE and reranker."""
+def load_prior_version(spec: str, store, device: str = "cpu"):
+    """(prior model, its tokenizer, version number) of a registered prior: `spec` is a
+    version number ("7", "v7"), an alias ("@champion", "@challenger") or models:/prior/7.
+    The tokenizer is the one registered with that prior (else the storage's)."""
+    ref = spec.split("models:/prior/", 1)[1] if spec.startswith("models:/prior/") else spec
+    ref = "@" + ref.split("@", 1)[1] if "@" in ref else ref
+    version = resolve_version("prior", ref)
+    files = resolve_model_files(f"models:/prior/{version}", "prior")
+    weights = next((p for p in files if p.suffix == ".pt"), files[0])
+    tok_file = next((p for p in files if p.suffix == ".json"), None)
+    tok = (DalleTokenizer.from_json(tok_file.read_text(), source=f"models:/prior/{version}")
+           if tok_file is not None else load_tokenizer(store))
+    return load_prior(weights, device=device), tok, version
+
+
+def load_text_to_image(store, storage: StorageResource, mlflow: MlflowResource, device: str = "cpu",
+                       prior: str = "@" + DEFAULT_ALIAS) -> tuple[TextToImage, dict[str, str]]:
+    """The chain: the prior named by `prior` (a registered version or alias: the champion
+    unless an evaluation names its challenger's version), with the champion dVAE and
+    reranker. Returns the chain and {model: version} of what was loaded."""
     import mlflow as mlf
 
     mlf.set_tracking_uri(mlflow.tracking_uri)
-    cache = storage.scratch("models")
-    prior_model = load_prior(store.get_file(PRIOR_KEY, cache / "prior.pt"), device=device)
+    prior_model, tok, version = load_prior_version(prior, store, device=device)
     encoder, decoder, _ = load_dvae(resolve_weights("@champion", "dvae"), device=device)
     rr = load_reranker(resolve_weights("@champion", "reranker"), device=device)
-    return TextToImage(prior_model, decoder, load_tokenizer(store), reranker=rr, encoder=encoder)
+    versions = {"prior": version, "dvae": champion_version("dvae") or "?", "reranker": champion_version("reranker") or "?"}
+    return TextToImage(prior_model, decoder, tok, reranker=rr, encoder=encoder), versions
+
+
+def describe_versions(versions: dict[str, str]) -> str:
+    champions = {k: champion_version(k) for k in versions}
+    return ", ".join(f"{k} v{v}" + (" @champion" if champions[k] == v else "") for k, v in versions.items())
 
 
 @dg.asset(
@@ -149,7 +206,9 @@ def samples(
     profile: ProfileResource, mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
-    chain = load_text_to_image(store, storage, mlflow, device=training_device())
+    chain, versions = load_text_to_image(store, storage, mlflow, device=training_device(), prior=config.prior)
+    models = describe_versions(versions)
+    context.log.info(f"samples: {models}")
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     captions = [c for _, c in eval_set][: config.captions]
     if not captions:
@@ -182,8 +241,11 @@ def samples(
     store.put_text(f"{SAMPLES}/captions.json", json.dumps(
         [{"index": i, "caption": c, "scores": out.scores[i].tolist() if out.scores is not None else None}
          for i, c in enumerate(captions)], indent=1))
+    store.put_text(f"{SAMPLES}/models.json", json.dumps({"versions": versions, "described": models}, indent=1))
 
-    with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name}, data_version=data_version(store)) as run:
+    with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name, "models": models,
+                                           **{f"{k}_version": v for k, v in versions.items()}},
+                          data_version=data_version(store)) as run:
         import mlflow as mlf
 
         mlf.log_params(config.model_dump() | {"n_captions": len(captions)})
@@ -201,6 +263,7 @@ def samples(
         "grid": md(md_image(png_bytes(grid), f"per caption: {config.keep} reranked of {config.candidates}, "
                                              f"then the first {config.keep} draws")),
         "references": md(md_image(png_bytes(refs), "the evaluation images of these captions")),
+        "models": models,
         "location": dg.MetadataValue.path(store.uri(SAMPLES)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     }

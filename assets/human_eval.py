@@ -75,8 +75,14 @@ def human_eval_report(
     with mlflow.start_run("human_eval", tags={"stage": "human_eval", "study": study.name}) as run:
         import mlflow as mlf
 
+        from orchestration.model_registry import champion_version
+
         mlf.log_params({"study": study.name, "model_a": study.model_a, "model_b": study.model_b,
                         "raters_per_item": study.raters_per_item, "items": progress["items"]})
+        # the study's images come from the `samples` asset, which samples the champion prior (or the
+        # version its config names); the names say which version made them, this says which is champion now
+        champion_now = champion_version("prior")
+        mlf.set_tag("champion_prior_now", champion_now or "none")
         mlf.log_metrics(metrics)
         mlf.log_text(json.dumps(result, indent=1), "human_eval/result.json")
         run_url = mlflow.run_url(run)
@@ -84,6 +90,7 @@ def human_eval_report(
     return dg.MaterializeResult(metadata={
         "study": study.name,
         "models": f"A = {study.model_a}, B = {study.model_b}",
+        "champion_prior_now": f"prior v{champion_now}" if champion_now else "no prior registered",
         "items": f"{result['items_complete']} of {progress['items']} complete ({study.raters_per_item} votes each)",
         "result": md(report_table(result, study.model_a, study.model_b)),
         **{k.split("/", 1)[1]: round(v, 4) for k, v in metrics.items()},

@@ -223,19 +223,51 @@ def promote_if_better(name: str, version: str, metrics: dict[str, float], rules:
     return Promotion(d.promote, d.reason, current, theirs, fp)
 
 
+def comparison_markdown(challenger: str, promotion: Promotion, ours: dict[str, float], rules: dict[str, str],
+                        fingerprint: dict[str, str], names: list[str] | None = None) -> str:
+    """Both versions' figures side by side (markdown), under the fingerprint they share."""
+    from dalle_core.eval.fairness import comparison_table
+
+    champion = f"champion v{promotion.champion}" if promotion.champion else "champion (none before)"
+    rows = comparison_table(challenger, champion, ours, promotion.champion_metrics, rules, names)
+    lines = [f"| metric | {challenger} | {champion} | rule |", "| --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(r)} |" for r in rows]
+    lines += ["", f"fingerprint `{promotion.fingerprint_id}`: "
+              + ", ".join(f"{k}={v[:16]}" for k, v in sorted(fingerprint.items())), "", promotion.reason]
+    return "\n".join(lines)
+
+
+def log_comparison(challenger: str, promotion: Promotion, ours: dict[str, float], rules: dict[str, str],
+                   fingerprint: dict[str, str], names: list[str] | None = None) -> str:
+    """In the active MLflow run: challenger_<metric> and champion_<metric> (under the same
+    fingerprint), the fingerprint as a tag and JSON artifact, and comparison.md. Returns the markdown."""
+    keys = names if names is not None else list(ours)
+    mlflow.log_metrics({f"challenger_{k}": float(ours[k]) for k in keys if k in ours})
+    if promotion.champion_metrics:
+        mlflow.log_metrics({f"champion_{k}": float(v) for k, v in promotion.champion_metrics.items() if k in keys})
+    mlflow.set_tags({"fingerprint": promotion.fingerprint_id, "promotion": promotion.reason[:5000],
+                     "champion_version": promotion.champion or ""})
+    mlflow.log_dict(dict(fingerprint), "evaluation/fingerprint.json")
+    text = comparison_markdown(challenger, promotion, ours, rules, fingerprint, names)
+    mlflow.log_text(text, "evaluation/comparison.md")
+    return text
+
+
 class ModelNotFoundError(FileNotFoundError):
     pass
 
 
 def resolve_model_files(spec: str, default_name: str) -> list[Path]:
     """The files of a model: a path (just that file), `models:/name@alias`,
-    `models:/name/3`, or `@alias` (of `default_name`)."""
+    `models:/name/3`, `@alias` or a version number `3` (of `default_name`)."""
     path = Path(spec)
     if path.exists():
         return [path]
     uri = spec
     if spec.startswith("@"):
         uri = f"models:/{default_name}{spec}"
+    elif spec.lstrip("v").isdigit():  # a registered version number: "7" or "v7"
+        uri = f"models:/{default_name}/{spec.lstrip('v')}"
     if not uri.startswith("models:/"):
         raise ModelNotFoundError(f"model {spec!r}: no such file, and not a models:/ URI or @alias")
     try:

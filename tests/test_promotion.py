@@ -169,3 +169,29 @@ def test_other_warnings_of_the_model_hook_still_show(recwarn):
         pm.PythonModel.__init_subclass__ = classmethod(original)
     texts = [str(w.message) for w in recwarn]
     assert "something else" in texts and not any("Add type hints" in t for t in texts)
+
+
+def test_independent_fd_and_the_labels_of_the_contrastive_fd():
+    """The contrastive FD is labelled as measured in the selecting reranker's space; a
+    second, independent feature model gives independent_fd beside it."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dalle_core.eval.report import render_report
+    from dalle_core.eval.zero_shot import describe_metric, zero_shot_metrics
+
+    rng = np.random.default_rng(0)
+    ims = lambda n, hi: [Image.fromarray(rng.integers(0, hi, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+    feats = lambda x: x.mean(dim=(2, 3))  # [N, 3]
+    other = lambda x: torch.cat([x.amax(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)  # [N, 6]
+    m = zero_shot_metrics(ims(8, 128), ims(8, 256), feats, radii=(0, 2), independent_features_fn=other,
+                          independent_id="other")
+    assert {"contrastive_fd", "contrastive_fd_blur2", "independent_fd", "independent_fd_blur2"} <= set(m)
+    assert m["independent_fd"] != m["contrastive_fd"]
+    assert "selected the samples" in describe_metric("contrastive_fd")
+    assert "did not select" in describe_metric("independent_fd_blur2") and "blur 2" in describe_metric("independent_fd_blur2")
+    html = render_report(m, descriptions={k: describe_metric(k) for k in m if isinstance(m[k], float)},
+                         comparison={"title": "prior v2 vs champion v1", "header": ["metric", "v2", "v1", "rule"],
+                                     "rows": [("contrastive_fd", "1", "2", "lower is better")], "note": "why"}).html
+    assert "prior v2 vs champion v1" in html and "selected the samples" in html

@@ -83,15 +83,25 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def render_report(metrics: Mapping, *, title: str = "Zero-shot evaluation",
                   samples: Sequence[Mapping] = (), history: Sequence[Mapping] = (),
-                  settings: Optional[Mapping[str, str]] = None, version: str = "this run") -> Report:
+                  settings: Optional[Mapping[str, str]] = None, version: str = "this run",
+                  descriptions: Optional[Mapping[str, str]] = None,
+                  comparison: Optional[Mapping] = None) -> Report:
     """`metrics`: the dict of `zero_shot_metrics` (numbers, 'not_computed', 'settings').
     `samples`: [{'caption', 'generated': [PIL], 'reference': PIL or None}].
-    `history`: earlier versions, [{'version', 'metrics'}]. `settings`: extra settings rows."""
+    `history`: earlier versions, [{'version', 'metrics'}]. `settings`: extra settings rows.
+    `descriptions`: {metric: what it measures}. `comparison`: {'title', 'header', 'rows',
+    'note'}: the challenger and champion side by side, measured under one fingerprint."""
     values = numeric_metrics(metrics)
     missing = dict(metrics.get("not_computed", {}))
-    rows = [[html.escape(k), _fmt(v)] for k, v in values.items()]
-    rows += [[html.escape(k), f'<span class="nc">not computed: {html.escape(r)}</span>'] for k, r in missing.items()]
-    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Metrics</h2>", _table(["metric", "value"], rows)]
+    desc = dict(descriptions or {})
+    rows = [[html.escape(k), _fmt(v), html.escape(desc.get(k, ""))] for k, v in values.items()]
+    rows += [[html.escape(k), f'<span class="nc">not computed: {html.escape(r)}</span>', html.escape(desc.get(k, ""))]
+             for k, r in missing.items()]
+    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Metrics</h2>", _table(["metric", "value", "what it measures"], rows)]
+    if comparison:
+        parts += [f"<h2>{html.escape(str(comparison.get('title', 'Challenger vs champion')))}</h2>",
+                  _table(list(comparison["header"]), [[html.escape(str(c)) for c in r] for r in comparison["rows"]]),
+                  f"<p>{html.escape(str(comparison.get('note', '')))}</p>"]
 
     plot = blur_plot_png(metrics)
     parts.append("<h2>Frechet distance vs blur radius</h2>")

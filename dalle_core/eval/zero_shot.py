@@ -2,7 +2,12 @@
 
 For each blur radius (0 = none; the paper blurs both sets with 1, 2, 4, 8):
 - contrastive FD: Frechet distance in the image space of the platform's own
-  contrastive model (always available, since its weights are the platform's);
+  contrastive model (always available, since its weights are the platform's). This is
+  the reranker that *selected* the samples, so the figure is measured in the space
+  that chose them and flatters them; compare it only between evaluations with the
+  same fingerprint (dalle_core.eval.fairness);
+- independent FD: the same in the space of a second, independent contrastive model,
+  when one is given (it had no say in which sample was kept);
 - FID and Inception Score, when Inception weights are configured.
 At radius 0 also improved precision / recall (k = 3) in the contrastive space.
 
@@ -30,6 +35,22 @@ ContrastiveFn = Callable[[torch.Tensor], torch.Tensor]  # float [N, 3, H, W] in 
 StageProgress = Optional[Callable[[str, int, int], None]]  # progress(stage, done, total)
 
 
+METRIC_DESCRIPTIONS = {
+    "contrastive_fd": "Frechet distance in the reranker's own image space: the model that selected the samples "
+                      "(it favours them); comparable only under the same fingerprint",
+    "independent_fd": "Frechet distance in an independent contrastive model's space (it did not select the samples)",
+    "contrastive_precision": "improved precision, k=3, in the reranker's own space",
+    "contrastive_recall": "improved recall, k=3, in the reranker's own space",
+    "fid": "FID, torch-fidelity's Inception",
+}
+
+
+def describe_metric(name: str) -> str:
+    base = name.split("_blur", 1)[0]
+    text = METRIC_DESCRIPTIONS.get(base, "")
+    return f"{text} (blur {name.split('_blur', 1)[1]})" if text and "_blur" in name else text
+
+
 def metric_name(base: str, radius: float) -> str:
     return base if radius == 0 else f"{base}_blur{radius:g}"
 
@@ -39,11 +60,13 @@ def zero_shot_metrics(generated_images: Sequence[Image.Image], reference_images:
                       inception: Union[None, NotComputed, InceptionMetrics] = None,
                       radii: Sequence[float] = (0, 1, 2, 4, 8), progress: StageProgress = None,
                       cache: Optional[FeatureCache] = None, contrastive_id: Optional[str] = None,
-                      batch_size: int = 64, k: int = 3) -> dict:
+                      batch_size: int = 64, k: int = 3, independent_features_fn: Optional[ContrastiveFn] = None,
+                      independent_id: Optional[str] = None) -> dict:
     """Flat dict of float metrics, plus 'not_computed' {name: reason} and 'settings' {name: text}.
 
     `contrastive_id` names the contrastive model's version; without it its features are not
-    cached (a stale entry of another model could not be told apart)."""
+    cached (a stale entry of another model could not be told apart). `independent_features_fn`:
+    a second contrastive model that did not select the samples; its FD is `independent_fd`."""
     if len(generated_images) < 2 or len(reference_images) < 2:
         raise ValueError(f"need at least 2 generated and 2 reference images, got "
                          f"{len(generated_images)} and {len(reference_images)}")
@@ -70,6 +93,12 @@ def zero_shot_metrics(generated_images: Sequence[Image.Image], reference_images:
         return cache.get_or_compute(extractor_id, sets[which], r, compute, set_digest=digests[which])
 
     run_contrastive = lambda ims, cb: {"features": map_batches(contrastive, ims, batch_size, cb)}
+
+    def independent(batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return independent_features_fn(batch.float() / 255.0).float()
+
+    run_independent = lambda ims, cb: {"features": map_batches(independent, ims, batch_size, cb)}
     inc_reason = (inception.reason if isinstance(inception, NotComputed)
                   else NO_WEIGHTS.reason if inception is None else None)
 
@@ -79,6 +108,10 @@ def zero_shot_metrics(generated_images: Sequence[Image.Image], reference_images:
         g = feats("contrastive", contrastive_id, run_contrastive, "generated", r)["features"]
         ref = feats("contrastive", contrastive_id, run_contrastive, "reference", r)["features"]
         out[metric_name("contrastive_fd", r)] = frechet_distance_from_features(g, ref)
+        if independent_features_fn is not None:
+            gi_ = feats("independent", independent_id, run_independent, "generated", r)["features"]
+            ri_ = feats("independent", independent_id, run_independent, "reference", r)["features"]
+            out[metric_name("independent_fd", r)] = frechet_distance_from_features(gi_, ri_)
         if r == 0:
             if min(len(g), len(ref)) > k:
                 out.update({f"contrastive_{m}": v for m, v in precision_recall(ref, g, k=k).items()})
@@ -97,7 +130,11 @@ def zero_shot_metrics(generated_images: Sequence[Image.Image], reference_images:
     settings = {
         "contrastive_features": "the platform's contrastive reranker image_features (unit length) on float "
                                 "RGB in [0, 1], resized by the reranker to its own image size"
-                                + (f"; model {contrastive_id}" if contrastive_id else ""),
+                                + (f"; model {contrastive_id}" if contrastive_id else "")
+                                + "; the same model selected the samples, so contrastive_fd is measured in "
+                                  "the space that chose them",
+        "independent_features": (f"a second contrastive model that did not select the samples; model {independent_id}"
+                                 if independent_features_fn is not None else "none configured"),
         "blur": BLUR_SETTING,
         "blur_radii": ", ".join(f"{r:g}" for r in radii),
         "precision_recall": f"improved precision/recall (Kynkaanniemi et al. 2019), k={k}, contrastive space, radius 0",

@@ -84,7 +84,11 @@ def items_from_samples(store, prefix: str = "samples", draw_b: Optional[int] = N
         items.append(ItemSpec(row["caption"], a, b))
     if not items:
         raise ValueError(f"{store.uri(key)} lists no captions")
-    return items, {"model_a": "reranked", "model_b": "/".join(sorted(b_names))}
+    names = {"model_a": "reranked", "model_b": "/".join(sorted(b_names))}
+    if store.exists(f"{prefix}/models.json"):  # which registered versions made the images (the champions)
+        made_by = json.loads(store.get_text(f"{prefix}/models.json")).get("described", "")
+        names = {k: f"{v} ({made_by})"[:200] for k, v in names.items()} if made_by else names
+    return items, names
 
 
 def new_token() -> str:

@@ -1,0 +1,148 @@
+"""Fair promotion and champions everywhere, on the tiny demo run with the platform's own
+assets, jobs and resources: a second prior version is registered as challenger (and its
+file written where the `prior` asset writes it), then
+
+- `samples` still samples the champion prior, not the newest file in storage;
+- the zero-shot report evaluates the challenger by version, says "prior v2 (challenger)
+  vs champion v1", and scores the champion under the same fingerprint in the same run
+  (the champion's figures under the demo's fingerprint stay as they were);
+- the same conditions again: the champion's recorded figures are used, not replaced;
+- other conditions without re-scoring: promotion refused, with the reason.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _latest(instance, key):
+    return instance.get_latest_materialization_event(dg.AssetKey(key)).asset_materialization.metadata
+
+
+@pytest.fixture(scope="module")
+def challenger(demo_run, tmp_path_factory):
+    """prior v2: the demo's prior with its weights scrambled, registered as challenger and
+    written to storage's prior/prior.pt (what a newer `prior` run leaves there)."""
+    import mlflow
+    import torch
+
+    from assets.prior import PRIOR_KEY
+    from dalle_core.prior.train import read_prior_file
+    from orchestration.model_registry import PriorModel, champion_version, log_and_register
+
+    settings, _, _ = demo_run
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    champion = champion_version("prior")
+    store_file = Path(settings.storage_root) / PRIOR_KEY
+    saved = tmp_path_factory.mktemp("prior-backup") / "prior.pt"
+    shutil.copy(store_file, saved)
+    blob = read_prior_file(store_file)
+    gen = torch.Generator().manual_seed(0)
+    for sd in (blob["state_dict"], blob.get("ema_state_dict") or {}):
+        for k, v in sd.items():
+            if v.is_floating_point():
+                sd[k] = v + 2.0 * torch.randn(v.shape, generator=gen)
+    new = tmp_path_factory.mktemp("prior-v2") / "prior.pt"
+    torch.save(blob, new)
+    tok = Path(settings.storage_root) / "tokenizer" / "bpe.json"
+    exp = mlflow.set_experiment("dalle")
+    with mlflow.start_run(experiment_id=exp.experiment_id, run_name="prior (test challenger)"):
+        version = log_and_register(new, "prior", PriorModel(), alias="challenger",
+                                   extra_artifacts={"tokenizer": tok} if tok.is_file() else None)
+    shutil.copy(new, store_file)
+    yield settings, champion, version
+    shutil.copy(saved, store_file)  # other tests read the demo's files and champions
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("prior", "champion", champion)
+    client.set_registered_model_alias("prior", "challenger", champion)
+
+
+def test_samples_use_the_champion_prior_not_the_newest_file(challenger):
+    from assets.generation import samples
+    from orchestration.definitions import build_definitions
+
+    settings, champion, version = challenger
+    assert version != champion
+    root = Path(settings.storage_root) / "samples"
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    defs = build_definitions(settings)
+    small = {"captions": 3, "candidates": 4, "keep": 2}
+
+    def run(**extra):
+        res = dg.materialize([samples], instance=instance, resources=defs.resources,
+                             run_config={"ops": {"samples": {"config": {**small, **extra}}}})
+        assert res.success
+        return (_latest(instance, "samples")["models"].value, json.loads((root / "models.json").read_text()),
+                [c["scores"] for c in json.loads((root / "captions.json").read_text())])
+
+    described, models, scores = run()  # the default: @champion, though prior.pt in storage is v2
+    assert described.startswith(f"prior v{champion} @champion") and models["versions"]["prior"] == champion
+    # the champion's weights drew them: the same scores as naming the champion's version explicitly
+    _, _, explicit = run(prior=champion)
+    assert scores == explicit
+    described, models, other = run(prior=version)  # an explicit version is honoured too
+    assert described.startswith(f"prior v{version},") and other != scores
+    # put the demo's samples back for the other tests
+    dg.materialize([samples], instance=instance, resources=defs.resources)
+
+
+def test_challenger_is_compared_under_its_own_fingerprint(challenger):
+    import mlflow
+
+    from orchestration.definitions import build_definitions
+    from orchestration.model_registry import champion_version, version_figures
+
+    settings, champion, version = challenger
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    defs = build_definitions(settings)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    demo_figures = version_figures("prior", champion)
+    assert len(demo_figures) == 1  # the demo's evaluation, under the demo's conditions
+    (demo_fp, demo_fig), = demo_figures.items()
+
+    job = defs.resolve_job_def("evaluation_job")
+    config = {"captions": 4, "candidates": 2, "radii": [2.0], "seed": 3}
+    res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": config}}})
+    assert res.success
+    meta = _latest(instance, "coco_zero_shot_report")
+    fp = meta["fingerprint"].value
+    assert meta["evaluated"].value == f"prior v{version} (challenger) vs champion v{champion}"
+    assert fp != demo_fp and meta["champion_rescored"].value.startswith("yes")
+    assert f"prior v{version}" in meta["comparison"].value and f"champion v{champion}" in meta["comparison"].value
+    assert "model that selected the samples" in meta["metrics"].value  # contrastive FD says whose space it is
+    figures = version_figures("prior", champion)
+    assert figures[demo_fp].metrics == demo_fig.metrics  # the champion's reference figures untouched
+    assert figures[fp].fingerprint["candidates"] == "2" and "contrastive_fd" in figures[fp].metrics
+    run = mlflow.get_run(meta["mlflow_run"].value.rstrip("/").split("/")[-1])
+    for k in ("contrastive_fd", "challenger_contrastive_fd", "champion_contrastive_fd"):
+        assert k in run.data.metrics, k
+    assert run.data.metrics["champion_contrastive_fd"] == pytest.approx(figures[fp].metrics["contrastive_fd"])
+    arts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "evaluation")]
+    assert "evaluation/comparison.md" in arts and "evaluation/fingerprint.json" in arts
+    promoted = meta["promoted"].value
+    assert champion_version("prior") == (version if promoted else champion)
+    if promoted:  # scrambled weights should lose; whatever happened, put the demo's champion back
+        mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)
+
+    # the same conditions again: the champion's recorded figures serve, nothing re-scored or replaced
+    res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": config}}})
+    meta2 = _latest(instance, "coco_zero_shot_report")
+    assert res.success and meta2["fingerprint"].value == fp
+    assert meta2["champion_rescored"].value.startswith("no: figures under fingerprint")
+    assert version_figures("prior", champion)[fp].metrics == figures[fp].metrics
+    assert meta2["promoted"].value == promoted  # the same figures, the same decision
+    # (on 4 captions even scrambled weights can win: FD on so few images is mostly noise)
+    mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)
+
+    # other conditions, re-scoring switched off: refused, with the reason, champion kept
+    off = {**config, "seed": 4, "rescore_champion": False}
+    res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": off}}})
+    meta3 = _latest(instance, "coco_zero_shot_report")
+    assert res.success and not meta3["promoted"].value and champion_version("prior") == champion
+    assert "no figures under this evaluation's fingerprint" in meta3["promotion"].value
+    assert meta3["fingerprint"].value not in version_figures("prior", champion)
