@@ -398,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="generated.png", help="the grid; each image goes next to it as NAME_01.png ...")
     p.add_argument("--image-prompt", default=None, help="an image whose top rows of codes are kept")
     p.add_argument("--prompt-rows", type=int, default=None, help="code rows kept from the image prompt (default half)")
-    p.add_argument("--prior", default="@champion", help="weights file, models:/prior@alias or @alias")
+    p.add_argument("--prior", default="@champion",
+                   help="weights file, models:/prior@alias, @alias or a version number (default @champion: "
+                        "the promoted prior, never an unpromoted challenger)")
     p.add_argument("--dvae", default="@champion")
     p.add_argument("--reranker", default="@champion", help="... or 'none' to keep the first draws")
     p.add_argument("--tokenizer", default=None, help="default: the one registered with the prior")
