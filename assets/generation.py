@@ -222,7 +222,7 @@ def samples(
 
     out = chain.generate(captions, n=config.candidates, keep=config.keep, temperature=config.temperature,
                          top_k=config.top_k, seed=config.seed, return_candidates=True, progress=progress,
-                         batch_size=256)
+                         batch_size=None)  # None: sized from the KV cache per row (256 rows on CPU)
     unranked = out.candidates[:, : config.keep]  # the first draws: the prior without reranking
     demo = all(parse_caption(c) is not None for c in captions)
     rates = caption_match_rates(out.images, unranked, captions, check_image) if demo else {}

@@ -63,7 +63,8 @@ def generate_best_images(chain, captions: Sequence[str], candidates: int, chunk_
         pixels = _read(path, len(chunk)) if path is not None else None
         from_disk = pixels is not None
         if pixels is None:
-            out = chain.generate(chunk, n=candidates, keep=1, seed=seed + start, batch_size=256)
+            # batch_size None: rows sized from the KV cache per row and free GPU memory (256 on CPU)
+            out = chain.generate(chunk, n=candidates, keep=1, seed=seed + start, batch_size=None)
             pixels = (out.images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
             if path is not None:
                 write_npz_atomic(path, images=pixels)
