@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .powersgd import POWERSGD_VARIANTS, UNCOMPRESSED_ROLES
+
 GPUS_PER_NODE_ENV = "DALLE_GPUS_PER_NODE"
 MESH_DIM_NAMES = ("node", "gpu")
 
@@ -41,6 +43,14 @@ class ParallelConfig:
     powersgd_rank: rank of the PowerSGD approximation of each GPU's gradient
         shard for the cross-machine all-reduce; None = uncompressed all-reduce.
         The paper: 112 per GPU at 12B (896 over a machine's 8 GPUs).
+    powersgd_variant: "paper" (appendix E: a Gaussian Q fixed at the start, no
+        warm start, Householder orthogonalisation of P + epsilon I) or "torch"
+        (torch's powerSGD_hook: Gram-Schmidt, warm-started Q); None = the prior
+        config's `powersgd_variant` (the trainer), "torch" elsewhere.
+        `powersgd_orthogonalization` / `powersgd_warm_start` override the
+        variant's choice when set.
+    powersgd_exclude_roles: parameter roles sent uncompressed (powersgd.parameter_role:
+        the paper's embeddings, heads, gains and biases).
     activation_checkpointing: recompute each transformer layer in backward.
     prefetch: explicitly prefetch the next layer's all-gather (forward) and the
         previous layer's (backward); see parallelize.apply_fsdp.
@@ -54,8 +64,11 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     # PowerSGD details (torch's powerSGD_hook defaults where the paper is silent)
     powersgd_min_compression_rate: float = 2.0
-    powersgd_orthogonalization: str = "gram_schmidt"  # or "householder" (the paper's)
-    powersgd_warm_start: bool = True
+    powersgd_variant: str | None = None  # "paper" or "torch"; None = the prior config's
+    powersgd_orthogonalization: str | None = None  # "gram_schmidt" / "householder"; None = the variant's
+    powersgd_orthogonalization_epsilon: float = 1e-8  # x identity added to P before Householder (paper)
+    powersgd_warm_start: bool | None = None  # None = the variant's (torch: True, paper: False, fixed Q)
+    powersgd_exclude_roles: tuple[str, ...] = UNCOMPRESSED_ROLES
     powersgd_error_feedback: bool = True
     powersgd_start_iter: int = 0  # plain all-reduce for the first updates
     powersgd_seed: int = 0
@@ -65,9 +78,14 @@ class ParallelConfig:
             raise ValueError(f"need nodes >= 1 and gpus_per_node >= 1, got {self.nodes}, {self.gpus_per_node}")
         if self.powersgd_rank is not None and self.powersgd_rank < 1:
             raise ValueError(f"powersgd_rank must be >= 1 or None, got {self.powersgd_rank}")
-        if self.powersgd_orthogonalization not in ("gram_schmidt", "householder"):
+        if self.powersgd_orthogonalization not in (None, "gram_schmidt", "householder"):
             raise ValueError("powersgd_orthogonalization must be 'gram_schmidt' or 'householder', "
                              f"got {self.powersgd_orthogonalization!r}")
+        if self.powersgd_variant not in (None, *POWERSGD_VARIANTS):
+            raise ValueError(f"powersgd_variant must be one of {POWERSGD_VARIANTS}, got {self.powersgd_variant!r}")
+        if self.powersgd_orthogonalization_epsilon < 0:
+            raise ValueError("powersgd_orthogonalization_epsilon must be >= 0")
+        object.__setattr__(self, "powersgd_exclude_roles", tuple(self.powersgd_exclude_roles))
 
     @property
     def world_size(self) -> int:
@@ -146,6 +164,19 @@ def build_mesh(parallel: ParallelConfig | None = None, device_type: str | None =
     return init_device_mesh(device_type, (nodes, gpus), mesh_dim_names=MESH_DIM_NAMES)
 
 
+def data_parallel_replicas(mesh: Any = None) -> int:
+    """M of the paper's gradient scales: the number of data-parallel replicas.
+    On the ("node", "gpu") mesh a machine holds one replica sharded over its
+    GPUs, so M = mesh["node"].size() (the paper: GPUs / 8); plain data
+    parallelism (one GPU per machine, or no mesh) has one replica per rank."""
+    if mesh is None:
+        return get_world_size()
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    if "node" in names:
+        return int(mesh["node"].size())
+    return int(mesh.size())
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -164,4 +195,4 @@ def barrier() -> None:
 
 
 __all__ = ["DistInfo", "GPUS_PER_NODE_ENV", "MESH_DIM_NAMES", "ParallelConfig", "barrier", "build_mesh",
-           "get_rank", "get_world_size", "init_distributed", "is_distributed", "resolve_topology"]
+           "data_parallel_replicas", "get_rank", "get_world_size", "init_distributed", "is_distributed", "resolve_topology"]

@@ -114,22 +114,43 @@ def apply_fsdp(model: nn.Module, mesh: Any, *, reshard_after_forward: bool = Tru
     return units
 
 
-def apply_cross_node_reduction(units: list[tuple[str, nn.Module]], reducer: CrossNodeReducer) -> None:
+def apply_cross_node_reduction(units: list[tuple[str, nn.Module]], reducer: CrossNodeReducer,
+                               grad_scaler: Any = None) -> None:
     """The custom-HSDP step: on every FSDP unit, `set_all_reduce_hook` to the
     reducer, which averages the unit's reduce-scattered shard across machines
-    (plain all-reduce or PowerSGD) in place."""
+    (plain all-reduce or PowerSGD) in place.
+
+    The hook gets the parameters' names from the root unit (the whole model,
+    last in `units`; canonical, without wrapper infixes) for PowerSGD's role
+    exclusions, and `grad_scaler` (a PerResblockGradScaler) so that it can tell
+    what each resblock's gradient is multiplied by when the hook runs: inside
+    backward, before the scaler's unscale_."""
+    from .checkpoint import canonical_key
+
+    root = units[-1][1] if units else None
+    names = {id(p): canonical_key(n) for n, p in root.named_parameters()} if root is not None else {}
+    if grad_scaler is not None:
+        reducer.set_grad_scaler(grad_scaler)
     for name, module in units:
-        module.set_all_reduce_hook(reducer.hook_for(name, module))
+        module.set_all_reduce_hook(reducer.hook_for(name, module, names=names))
 
 
 def make_reducer(parallel: ParallelConfig, process_group: Any) -> CrossNodeReducer:
+    """The cross-machine reducer `parallel` asks for. PowerSGD's variant: "paper"
+    = a Gaussian Q fixed at the start (no warm start) and Householder of
+    P + epsilon I; "torch" (also when unset) = warm start and Gram-Schmidt;
+    explicit `powersgd_orthogonalization` / `powersgd_warm_start` win."""
     if parallel.powersgd_rank is None:
         return CrossNodeReducer(process_group)
+    paper = parallel.powersgd_variant == "paper"
+    orth = parallel.powersgd_orthogonalization or ("householder" if paper else "gram_schmidt")
+    warm = parallel.powersgd_warm_start if parallel.powersgd_warm_start is not None else not paper
     return PowerSGDCompressor(
         parallel.powersgd_rank, process_group,
         min_compression_rate=parallel.powersgd_min_compression_rate,
-        warm_start=parallel.powersgd_warm_start, use_error_feedback=parallel.powersgd_error_feedback,
-        orthogonalization=parallel.powersgd_orthogonalization, seed=parallel.powersgd_seed,
+        warm_start=warm, fixed_q=paper and not warm, use_error_feedback=parallel.powersgd_error_feedback,
+        orthogonalization=orth, orthogonalization_epsilon=parallel.powersgd_orthogonalization_epsilon,
+        exclude_roles=parallel.powersgd_exclude_roles, seed=parallel.powersgd_seed,
         start_iter=parallel.powersgd_start_iter)
 
 
@@ -146,11 +167,19 @@ class ParallelSetup:
         return None if self.mesh is None else self.mesh["gpu"].get_group()
 
 
-def parallelize_prior(model: nn.Module, mesh: Any, parallel: ParallelConfig) -> ParallelSetup:
+def parallelize_prior(model: nn.Module, mesh: Any, parallel: ParallelConfig, *, grad_scaler: Any = None,
+                      powersgd_variant: str | None = None) -> ParallelSetup:
     """Activation checkpointing, FSDP over mesh["gpu"] with prefetch, and the
     cross-machine reduction over mesh["node"] (PowerSGD when
     ``parallel.powersgd_rank`` is set), per `parallel`. With `mesh` None (one
-    process) only activation checkpointing applies."""
+    process) only activation checkpointing applies. `grad_scaler`: the
+    per-resblock gradient scaler wrapped into `model` (the reducer keeps
+    PowerSGD's error feedback in true gradient units); `powersgd_variant`: the
+    prior config's, used when `parallel` does not set one."""
+    if parallel.powersgd_variant is None and powersgd_variant is not None:
+        import dataclasses
+
+        parallel = dataclasses.replace(parallel, powersgd_variant=powersgd_variant)
     if parallel.activation_checkpointing:
         apply_activation_checkpointing(model)
     if mesh is None:
@@ -160,7 +189,7 @@ def parallelize_prior(model: nn.Module, mesh: Any, parallel: ParallelConfig) -> 
     reducer = None
     if mesh["node"].size() > 1:
         reducer = make_reducer(parallel, mesh["node"].get_group())
-        apply_cross_node_reduction(units, reducer)
+        apply_cross_node_reduction(units, reducer, grad_scaler)
     return ParallelSetup(model, mesh, units, reducer)
 
 

@@ -40,7 +40,12 @@ all-reduce)
                       PowerSGD: each compressible shard matrix (a x b) sends
                       (a + b) * r values instead of a * b (torch's rule: compress
                       when (a + b) r * min_compression_rate < a b), the others
-                      go uncompressed.
+                      go uncompressed; so do embeddings, heads, gains and
+                      biases (powersgd.parameter_role, the paper's appendix E:
+                      `powersgd_exclude_roles`). The rule is powersgd.is_compressed,
+                      the one the reducer applies (a test measures the bytes the
+                      reducer hands to all_reduce on a 2 x 2 gloo mesh and
+                      compares them with this plan).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .powersgd import paper_compression, sent_numel
+from .powersgd import UNCOMPRESSED_ROLES, paper_compression, sent_numel
 
 GIB = 1024**3
 
@@ -152,7 +157,7 @@ class Plan:
 def plan(profile_config, nodes: int, gpus_per_node: int, batch_size_per_gpu: int,
          powersgd_rank: int | None = None, activation_checkpointing: bool = True, *,
          param_bytes: int = 2, grad_bytes: int = 2, act_bytes: int = 2, residual_bytes: int = 4,
-         min_compression_rate: float = 2.0) -> Plan:
+         min_compression_rate: float = 2.0, powersgd_exclude_roles: tuple[str, ...] = UNCOMPRESSED_ROLES) -> Plan:
     """Plan a run of `profile_config` (a PriorConfig) on `nodes` x `gpus_per_node`
     GPUs (see the module docstring for every formula). Byte sizes default to
     the paper's fp16 parameters / gradients / activations with fp32 optimizer
@@ -201,10 +206,11 @@ def plan(profile_config, nodes: int, gpus_per_node: int, batch_size_per_gpu: int
         compression = None
         if powersgd_rank is not None:
             sent = 0
-            for _, s in shapes:
+            for nm, s in shapes:
                 rows, cols = padded_shard(s)
                 matrix = (rows, cols) if len(s) >= 2 else None
-                sent += sent_numel(matrix, rows * cols, powersgd_rank, min_compression_rate)
+                sent += sent_numel(matrix, rows * cols, powersgd_rank, min_compression_rate, name=nm,
+                                   exclude_roles=powersgd_exclude_roles)
             inter_psgd = int(ring * sent * grad_bytes)
             compression = 1 - sent / shard_numel
     else:
@@ -223,7 +229,8 @@ def plan(profile_config, nodes: int, gpus_per_node: int, batch_size_per_gpu: int
         paper_formula_compression=formula,
         assumptions={"param_bytes": param_bytes, "grad_bytes": grad_bytes, "act_bytes": act_bytes,
                      "residual_bytes": residual_bytes, "optimizer_bytes_per_param": 12,
-                     "min_compression_rate": min_compression_rate, "shard_dim": 0},
+                     "min_compression_rate": min_compression_rate, "shard_dim": 0,
+                     "powersgd_uncompressed_roles": list(powersgd_exclude_roles)},
     )
 
 

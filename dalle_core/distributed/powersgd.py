@@ -38,10 +38,33 @@ flat buffer, rows padded to a multiple of the shard count by FSDP):
     Q  = all_reduce(Q')              sum over machines; kept for the next step
     M <- P Q^T / n_machines          = mean over machines of P P^T M_i
 
-so a machine sends (n + m) r numbers instead of n m. Tensors for which that is
-not worth it — 1-D ones (biases, LN gains), and matrices where
-(n + m) r * min_compression_rate >= n m — are all-reduced uncompressed in one
-flat buffer, as torch does. The error is the local decompression residual
+so a machine sends (n + m) r numbers instead of n m. What low rank cannot
+represent goes uncompressed, by parameter role (`parameter_role`, the paper's
+appendix E): the embeddings (text, image, positions, the start vector) and the
+two output heads, whose gradients are row-sparse (only the rows of the tokens
+in the batch are non-zero: no low-rank structure, and error feedback would
+smear them over all rows), and gains and biases (1-D). Matrices where
+(n + m) r * min_compression_rate >= n m are not worth it either (torch's
+rule). All of these are all-reduced uncompressed in one flat buffer.
+
+Gradient scale (per-resblock fp16 scaling, dalle_core.precision). The hook runs
+*inside* backward, right after FSDP's reduce-scatter of a layer, long before
+the scaler's `unscale_` (after backward): the gradients it sees are the true
+gradients times that resblock's multiplier c = s / M. The reducer therefore
+divides each piece by its block's c before compressing and multiplies the
+decompressed mean back by c, so the error feedback buffers are kept in true
+(unscaled) gradient units: after a scale back-off (c / sqrt(2)) the carried
+error is re-injected at its true magnitude, not sqrt(2) too large (tested).
+
+Variants (`variant`): "torch" — torch's powerSGD_hook: Gram-Schmidt, Q
+warm-started from the previous step; "paper" (appendix E, the paper presets) —
+a Gaussian Q drawn once at the start of training and used for every step (no
+warm start), and Householder orthogonalisation (LAPACK geqrf through
+torch.linalg.qr) of P + epsilon I (a small multiple of the identity, I the
+rectangular n x r identity, added before orthogonalising so that a
+rank-deficient P, e.g. an all-zero gradient, still gives r orthonormal
+columns); epsilon is `orthogonalization_epsilon` (the paper gives no value;
+we use 1e-8 in true gradient units, far below any P that carries signal). The error is the local decompression residual
 Δ_i - P P^T Δ_i (the paper's definition), so sum_t output_t = sum_t mean_i g_i,t
 - mean_i E_i,T exactly: nothing is lost, only delayed (tested).
 
@@ -90,6 +113,46 @@ class Piece:
     offset: int
     numel: int  # padded sharded numel (FSDP pads dim 0 to a multiple of the shard count)
     matrix: tuple[int, int] | None  # (rows, cols) for a >= 2-D parameter sharded on dim 0
+    param_id: int | None = None  # id() of the parameter (maps it to its resblock's gradient scale)
+
+
+# --- what is compressed: parameter roles ------------------------------------------------
+
+# The prior's parameters that are embeddings without "embedding" in their name.
+EMBEDDING_PARAMETERS = frozenset({"bos", "text_position", "image_row", "image_col"})
+NORM_MODULES = frozenset({"ln", "ln_f", "norm", "layer_norm"})
+# Roles PowerSGD leaves uncompressed (the paper, appendix E).
+UNCOMPRESSED_ROLES = ("embedding", "head", "gain", "bias")
+
+
+def parameter_role(name: str, is_matrix: bool = True) -> str:
+    """The role of a parameter, from its (canonical) name: "embedding" (a
+    component ending in "embedding", or bos / text_position / image_row /
+    image_col), "head" (a component ending in "head"), "bias" (leaf "bias"),
+    "gain" (a layer norm's weight, or any other 1-D tensor), else "matrix"."""
+    parts = name.split(".")
+    if any(c.endswith("embedding") or c in EMBEDDING_PARAMETERS for c in parts):
+        return "embedding"
+    if any(c.endswith("head") for c in parts):
+        return "head"
+    if parts[-1] == "bias":
+        return "bias"
+    if not is_matrix or any(c in NORM_MODULES for c in parts[:-1]):
+        return "gain"
+    return "matrix"
+
+
+def is_compressed(name: str, matrix: tuple[int, int] | None, rank: int | None,
+                  min_compression_rate: float = 2.0,
+                  exclude_roles: Sequence[str] = UNCOMPRESSED_ROLES) -> bool:
+    """Whether PowerSGD compresses a shard: a matrix whose role is not excluded
+    and which shrinks by `min_compression_rate` (shared by the reducer and the
+    planner, so `dalle plan` predicts what the reducer sends)."""
+    if rank is None or matrix is None:
+        return False
+    if parameter_role(name, True) in exclude_roles:
+        return False
+    return should_compress(*matrix, rank, min_compression_rate)
 
 
 def effective_rank(rows: int, cols: int, rank: int) -> int:
@@ -104,14 +167,15 @@ def should_compress(rows: int, cols: int, rank: int, min_compression_rate: float
 
 
 def sent_numel(piece_matrix: tuple[int, int] | None, numel: int, rank: int | None,
-               min_compression_rate: float = 2.0) -> int:
-    """Numbers one GPU all-reduces across machines for one piece."""
-    if rank is None or piece_matrix is None:
+               min_compression_rate: float = 2.0, name: str | None = None,
+               exclude_roles: Sequence[str] = UNCOMPRESSED_ROLES) -> int:
+    """Numbers one GPU all-reduces across machines for one piece (`name`: the
+    parameter's, for the role exclusions; None = a plain matrix)."""
+    if not is_compressed(name or "weight", piece_matrix, rank, min_compression_rate,
+                         exclude_roles if name is not None else ()):
         return numel
-    rows, cols = piece_matrix
-    if not should_compress(rows, cols, rank, min_compression_rate):
-        return numel
-    return (rows + cols) * effective_rank(rows, cols, rank)
+    rows, cols = piece_matrix  # type: ignore[misc]
+    return (rows + cols) * effective_rank(rows, cols, rank)  # type: ignore[arg-type]
 
 
 def paper_compression(rank_total: int, d_model: int) -> float:
@@ -121,12 +185,13 @@ def paper_compression(rank_total: int, d_model: int) -> float:
 
 # --- layouts -------------------------------------------------------------------------
 
-def fsdp_unit_layout(module: torch.nn.Module) -> list[Piece]:
+def fsdp_unit_layout(module: torch.nn.Module, names: dict[int, str] | None = None) -> list[Piece]:
     """The pieces of an FSDP2 module's flat reduce-scatter output, in order.
 
     Read from FSDP2's parameter group (``FSDPParam.padded_sharded_param_size``
     and ``fsdp_placement``), which is what `foreach_reduce` uses to view the
-    buffer back into sharded gradients.
+    buffer back into sharded gradients. `names`: id(parameter) -> its name in
+    the model (FSDP2 leaves ``_param_fqn`` unset until a state dict is taken).
     """
     state = module._get_fsdp_state()  # type: ignore[attr-defined]
     groups = getattr(state, "_fsdp_param_groups", None)
@@ -144,7 +209,10 @@ def fsdp_unit_layout(module: torch.nn.Module) -> list[Piece]:
             matrix = None
             if len(size) >= 2 and shard_dim == 0 and size[0] > 0:
                 matrix = (int(size[0]), numel // int(size[0]))
-            pieces.append(Piece(fp._param_fqn or f"param{len(pieces)}", offset, numel, matrix))
+            param = getattr(fp, "sharded_param", None)
+            pid = id(param) if param is not None else None
+            name = (names or {}).get(pid) or fp._param_fqn or f"param{len(pieces)}"
+            pieces.append(Piece(name, offset, numel, matrix, pid))
             offset += numel
     return pieces
 
@@ -175,8 +243,12 @@ def orthogonalize_gram_schmidt(p: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def orthogonalize_householder(p: torch.Tensor) -> torch.Tensor:
-    """In place, reduced QR by Householder reflections (LAPACK geqrf)."""
+def orthogonalize_householder(p: torch.Tensor, epsilon: float = 0.0) -> torch.Tensor:
+    """In place, reduced QR by Householder reflections (LAPACK geqrf) of
+    P + epsilon I (I: the n x r identity; the paper adds "a small multiple of
+    the identity" before orthogonalising)."""
+    if epsilon:
+        p.diagonal().add_(epsilon)
     q, _ = torch.linalg.qr(p.to(torch.float32) if p.dtype in (torch.float16, torch.bfloat16) else p,
                            mode="reduced")
     p.copy_(q)
@@ -197,6 +269,8 @@ class CrossNodeReducer:
 
     def __init__(self, process_group: Any = None):
         self.process_group = process_group
+        self.grad_scaler: Any = None  # a PerResblockGradScaler (set_grad_scaler)
+        self._param_block: dict[int, int] | None = None
         self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
         self.bytes_uncompressed = 0
         self.bytes_sent = 0
@@ -205,17 +279,35 @@ class CrossNodeReducer:
         self._layouts: dict[str, list[Piece]] = {}
 
     # --- wiring into FSDP2 ---------------------------------------------------------
+    def set_grad_scaler(self, scaler: Any) -> None:
+        """The per-resblock gradient scaler whose scaled gradients the hook sees
+        (duck-typed: ``n``, ``block_parameters(i)``, ``grad_multiplier(i)``)."""
+        self.grad_scaler = scaler
+        self._param_block = None
+
+    def grad_multiplier(self, piece: Piece) -> float:
+        """What the piece's gradient is multiplied by when the hook sees it: its
+        resblock's s / M, 1 outside the resblocks or without a scaler."""
+        sc = self.grad_scaler
+        if sc is None or piece.param_id is None or not getattr(sc, "enabled", True):
+            return 1.0
+        if self._param_block is None:
+            self._param_block = {id(p): i for i in range(sc.n) for p in sc.block_parameters(i)}
+        i = self._param_block.get(piece.param_id)
+        return 1.0 if i is None else float(sc.grad_multiplier(i))
+
     def hook_for(self, unit: str, module: torch.nn.Module | None = None,
-                 layout: list[Piece] | None = None) -> Callable[[torch.Tensor], None]:
+                 layout: list[Piece] | None = None,
+                 names: dict[int, str] | None = None) -> Callable[[torch.Tensor], None]:
         """The callable for `module.set_all_reduce_hook`: reduces the unit's flat
-        shard in place."""
+        shard in place. `names`: id(parameter) -> name (for the role exclusions)."""
         if layout is not None:
             self._layouts[unit] = layout
 
         def hook(flat: torch.Tensor) -> None:
             pieces = self._layouts.get(unit)
             if pieces is None and module is not None:
-                pieces = self._layouts[unit] = fsdp_unit_layout(module)
+                pieces = self._layouts[unit] = fsdp_unit_layout(module, names)
             if pieces is None or sum(p.numel for p in pieces) != flat.numel():
                 # e.g. a parameter without a gradient this step: FSDP then packs
                 # only the others; reduce the buffer whole, uncompressed.
@@ -285,48 +377,84 @@ class CrossNodeReducer:
         self.calls = int(state.get("calls", 0))
 
 
+POWERSGD_VARIANTS = ("torch", "paper")
+
+
 class PowerSGDCompressor(CrossNodeReducer):
     """PowerSGD all-reduce of gradient shards across machines (see module docstring).
 
     rank: approximation rank per matrix (per GPU shard); min_compression_rate:
-    matrices that would not shrink by this factor go uncompressed; warm_start:
-    reuse last step's Q (else a fresh seeded Gaussian Q each step);
-    use_error_feedback: keep the residual per matrix and add it next step;
-    orthogonalization: "gram_schmidt" (torch's default) or "householder" (the
-    paper's); start_iter: plain all-reduce for the first `start_iter` steps.
+    matrices that would not shrink by this factor go uncompressed;
+    exclude_roles: parameter roles never compressed (`parameter_role`; the
+    paper's embeddings, heads, gains and biases by default, ``()`` to compress
+    every matrix); warm_start: reuse last step's Q; fixed_q (without
+    warm_start): the Gaussian Q drawn at the start for every step (else a fresh
+    seeded Gaussian Q each step); use_error_feedback: keep the residual per
+    matrix (in true gradient units) and add it next step; orthogonalization:
+    "gram_schmidt" (torch's default) or "householder" (the paper's), with
+    `orthogonalization_epsilon` times the identity added first (householder);
+    start_iter: plain all-reduce for the first `start_iter` steps.
+    `variant="paper"` sets warm_start False, fixed_q True, householder.
     """
 
     def __init__(self, rank: int, process_group: Any = None, min_compression_rate: float = 2.0,
                  warm_start: bool = True, use_error_feedback: bool = True,
-                 orthogonalization: str = "gram_schmidt", seed: int = 0, start_iter: int = 0):
+                 orthogonalization: str = "gram_schmidt", seed: int = 0, start_iter: int = 0,
+                 exclude_roles: Sequence[str] = UNCOMPRESSED_ROLES, fixed_q: bool = False,
+                 orthogonalization_epsilon: float = 0.0, variant: str | None = None):
         super().__init__(process_group)
         if rank < 1:
             raise ValueError(f"PowerSGD rank must be >= 1, got {rank}")
+        if variant is not None:
+            if variant not in POWERSGD_VARIANTS:
+                raise ValueError(f"PowerSGD variant must be one of {POWERSGD_VARIANTS}, got {variant!r}")
+            if variant == "paper":
+                warm_start, fixed_q, orthogonalization = False, True, "householder"
         if orthogonalization not in ("gram_schmidt", "householder"):
             raise ValueError(f"orthogonalization must be 'gram_schmidt' or 'householder', got {orthogonalization!r}")
         self.rank = int(rank)
         self.min_compression_rate = float(min_compression_rate)
+        self.exclude_roles = tuple(exclude_roles)
         self.warm_start = warm_start
+        self.fixed_q = bool(fixed_q) and not warm_start
         self.use_error_feedback = use_error_feedback
         self.orthogonalization = orthogonalization
+        self.orthogonalization_epsilon = float(orthogonalization_epsilon)
         self.seed = int(seed)
         self.start_iter = int(start_iter)
-        self.errors: dict[str, torch.Tensor] = {}
-        self.qs: dict[str, torch.Tensor] = {}
+        self.errors: dict[str, torch.Tensor] = {}  # true (unscaled) gradient units
+        self.qs: dict[str, torch.Tensor] = {}  # warm start: last step's Q
+        self._q0: dict[str, torch.Tensor] = {}  # fixed_q: the Q drawn at the start
         self.n_nonfinite = 0
 
     def _orthogonalize(self, p: torch.Tensor) -> None:
         if self.orthogonalization == "householder":
-            orthogonalize_householder(p)
+            orthogonalize_householder(p, self.orthogonalization_epsilon)
         else:
             orthogonalize_gram_schmidt(p)
 
     def _initial_q(self, key: str, cols: int, r: int, like: torch.Tensor) -> torch.Tensor:
         # Same seed on every machine (the key names the same parameter shard there);
-        # drawn on the CPU so that it does not depend on the device.
-        salt = 0 if self.warm_start else self.iteration + 1
+        # drawn on the CPU so that it does not depend on the device. A fixed Q
+        # (and the warm start's first Q) is salt 0; fresh ones are salted by step.
+        salt = 0 if (self.warm_start or self.fixed_q) else self.iteration + 1
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + zlib.crc32(key.encode()) + salt * 7919) % (2**63))
         return torch.randn(cols, r, generator=g, dtype=torch.float32).to(like.device, like.dtype)
+
+    def _q_for(self, key: str, cols: int, r: int, like: torch.Tensor) -> torch.Tensor:
+        if self.warm_start:
+            q0 = self.qs.get(key)
+            if q0 is not None and q0.shape == (cols, r):
+                return q0
+        elif self.fixed_q:
+            q0 = self._q0.get(key)
+            if q0 is None or q0.shape != (cols, r) or q0.dtype != like.dtype or q0.device != like.device:
+                q0 = self._q0[key] = self._initial_q(key, cols, r, like)
+            return q0
+        return self._initial_q(key, cols, r, like)
+
+    def compressed(self, pc: Piece) -> bool:
+        return is_compressed(pc.name, pc.matrix, self.rank, self.min_compression_rate, self.exclude_roles)
 
     def reduce_flat(self, unit: str, flat: torch.Tensor, pieces: list[Piece]) -> None:
         if self.iteration < self.start_iter:
@@ -334,12 +462,12 @@ class PowerSGDCompressor(CrossNodeReducer):
             return
         self.calls += 1
         esize = flat.element_size()
-        plain = [pc for pc in pieces
-                 if pc.matrix is None or not should_compress(*pc.matrix, self.rank, self.min_compression_rate)]
-        lowrank = [pc for pc in pieces if pc not in plain]
+        lowrank = [pc for pc in pieces if self.compressed(pc)]
+        plain = [pc for pc in pieces if pc not in lowrank]
         self.bytes_uncompressed += flat.numel() * esize
 
-        # 1. Small tensors: one uncompressed all-reduce.
+        # 1. What is not compressed: one uncompressed all-reduce (linear: the
+        # gradient scale needs no care here).
         if plain:
             buf = torch.cat([flat[pc.offset:pc.offset + pc.numel] for pc in plain])
             self._all_reduce_mean_(buf)
@@ -351,12 +479,16 @@ class PowerSGDCompressor(CrossNodeReducer):
         if not lowrank:
             return
 
-        # 2. Matrices: error feedback, P = M Q.
+        # 2. Matrices, in true gradient units (divided by their resblock's
+        # multiplier c = s / M, the same on every machine): error feedback, P = M Q.
         keys = [f"{unit}/{pc.name}" for pc in lowrank]
+        cs = [self.grad_multiplier(pc) for pc in lowrank]
         ms, ranks = [], []
-        for key, pc in zip(keys, lowrank):
+        for key, pc, c in zip(keys, lowrank, cs):
             rows, cols = pc.matrix  # type: ignore[misc]
             m = flat[pc.offset:pc.offset + pc.numel].view(rows, cols)
+            if c != 1.0:
+                m.div_(c)
             if self.use_error_feedback and key in self.errors:
                 m.add_(self.errors[key])
             ms.append(m)
@@ -370,10 +502,7 @@ class PowerSGDCompressor(CrossNodeReducer):
         for key, m, r, ns, nq in zip(keys, ms, ranks, p_sizes, q_sizes):
             p = p_buf[po:po + ns].view(m.shape[0], r)
             q = q_buf[qo:qo + nq].view(m.shape[1], r)
-            q0 = self.qs.get(key) if self.warm_start else None
-            if q0 is None or q0.shape != q.shape:
-                q0 = self._initial_q(key, m.shape[1], r, flat)
-            q.copy_(q0)
+            q.copy_(self._q_for(key, m.shape[1], r, flat))
             torch.matmul(m, q, out=p)
             ps.append(p)
             qs.append(q)
@@ -400,14 +529,15 @@ class PowerSGDCompressor(CrossNodeReducer):
             dist.all_reduce(q_buf, op=dist.ReduceOp.SUM, group=self.process_group)
         self.bytes_sent += q_buf.numel() * esize
 
-        # 4. Decompress the mean into the flat buffer; keep Q for the next step.
-        for key, m, p, q, b in zip(keys, ms, ps, qs, bad):
+        # 4. Decompress the mean into the flat buffer, back in scaled units (the
+        # scaler's unscale_ divides by c after backward); keep Q for the next step.
+        for key, m, p, q, b, c in zip(keys, ms, ps, qs, bad, cs):
             if b:
                 m.fill_(float("nan"))
                 self.n_nonfinite += 1
                 continue
             torch.matmul(p, q.t(), out=m)
-            m.div_(self.world_size)
+            m.div_(self.world_size / c if c != 1.0 else self.world_size)
             if self.warm_start:
                 self.qs[key] = q.clone()
 
@@ -420,7 +550,7 @@ class PowerSGDCompressor(CrossNodeReducer):
     def state_dict(self) -> dict[str, Any]:
         s = super().state_dict()
         s.update({"rank": self.rank, "errors": dict(self.errors), "qs": dict(self.qs),
-                  "n_nonfinite": self.n_nonfinite})
+                  "n_nonfinite": self.n_nonfinite, "error_units": "true"})
         return s
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -430,11 +560,17 @@ class PowerSGDCompressor(CrossNodeReducer):
                         state.get("rank"), self.rank)
             self.errors, self.qs = {}, {}
             return
-        self.errors = {k: v.clone() for k, v in state.get("errors", {}).items()}
+        if state.get("error_units") != "true" and state.get("errors"):
+            # older checkpoints kept the errors in scaled units (unknown scale): drop them
+            log.warning("PowerSGD error buffers of an older checkpoint are in scaled units: starting without them")
+            self.errors = {}
+        else:
+            self.errors = {k: v.clone() for k, v in state.get("errors", {}).items()}
         self.qs = {k: v.clone() for k, v in state.get("qs", {}).items()}
         self.n_nonfinite = int(state.get("n_nonfinite", 0))
 
 
-__all__ = ["CrossNodeReducer", "Piece", "PowerSGDCompressor", "effective_rank", "fsdp_unit_layout",
-           "orthogonalize_gram_schmidt", "orthogonalize_householder", "paper_compression", "sent_numel",
-           "should_compress", "tensors_layout"]
+__all__ = ["CrossNodeReducer", "EMBEDDING_PARAMETERS", "POWERSGD_VARIANTS", "Piece", "PowerSGDCompressor",
+           "UNCOMPRESSED_ROLES", "effective_rank", "fsdp_unit_layout", "is_compressed",
+           "orthogonalize_gram_schmidt", "orthogonalize_householder", "paper_compression", "parameter_role",
+           "sent_numel", "should_compress", "tensors_layout"]

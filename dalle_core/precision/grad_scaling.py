@@ -19,7 +19,8 @@ its branch, both the identity in the forward pass:
         └─ UnscaleAndFilter ─ branch (fp16) ─ to fp32 ─ Scale ─┘
 
 - `_ScaleGrad` (branch output): the fp32 gradient arriving from the residual
-  stream is multiplied by the block's scale s before it is cast to fp16 and
+  stream is multiplied by the block's scale s (precisely its multiplier s / M,
+  see "What M is" below) before it is cast to fp16 and
   enters the branch, so the branch's fp16 backward (and the gradients of its
   parameters) carry ``s x`` the true values;
 - `_UnscaleAndFilterGrad` (branch input): the gradient leaving the branch, back
@@ -31,17 +32,51 @@ The big scale thus lives only inside the block. After backward,
 scale (fp32 masters: exact when s is a power of two), checks them for non-finite
 values, and zeroes all the parameter gradients of every flagged block.
 
-Scale dynamics (the paper's numbers): one scale per resblock, initialised to
-M * 2^13 (M = number of data-parallel ranks); multiplied by 2^(1/1000) after each
-update in which that block's gradients were finite; on a non-finite gradient
-divided by sqrt(2) and the update skipped; clamped to [M * 2^7, M * 2^24].
+Scale dynamics (the paper's numbers, appendix D): one scale per resblock,
+initialised to M * 2^13; multiplied by 2^(1/1000) after each update in which
+that block's gradients were finite; on a non-finite gradient divided by sqrt(2)
+and the update skipped; consecutive divisions of the same scale are not allowed
+within a window of 125 updates; clamped to [M * 2^7, M * 2^24].
 
-Skipping "at most once per 125 updates": our reading is that the optimizer step
-is skipped when any block (or a parameter outside the blocks) saw a non-finite
-gradient, unless a step was already skipped within the last `skip_interval`
-calls to `step`; then the step is taken with the flagged blocks' gradients
-zeroed (filtered), which keeps a run with a persistently overflowing block from
-stalling. The flagged block's scale is backed off either way.
+The 125-update window limits *divisions*, per scale: every scale keeps a
+record of the update at which it was last divided (`last_division`); a block
+whose gradients are non-finite at update u is divided only if that record is
+None or u - last_division >= `division_window` (125). Otherwise its scale is
+left where it is (neither divided nor grown) and its update is still skipped.
+"Updates" are iterations (calls to `update`), skipped or not.
+
+"The update skipped" -- our reading (the paper does not say whether the whole
+model's update or the block's): the update of the *non-finite block* is
+skipped. Its parameters get ``grad = None`` just before ``optimizer.step``, so
+torch's AdamW leaves their weights *and* state untouched (no momentum, no
+weight decay, no step count moving a block whose gradient was filtered to
+zero; also for FSDP2's DTensor gradients), while every other parameter steps.
+Why not skip the whole model: the scales grow until they overflow (x sqrt(2)
+in 500 updates), so each of the 12B model's 128 scales overflows every few
+hundred updates and whole-model skipping would throw away a large fraction of
+all updates; the filter of Figure 4 exists precisely so that one block's
+overflow does not spoil the other blocks' gradients. A non-finite gradient
+*outside* the resblocks (embeddings, final LN, heads: fp32, no scale, so a
+genuinely bad step) skips the whole update.
+
+What M is. M = number of data-parallel *replicas*: machines of the 2-D mesh
+(mesh["node"].size(); each machine holds one replica sharded over its GPUs),
+the world size only for plain data parallelism (one GPU per replica). The
+scales are kept in the paper's units (M * 2^13 ...), but what the gradient
+functions multiply by is s / M (`multipliers`). Why: the paper's M compensates
+for the loss normalisation -- each replica's loss is its 1/M share of the
+global mean and the cross-replica reduction *sums*, so inside a resblock the
+gradient is (replica-mean gradient / M) * s = replica-mean gradient * 2^13 at
+the start, whatever M. Our rank's loss is the rank-local *mean*, FSDP's
+reduce-scatter *averages* over mesh["gpu"] (ReduceOp.AVG for fp32) and the
+cross-machine reducer (plain or PowerSGD) sums and divides by the machine
+count: the same final gradient (the global mean) but M times larger inside the
+fp16 backward. Multiplying by s / M gives the fp16 branches exactly the
+paper's magnitudes and makes the scale dynamics independent of the cluster size
+(tested: 1 process and 4 ranks take the same decisions with the same s / M).
+The old M = world size with local-mean losses made every block's fp16 gradient
+world-size (1024 at 12B) times the paper's, with a floor (M * 2^7) that could
+keep a block overflowing, and filtered, for good.
 
 Usage
 -----
@@ -54,7 +89,7 @@ Usage
     loss.backward()                # no global loss scale
     scaler.unscale_(optimizer)     # optional: before clipping
     torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-    stepped = scaler.step(optimizer)   # False when the update was skipped
+    stepped = scaler.step(optimizer)   # False when the whole update was skipped
     scaler.update()
     optimizer.zero_grad()
 
@@ -172,18 +207,23 @@ class ScaledResblock(nn.Module):
 
 
 class PerResblockGradScaler:
-    """One gradient scale per resblock, with the paper's update rule.
+    """One gradient scale per resblock, with the paper's update rule (see the
+    module docstring for the readings taken).
 
     `model_resblocks`: the resblocks (modules whose parameters each scale
     covers), in the order of the scale indices, or just their number (then
     `apply_per_resblock_grad_scaling` attaches the modules).
+    `n_data_parallel`: M, the number of data-parallel replicas
+    (`dalle_core.distributed.mesh.data_parallel_replicas`).
+    `division_window`: updates that must pass between two divisions of the same
+    scale (the paper's 125). `skip_interval` is its old name (deprecated).
     """
 
     def __init__(self, model_resblocks: Sequence[nn.Module] | int, n_data_parallel: int = 1,
                  init_scale: float | None = None, growth: float = 2 ** (1 / 1000),
                  backoff: float = 1 / math.sqrt(2), min_scale: float | None = None,
-                 max_scale: float | None = None, skip_interval: int = 125, enabled: bool = True,
-                 process_group: Any = None):
+                 max_scale: float | None = None, division_window: int = 125, enabled: bool = True,
+                 process_group: Any = None, skip_interval: int | None = None):
         if isinstance(model_resblocks, int):
             n, modules = model_resblocks, None
         else:
@@ -204,28 +244,48 @@ class PerResblockGradScaler:
         if not (growth >= 1.0 and 0.0 < backoff <= 1.0):
             raise ValueError(f"need growth >= 1 and 0 < backoff <= 1, got {growth}, {backoff}")
         self.growth, self.backoff = float(growth), float(backoff)
-        self.skip_interval = int(skip_interval)
+        self.division_window = int(division_window if skip_interval is None else skip_interval)
+        if self.division_window < 0:
+            raise ValueError(f"division_window must be >= 0, got {self.division_window}")
         self.enabled = enabled
         self.process_group = process_group
         self.n = n
         self._modules: list[nn.Module] | None = modules
         self._scales: list[float] = [self.init_scale] * n
+        # per scale: the update (step_count) at which it was last divided
+        self.last_division: list[int | None] = [None] * n
         self._scale_cache: dict[torch.device, torch.Tensor] = {}
         self._found: torch.Tensor | None = None  # [n + 1]; slot n = parameters outside the blocks
         self._unscaled = False
         self._found_list: list[bool] | None = None
         # counters
-        self.step_count = 0  # calls to step()
-        self.last_skip_step: int | None = None
-        self.n_skipped = 0
-        self.n_filtered = 0  # steps taken with some block's gradients zeroed
-        self.last_step_skipped = False
+        self.step_count = 0  # completed updates (calls to update())
+        self.n_skipped = 0  # whole updates skipped (non-finite gradient outside the resblocks)
+        self.n_filtered = 0  # updates taken with some block's update skipped
+        self.n_block_skips = 0  # resblock updates skipped, summed over blocks
+        self.n_divisions = 0  # scale divisions, summed over blocks
+        self.last_step_skipped = False  # the whole update
+        self.last_skipped_blocks: list[int] = []
+
+    @property
+    def skip_interval(self) -> int:  # the old name of division_window
+        return self.division_window
+
+    @property
+    def multipliers(self) -> list[float]:
+        """What each block's gradient is multiplied by in the backward: s_i / M
+        (scales are in the paper's units; see "What M is")."""
+        return [s / self.n_data_parallel for s in self._scales]
+
+    def grad_multiplier(self, index: int) -> float:
+        return self._scales[index] / self.n_data_parallel
 
     # --- state used by the autograd functions ---------------------------------
     def _scale_tensor(self, device: torch.device) -> torch.Tensor:
+        """The gradient multipliers s_i / M (see "What M is") as a float32 tensor."""
         t = self._scale_cache.get(device)
         if t is None:
-            t = torch.tensor(self._scales, dtype=torch.float32, device=device)
+            t = torch.tensor(self.multipliers, dtype=torch.float32, device=device)
             self._scale_cache[device] = t
         return t
 
@@ -333,37 +393,60 @@ class PerResblockGradScaler:
             dist.all_reduce(found, op=dist.ReduceOp.MAX, group=self.process_group)
 
     def should_skip(self) -> bool:
-        """Whether the current step would be skipped (after unscale_)."""
+        """Whether the whole update will be skipped (after unscale_): a
+        non-finite gradient outside the resblocks."""
         if not self._unscaled:
             raise RuntimeError("call unscale_() first")
-        if not any(self._found_list):
-            return False
-        return self.last_skip_step is None or self.step_count - self.last_skip_step >= self.skip_interval
+        return bool(self._found_list[self.n])
+
+    def skipped_blocks(self) -> list[int]:
+        """The resblocks whose update this step skips (after unscale_)."""
+        if not self._unscaled:
+            raise RuntimeError("call unscale_() first")
+        return [i for i in range(self.n) if self._found_list[i]]
 
     def step(self, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> bool:
-        """Unscale (if not done), then take the optimizer step unless it must be
-        skipped. Returns True when the optimizer stepped."""
+        """Unscale (if not done), then take the optimizer step: the whole update
+        is skipped when a gradient outside the resblocks is non-finite;
+        otherwise the parameters of every block with a non-finite gradient get
+        ``grad = None`` (AdamW then leaves their weights and state alone) and
+        the others step. Returns True when the optimizer stepped."""
         self.unscale_(optimizer)
         skip = self.should_skip()
+        blocks = self.skipped_blocks()
         if skip:
-            self.last_skip_step = self.step_count
             self.n_skipped += 1
         else:
-            if any(self._found_list):
+            if blocks:
                 self.n_filtered += 1
+                for i in blocks:
+                    for p in self.block_parameters(i):
+                        p.grad = None
             optimizer.step(*args, **kwargs)
-        self.step_count += 1
+        self.n_block_skips += self.n if skip else len(blocks)
         self.last_step_skipped = skip
+        self.last_skipped_blocks = list(range(self.n)) if skip else blocks
         return not skip
 
     def update(self) -> None:
-        """Back off the scales of blocks that saw non-finite gradients, grow the
-        others, clamp, and reset the step's flags."""
+        """Close the update: divide the scale of each block that saw a non-finite
+        gradient (unless it was divided within the last `division_window`
+        updates), grow the others, clamp; reset the step's flags."""
         flags = self._found_list if self._found_list is not None else (
             [v > 0 for v in self._found.tolist()] if self._found is not None else [False] * (self.n + 1))
+        u = self.step_count
         for i in range(self.n):
-            s = self._scales[i] * (self.backoff if flags[i] else self.growth)
+            s = self._scales[i]
+            if flags[i]:
+                last = self.last_division[i]
+                if last is None or u - last >= self.division_window:
+                    s *= self.backoff
+                    self.last_division[i] = u
+                    self.n_divisions += 1
+            else:
+                s *= self.growth
             self._scales[i] = min(max(s, self.min_scale), self.max_scale)
+        self.step_count += 1
         self._scale_cache.clear()
         if self._found is not None:
             self._found.zero_()
@@ -371,46 +454,74 @@ class PerResblockGradScaler:
         self._unscaled = False
 
     # --- checkpoints -------------------------------------------------------------------
+    STATE_FORMAT = 2  # 2: scales in the paper's units (multiplier s / M) and per-scale last_division
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": self.STATE_FORMAT,
             "scales": list(self._scales),
+            "last_division": list(self.last_division),
             "step_count": self.step_count,
-            "last_skip_step": self.last_skip_step,
             "n_skipped": self.n_skipped,
             "n_filtered": self.n_filtered,
+            "n_block_skips": self.n_block_skips,
+            "n_divisions": self.n_divisions,
             "n_data_parallel": self.n_data_parallel,
             "init_scale": self.init_scale,
             "min_scale": self.min_scale,
             "max_scale": self.max_scale,
             "growth": self.growth,
             "backoff": self.backoff,
-            "skip_interval": self.skip_interval,
+            "division_window": self.division_window,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's scaler state, keeping what each block's gradient
+        is multiplied by: a run resumed on another number of replicas rescales
+        the scales (and bounds) to its own M. Checkpoints of format 1 (no
+        "format": scales multiplied the gradient as they were, 125-update rule
+        on skips, no division record) load with their multipliers kept, this
+        scaler's bounds, and no division on record (each scale may be divided
+        at its next non-finite gradient)."""
         scales = [float(s) for s in state["scales"]]
         if len(scales) != self.n:
             raise ValueError(f"checkpoint has {len(scales)} gradient scales, this model {self.n} resblocks")
-        for key in ("n_data_parallel", "init_scale", "min_scale", "max_scale", "growth", "backoff",
-                    "skip_interval"):
+        M = self.n_data_parallel
+        if int(state.get("format", 1)) >= 2:
+            ratio = M / int(state.get("n_data_parallel", M))
+            for key in ("init_scale", "min_scale", "max_scale"):
+                if key in state:
+                    setattr(self, key, float(state[key]) * ratio)
+            scales = [v * ratio for v in scales]
+            last = state.get("last_division") or [None] * self.n
+            self.last_division = [None if v is None else int(v) for v in last]
+        else:  # format 1: the scale itself multiplied the gradient
+            scales = [v * M for v in scales]
+            self.last_division = [None] * self.n
+        for key in ("growth", "backoff"):
             if key in state:
-                setattr(self, key, type(getattr(self, key))(state[key]))
-        self._scales = scales
+                setattr(self, key, float(state[key]))
+        window = state.get("division_window", state.get("skip_interval"))
+        if window is not None:
+            self.division_window = int(window)
+        self._scales = [min(max(v, self.min_scale), self.max_scale) for v in scales]
         self.step_count = int(state.get("step_count", 0))
-        last = state.get("last_skip_step")
-        self.last_skip_step = None if last is None else int(last)
         self.n_skipped = int(state.get("n_skipped", 0))
         self.n_filtered = int(state.get("n_filtered", 0))
+        self.n_block_skips = int(state.get("n_block_skips", 0))
+        self.n_divisions = int(state.get("n_divisions", 0))
         self._scale_cache.clear()
         self._found = None
         self._found_list = None
         self._unscaled = False
 
     def stats(self) -> dict[str, float]:
-        """Numbers worth logging: min / median / max scale, skipped and filtered steps."""
+        """Numbers worth logging: min / median / max scale (paper units), skipped
+        updates (whole / per block), divisions."""
         s = sorted(self._scales)
         return {"grad_scale_min": s[0], "grad_scale_median": s[len(s) // 2], "grad_scale_max": s[-1],
-                "grad_scale_skipped_steps": self.n_skipped, "grad_scale_filtered_steps": self.n_filtered}
+                "grad_scale_skipped_steps": self.n_skipped, "grad_scale_filtered_steps": self.n_filtered,
+                "grad_scale_block_skips": self.n_block_skips, "grad_scale_divisions": self.n_divisions}
 
 
 def apply_per_resblock_grad_scaling(model: nn.Module, scaler: PerResblockGradScaler,
