@@ -308,15 +308,31 @@ def cmd_plan(args) -> int:
     get_profile(args.profile)
     if args.nodes < 1 or args.gpus_per_node < 1 or args.batch_per_gpu < 1:
         raise UserError("--nodes, --gpus-per-node and --batch-per-gpu must be at least 1")
-    p = plan(get_prior_config(args.profile), args.nodes, args.gpus_per_node, args.batch_per_gpu,
+    cfg = get_prior_config(args.profile)
+    p = plan(cfg, args.nodes, args.gpus_per_node, args.batch_per_gpu,
              powersgd_rank=args.powersgd_rank, activation_checkpointing=not args.no_activation_checkpointing)
+    sampling = sampling_plan(cfg, p.n_params, args.gpu_memory_gib)
     if args.json:
         import json
 
-        print(json.dumps(p.to_dict(), indent=1, default=str))
+        print(json.dumps({**p.to_dict(), "sampling": sampling}, indent=1, default=str))
     else:
         print(p.to_table())
+        print(f"sampling (bf16, one {args.gpu_memory_gib:g} GiB GPU, 10% reserve): KV cache "
+              f"{sampling['kv_cache_bytes_per_row'] / 2**30:.3f} GiB/row, {sampling['bytes_per_row'] / 2**30:.3f} GiB/row "
+              f"in all, weights {sampling['weights_bytes'] / 2**30:.1f} GiB -> batch {sampling['batch_size']} rows "
+              f"(peak {sampling['peak_bytes'] / 2**30:.1f} GiB)")
     return 0
+
+
+def sampling_plan(cfg, n_params: int, gpu_memory_gib: float) -> dict:
+    """The sampler's batch on one GPU (dalle_core.prior.sampling_memory), for `dalle plan`."""
+    import torch
+
+    from dalle_core.prior.sampling_memory import kv_cache_bytes_per_row, sampling_batch_size
+
+    fit = sampling_batch_size(cfg, n_params, int(gpu_memory_gib * 2**30), torch.bfloat16)
+    return {**fit.to_dict(), "kv_cache_bytes_per_row": kv_cache_bytes_per_row(cfg, torch.bfloat16)}
 
 
 def cmd_train_prior(args, rest: list[str]) -> int:
@@ -333,6 +349,20 @@ def cmd_train_prior(args, rest: list[str]) -> int:
     cmd += ["-m", "dalle_core.prior.train", "--profile", args.profile, *rest]
     print(" ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd)
+
+
+def cmd_lr(args) -> int:
+    """Ask a running prior training to halve its learning rate now, or hold / release its detector."""
+    from dalle_core.prior.lr_schedule import CONTROL_FILE, request_lr_action
+    from dalle_core.storage import LocalStorage
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory not found: {run_dir}")
+    req = request_lr_action(LocalStorage(run_dir), args.action, note=args.note)
+    print(f"lr {req['action']} requested (#{req['seq']}) in {run_dir / CONTROL_FILE}; "
+          "the trainer applies it at its next log interval (an lr_schedule event in its metrics)")
+    return 0
 
 
 def cmd_profiles(args) -> int:
@@ -422,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-per-gpu", type=int, default=8)
     p.add_argument("--powersgd-rank", type=int, default=None, help="per-GPU rank (the paper: 112 at 12B)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
+    p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="for the sampling batch (default: an 80 GiB H100)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 
@@ -432,6 +463,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dalle-prior")
     p.set_defaults(func=cmd_train_prior, passthrough=True)
+
+    p = sub.add_parser("lr", help="operator control of a running prior training's learning rate")
+    p.add_argument("action", choices=("decay", "hold", "release"),
+                   help="decay: halve now (counts toward the five); hold: no plateau decay until release")
+    p.add_argument("--run-dir", required=True, help="the training's checkpoint directory (its --out)")
+    p.add_argument("--note", default=None, help="why (kept with the decision in the run's events)")
+    p.set_defaults(func=cmd_lr)
 
     p = sub.add_parser("profiles", help="list the run profiles")
     p.set_defaults(func=cmd_profiles)

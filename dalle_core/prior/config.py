@@ -55,6 +55,10 @@ class PriorConfig:
     attention_kinds: tuple[str, ...] | None = None
     dropout: float = 0.0
     init_std: float = 0.02
+    # BPE dropout of the training captions (paper: 10%), applied when a batch is
+    # made (dalle_core.prior.data.code_batches), seeded per step and position;
+    # evaluation and sampling never use it.
+    bpe_dropout: float = 0.1
 
     # --- loss ------------------------------------------------------------------
     text_loss_weight: float = 1 / 8
@@ -65,6 +69,19 @@ class PriorConfig:
     warmup_steps: int = 5000
     lr_plateau_factor: float = 0.5  # "halved on plateau"
     lr_max_decays: int = 5  # the paper halved the learning rate five times
+    # The plateau detector (dalle_core.prior.lr_schedule; figures: tests/test_lr_schedule.py):
+    # block medians of `window` updates, a line fitted against ln(step) over the last
+    # max(window, lookback * step) updates since the last decay; a plateau when the
+    # relative improvement it predicts over that span, plus noise_z standard errors, is
+    # below `threshold`; a decay after `patience` plateau checks in a row, at least
+    # `min_gap` updates after the previous one. 0.0003 over the last 15% of the run is
+    # 0.185% per e-fold of updates; a healthy large run still gains >= 0.3% per e-fold.
+    lr_plateau_window: int = 1000
+    lr_plateau_lookback: float = 0.15
+    lr_plateau_threshold: float = 0.0003
+    lr_plateau_noise_z: float = 2.0
+    lr_plateau_patience: int = 5
+    lr_plateau_min_gap: int = 20_000
     betas: tuple[float, float] = (0.9, 0.96)
     eps: float = 1e-8
     weight_decay: float = 4.5e-2
@@ -75,6 +92,11 @@ class PriorConfig:
     # --- precision -----------------------------------------------------------------
     amp_dtype: str = "fp16"  # "fp16" (with per-resblock gradient scaling), "bf16" or "fp32"
     per_resblock_grad_scaling: bool = True  # only used with fp16
+    # PowerSGD across machines (dalle_core.distributed): "paper" = appendix E (a
+    # Gaussian Q fixed at the start, no warm start, Householder of P + eps I,
+    # embeddings / heads / gains / biases uncompressed); "torch" = torch's
+    # powerSGD_hook (warm start, Gram-Schmidt). Rank etc.: ParallelConfig.
+    powersgd_variant: str = "paper"
 
     # --- run -------------------------------------------------------------------------
     batch_size: int = 1024
@@ -93,6 +115,8 @@ class PriorConfig:
             raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.bpe_dropout < 1.0:
+            raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
         if self.amp_dtype not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"amp_dtype must be 'fp16', 'bf16' or 'fp32', got {self.amp_dtype!r}")
         if self.attention_kinds is not None:
@@ -103,6 +127,8 @@ class PriorConfig:
             if bad:
                 raise ValueError(f"unknown attention kinds {bad}: choose from {ATTENTION_KINDS}")
             object.__setattr__(self, "attention_kinds", kinds)
+        if self.powersgd_variant not in ("paper", "torch"):
+            raise ValueError(f"powersgd_variant must be 'paper' or 'torch', got {self.powersgd_variant!r}")
         if self.text_loss_weight < 0 or self.image_loss_weight < 0:
             raise ValueError("loss weights must be >= 0")
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -207,6 +233,7 @@ PRIOR_PRESETS: dict[str, PriorConfig] = {
         image_vocab_size=128, image_grid=8, conv_kernel=5,
         lr=1e-3, warmup_steps=10, ema_decay=0.9, ema_every=1, amp_dtype="fp32",
         batch_size=8, total_steps=60, log_every=10, checkpoint_every=20,
+        lr_plateau_window=10, lr_plateau_patience=2, lr_plateau_min_gap=20,
     ),
     # 32 text + 16x16 image tokens, 4 layers x 128 wide (~1.1M parameters): the
     # laptop demo, sized so its training fits the demo's 10-minute budget on 2
@@ -219,6 +246,8 @@ PRIOR_PRESETS: dict[str, PriorConfig] = {
         image_vocab_size=512, image_grid=16, conv_kernel=7,
         lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
         batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
+        # the detector checks only in the last ~250 updates and needs a flat, confident fit
+        lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200,
     ),
     "paper-1.3B": PAPER_1_3B,
     "paper-12B": PAPER_12B,

@@ -12,17 +12,21 @@ What each step does
     "bf16"               autocast bf16, no gradient scaling;
     "fp16-per-resblock"  autocast fp16 with the paper's per-resblock gradient
                          scaling (`dalle_core.precision`): one scale per
-                         resblock, non-finite gradients filtered per block, the
-                         update skipped at most once per 125 steps. Meant for
+                         resblock, non-finite gradients filtered per block and
+                         that block's update skipped, its scale divided at
+                         most once per 125 updates. Meant for
                          GPUs; CPU fp16 autocast works but is slow.
 - AdamW with the paper's hyper-parameters (betas 0.9 / 0.96, eps 1e-8, weight
   decay 4.5e-2 on the weight matrices only: `build_optimizer`);
 - learning rate: linear warm-up to `config.lr` over `config.warmup_steps`, then
-  constant, halved (x `lr_plateau_factor`) when the mean training loss over a
-  window of `plateau_window` updates (default 1000) has not improved by 1% on
-  the best window, at most `lr_max_decays` times. The paper halved on plateau
-  5 times over 430k updates; runs shorter than warm-up + 2 windows (every test
-  and the demo) see warm-up then a constant rate;
+  constant, halved (x `lr_plateau_factor`) each time the training loss
+  plateaus, at most `lr_max_decays` times (the paper: 5 over 430k updates). The
+  plateau detector (`dalle_core.prior.lr_schedule`, thresholds `lr_plateau_*`)
+  fits the smoothed loss against log-steps, so a large run's slow steady gains
+  are not a plateau; an operator can force or hold a decay on the running job
+  (`dalle lr decay|hold|release --run-dir DIR` writes DIR/lr_control.json, read
+  at each log interval); each decision is an ``lr_schedule`` event and is kept
+  in the checkpoints. The tiny/small presets (tests, demo) see no decay;
 - gradient norm clipped at `config.grad_clip` (4) during warm-up, as in the paper;
 - EMA of the weights (decay `ema_decay` every `ema_every` updates);
 - logs (rank 0 only, through `on_log`): loss total / text / image (the mean over
@@ -69,6 +73,7 @@ from dalle_core.distributed.checkpoint import canonical_key, load_latest, read_l
 from dalle_core.distributed.mesh import (
     ParallelConfig,
     build_mesh,
+    data_parallel_replicas,
     get_rank,
     get_world_size,
     init_distributed,
@@ -78,6 +83,7 @@ from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
 from .config import SHAPE_FIELDS, PriorConfig, get_prior_config
+from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .model import DalleTransformer, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -96,52 +102,7 @@ def resolve_precision(precision: str | None, config: PriorConfig) -> str:
     return precision
 
 
-# --- learning rate -----------------------------------------------------------------------
-
-class LRSchedule:
-    """Linear warm-up, then constant, halved on plateau (see module docstring)."""
-
-    def __init__(self, lr: float, warmup_steps: int, factor: float = 0.5, max_decays: int = 5,
-                 window: int = 1000, threshold: float = 0.01):
-        self.lr, self.warmup_steps = float(lr), int(warmup_steps)
-        self.factor, self.max_decays = float(factor), int(max_decays)
-        self.window, self.threshold = max(1, int(window)), float(threshold)
-        self.decays = 0
-        self.best: float | None = None
-        self._sum, self._n = 0.0, 0
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate of update number `step` + 1 (step = updates done before it)."""
-        if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
-        return self.lr * self.factor**self.decays
-
-    def observe(self, step: int, loss: float) -> None:
-        """Feed the loss of update `step` (1-based count of updates done)."""
-        if step <= self.warmup_steps or not math.isfinite(loss):
-            return
-        self._sum += loss
-        self._n += 1
-        if self._n < self.window:
-            return
-        mean = self._sum / self._n
-        self._sum, self._n = 0.0, 0
-        if self.best is None or mean < self.best * (1 - self.threshold):
-            self.best = mean
-        elif self.decays < self.max_decays:
-            self.decays += 1
-            self.best = mean
-            log.info("loss plateaued at %.4f after %d updates: learning rate x%s (decay %d)",
-                     mean, step, self.factor, self.decays)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"decays": self.decays, "best": self.best, "sum": self._sum, "n": self._n}
-
-    def load_state_dict(self, s: dict[str, Any]) -> None:
-        self.decays = int(s.get("decays", 0))
-        self.best = s.get("best")
-        self._sum, self._n = float(s.get("sum", 0.0)), int(s.get("n", 0))
-
+# (learning rate: LRSchedule in dalle_core.prior.lr_schedule)
 
 # --- EMA ------------------------------------------------------------------------------------
 
@@ -307,7 +268,8 @@ def train_prior(
     stop_after: int | None = None,
     after_step: Callable[[int], None] | None = None,
     seed: int | None = None,
-    plateau_window: int = 1000,
+    plateau_window: int | None = None,
+    lr_control: str | Path | None | bool = None,
     clip_after_warmup: bool = False,
     save_final: bool = True,
     model_filename: str = "prior.pt",
@@ -347,15 +309,25 @@ def train_prior(
     model = DalleTransformer(config).to(device)
     scaler = None
     if precision == "fp16-per-resblock" and config.per_resblock_grad_scaling:
-        scaler = PerResblockGradScaler(list(model.resblocks()), n_data_parallel=world)
+        # M = data-parallel replicas (machines of the mesh), not the world size;
+        # the scaler multiplies by s / M since each rank's loss is a local mean
+        # and every reduction averages (see dalle_core.precision.grad_scaling).
+        scaler = PerResblockGradScaler(list(model.resblocks()), n_data_parallel=data_parallel_replicas(mesh))
         apply_per_resblock_grad_scaling(model, scaler)
-    setup: ParallelSetup = parallelize_prior(model, mesh, parallel or ParallelConfig())
+    setup: ParallelSetup = parallelize_prior(model, mesh, parallel or ParallelConfig(), grad_scaler=scaler,
+                                             powersgd_variant=config.powersgd_variant)
     reducer = setup.reducer
     optimizer = build_optimizer(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMA(model, config.ema_decay, config.ema_every)
-    schedule = LRSchedule(config.lr, config.warmup_steps, config.lr_plateau_factor, config.lr_max_decays,
-                          window=plateau_window)
+    schedule = LRSchedule.from_config(config, window=plateau_window)
+    # the operator's control file (default CHECKPOINT_DIR/lr_control.json; False: none), read on rank 0
+    control_path = None if lr_control is False else Path(lr_control or checkpoint_dir / CONTROL_FILE)
+    control_storage = None
+    if control_path is not None and rank == 0:
+        from dalle_core.storage import LocalStorage
+
+        control_storage = LocalStorage(control_path.parent)
 
     # --- resume ------------------------------------------------------------------------------------
     start, resumed_from = 0, None
@@ -455,7 +427,11 @@ def train_prior(
                 raise FloatingPointError(
                     f"non-finite loss {loss_total} at update {done} ({precision}); the last checkpoint is "
                     f"{last_ckpt or 'none from this call'} — lower the learning rate or use fp32")
-            schedule.observe(done, loss_total)
+            lr_decisions = schedule.observe(done, loss_total)
+            if control_path is not None and (done % log_every == 0 or done == start + 1):
+                lr_decisions += schedule.apply_requests(done, poll_lr_requests(control_storage, control_path.name))
+            for d in lr_decisions:
+                emit({"event": "lr_schedule", **d})
             losses.append(loss_total)
             window_losses.append(loss_total)
             window_tokens += text.shape[0] * world * config.seq_len
@@ -536,10 +512,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-steps", type=int, default=None)
     ap.add_argument("--data-split", default="auto", choices=("auto", "sample", "shard"))
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--tokenizer", default=None,
+                    help="the tokenizer file the codes were encoded with: captions are encoded again per batch "
+                         "with the config's BPE dropout (default: found next to the codes, see "
+                         "dalle_core.prior.data.prior_tokenizer; none found: the stored ids, no dropout)")
     ap.add_argument("--nodes", type=int, default=None)
     ap.add_argument("--gpus-per-node", type=int, default=None)
     ap.add_argument("--powersgd-rank", type=int, default=None)
-    ap.add_argument("--powersgd-orthogonalization", default="gram_schmidt", choices=("gram_schmidt", "householder"))
+    ap.add_argument("--powersgd-variant", default=None, choices=("torch", "paper"),
+                    help="PowerSGD variant (default: the profile's powersgd_variant)")
+    ap.add_argument("--powersgd-orthogonalization", default=None, choices=("gram_schmidt", "householder"))
     ap.add_argument("--powersgd-min-compression-rate", type=float, default=2.0)
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--no-prefetch", action="store_true")
@@ -554,7 +536,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | None = None) -> int:
     """The torchrun entry point; `extra_on_log` (rank 0) lets a caller forward metrics elsewhere."""
-    from .data import code_batches, code_shards
+    from .data import code_batches, code_shards, prior_tokenizer
 
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -576,6 +558,7 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
         parallel = ParallelConfig(nodes=nodes, gpus_per_node=gpus, powersgd_rank=args.powersgd_rank,
                                   activation_checkpointing=args.activation_checkpointing,
                                   prefetch=not args.no_prefetch,
+                                  powersgd_variant=args.powersgd_variant,
                                   powersgd_orthogonalization=args.powersgd_orthogonalization,
                                   powersgd_min_compression_rate=args.powersgd_min_compression_rate,
                                   powersgd_seed=args.seed if args.seed is not None else config.seed)
@@ -591,11 +574,14 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
 
     storage, prefix = _codes_location(args.codes)
     paths, counts = code_shards(storage, prefix)
+    tokenizer = (prior_tokenizer(storage, prefix, config.text_len, config.text_vocab_size, args.tokenizer)
+                 if config.bpe_dropout > 0 else None)
     seed = config.seed if args.seed is None else args.seed
 
     def batches_fn(start: int):
         return code_batches(paths, config.batch_size, seed, start_step=start, rank=rank, world_size=world,
-                            split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts)
+                            split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts,
+                            tokenizer=tokenizer, bpe_dropout=config.bpe_dropout if tokenizer is not None else 0.0)
 
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
