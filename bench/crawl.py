@@ -8,8 +8,8 @@ Prints one JSON object on stdout (progress and diagnostics go to stderr):
      "ours_pairs_per_s": ..., "img2dataset_pairs_per_s": ..., "ratio": ours / img2dataset,
      "ours_ok": ..., "img2dataset_ok": ..., "date": ..., "cpus": ..., ...}
 
-What is measured. The demo world (`dalle_core.data.demo_world`) is served over
-HTTP on 127.0.0.1 by `dalle_core.data.demo_server`, in a process of its own so
+What is measured. The demo world (`dalle_core.demo.world`) is served over
+HTTP on 127.0.0.1 by `dalle_core.demo.server`, in a process of its own so
 that neither tool shares an interpreter (a GIL) with the server. The URL list is
 a parquet of `--items` items of the world with no fault (no dead links, no slow
 responses: faults make both tools wait on timeouts, which measures the timeout
@@ -92,7 +92,7 @@ def _server_nodelay(force: bool):
     so by default the benchmark sets TCP_NODELAY on the server's handler, in
     the server's process only. Returns None when the handler cannot be found.
     """
-    from dalle_core.data import demo_server
+    from dalle_core.demo import server as demo_server
 
     handler = getattr(demo_server, "_Handler", None)
     if handler is None:
@@ -108,8 +108,8 @@ def _serve(seed: int, items: int, slow_delay_s: float, list_dir: str, prerender:
     try:
         import pandas as pd
 
-        from dalle_core.data.demo_server import serve_demo_world
-        from dalle_core.data.demo_world import DemoWorld
+        from dalle_core.demo.server import serve_demo_world
+        from dalle_core.demo.world import DemoWorld
 
         # fault_rate=0 still plants a couple of items per fault kind (>= 60 items);
         # grow the batch until it holds `items` clean ones.
@@ -125,7 +125,7 @@ def _serve(seed: int, items: int, slow_delay_s: float, list_dir: str, prerender:
             # server on 2 cores caps both tools near 100 pairs/s and the figure
             # measures the server. Render every served image once, up front, and
             # serve the bytes from memory (this process only).
-            from dalle_core.data import demo_world as dw
+            from dalle_core.demo import world as dw
 
             cache: dict[str, bytes] = {}
             render = dw.WorldItem.image_bytes
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
         "profile": profile.name,
         "timeout_s": config.crawl_timeout_s,
         "retries": config.crawl_retries,
-        "server": "dalle_core.data.demo_server on 127.0.0.1, in its own process",
+        "server": "dalle_core.demo.server on 127.0.0.1, in its own process",
         "server_prerendered": not args.render_on_request,
     }
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.data import demo_world as W  # noqa: E402
+from dalle_core.demo import world as W  # noqa: E402
 from dalle_core.dvae.config import DVAE_PRESETS  # noqa: E402
 from dalle_core.dvae.evaluate import tensor_to_image  # noqa: E402
 from dalle_core.dvae.model import build_dvae  # noqa: E402

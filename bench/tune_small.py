@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.data import demo_world as W  # noqa: E402
+from dalle_core.demo import world as W  # noqa: E402
 from dalle_core.data.crawl import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
 from dalle_core.dvae.config import DVAEConfig, _scaled, get_dvae_config  # noqa: E402

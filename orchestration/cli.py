@@ -91,7 +91,7 @@ def cmd_ui(args) -> int:
 
 
 def cmd_demo_world_serve(args) -> int:
-    from dalle_core.data.demo_server import serve_demo_world
+    from dalle_core.demo.server import serve_demo_world
     from orchestration.resources import demo_world_for
 
     world = demo_world_for(get_profile(args.profile))

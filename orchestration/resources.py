@@ -158,14 +158,14 @@ class CrawlSourceResource(dg.ConfigurableResource):
         if not self.demo_world or _port_open(self.demo_host, self.demo_port):
             yield
             return
-        from dalle_core.data.demo_server import serve_demo_world
+        from dalle_core.demo.server import serve_demo_world
 
         with serve_demo_world(demo_world_for(profile), host=self.demo_host, port=self.demo_port):
             yield
 
 
 def demo_world_for(profile: Profile):
-    from dalle_core.data.demo_world import DemoWorld
+    from dalle_core.demo.world import DemoWorld
 
     d = profile.data
     return DemoWorld(

@@ -322,8 +322,8 @@ SLOW_DELAY_S = 1.5
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from dalle_core.data.demo_server import serve_demo_world
-    from dalle_core.data.demo_world import DemoWorld
+    from dalle_core.demo.server import serve_demo_world
+    from dalle_core.demo.world import DemoWorld
 
     world = DemoWorld(seed=3, items_per_batch=120, n_batches=3, n_eval=16)
     with serve_demo_world(world, host="127.0.0.1", port=0, slow_delay_s=SLOW_DELAY_S) as server:

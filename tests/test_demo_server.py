@@ -12,8 +12,8 @@ import pytest
 import requests
 from PIL import Image
 
-from dalle_core.data.demo_server import serve_demo_world
-from dalle_core.data.demo_world import DemoWorld
+from dalle_core.demo.server import serve_demo_world
+from dalle_core.demo.world import DemoWorld
 
 SLOW_DELAY_S = 1.0
 CLIENT_TIMEOUT_S = 0.3

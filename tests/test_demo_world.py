@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle_core.data import demo_world as dw
+from dalle_core.demo import world as dw
 from dalle_core.data.coco import load_coco_captions
-from dalle_core.data.demo_world import (
+from dalle_core.demo.world import (
     COLOURS, FAULT_EXPECTED, FAULTS, OPPOSITE, RELATIONS, SHAPES, TEMPLATES, CaptionSpec, DemoWorld,
     ImageAnalysis, Scene, SceneObject, check_image, is_held_out, is_validation, parse_caption, random_scene, render,
     split_of,

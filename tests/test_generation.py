@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from dalle_core.data import demo_world as W
+from dalle_core.demo import world as W
 from dalle_core.dvae.config import DVAE_PRESETS
 from dalle_core.dvae.model import build_dvae, decode_codes
 from dalle_core.generation import CaptionError, TextToImage

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core.data import demo_world as W
+from dalle_core.demo import world as W
 from dalle_core.rerank import (
     RERANKER_PRESETS,
     ContrastiveReranker,

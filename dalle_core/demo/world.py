@@ -866,7 +866,7 @@ class DemoWorld:
                                 "demo world validation set (compositions in neither training nor evaluation)")
 
     def _write_coco(self, items: list[EvalItem], out_dir: str | Path, description: str) -> Path:
-        from .coco import CocoImage, write_coco_captions
+        from ..data.coco import CocoImage, write_coco_captions
 
         out_dir = Path(out_dir)
         (out_dir / "images").mkdir(parents=True, exist_ok=True)

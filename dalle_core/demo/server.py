@@ -15,7 +15,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .demo_world import DemoWorld, HttpResponse
+from .world import DemoWorld, HttpResponse
 
 # what a client hanging up mid-response looks like from the server's side
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
