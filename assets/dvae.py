@@ -12,9 +12,10 @@ from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, re
 from assets.metadata import md, md_image, md_table
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data import codes
-from dalle_core.demo.world import check_image, parse_caption
 from dalle_core.data.loader import image_batches, image_to_tensor, local_shard_paths
 from dalle_core.data.shards import Manifest, ShardInfo, file_sha256, read_tar
+from dalle_core.demo.checker import check_image
+from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import evaluate_reconstructions
 from dalle_core.dvae.model import encode_to_codes
 from dalle_core.dvae.train import load_dvae, save_dvae, train_dvae

@@ -14,7 +14,8 @@ from assets.data import coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
 from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
-from dalle_core.demo.world import check_image, parse_caption
+from dalle_core.demo.checker import check_image
+from dalle_core.demo.scenes import parse_caption
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
 from dalle_core.eval.fairness import comparison_table, digest_texts, fingerprint_id, make_fingerprint
 from dalle_core.eval.generated import generate_best_images, weights_digest

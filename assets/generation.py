@@ -13,8 +13,9 @@ from assets.dvae import DVAE_KEY, config_digest, dvae, training_device
 from assets.metadata import md, md_image, md_table
 from assets.prior import prior
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
-from dalle_core.demo.world import check_image, parse_caption
 from dalle_core.data.loader import image_caption_batches, local_shard_paths
+from dalle_core.demo.checker import check_image
+from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import tensor_to_image
 from dalle_core.dvae.train import load_dvae
 from dalle_core.generation import TextToImage

@@ -125,10 +125,10 @@ def _serve(seed: int, items: int, slow_delay_s: float, list_dir: str, prerender:
             # server on 2 cores caps both tools near 100 pairs/s and the figure
             # measures the server. Render every served image once, up front, and
             # serve the bytes from memory (this process only).
-            from dalle_core.demo import world as dw
+            from dalle_core.demo.items import WorldItem
 
             cache: dict[str, bytes] = {}
-            render = dw.WorldItem.image_bytes
+            render = WorldItem.image_bytes
 
             def cached_image_bytes(self) -> bytes:
                 data = cache.get(self.key)
@@ -136,7 +136,7 @@ def _serve(seed: int, items: int, slow_delay_s: float, list_dir: str, prerender:
                     data = cache[self.key] = render(self)
                 return data
 
-            dw.WorldItem.image_bytes = cached_image_bytes
+            WorldItem.image_bytes = cached_image_bytes
             for item in clean[:items]:
                 item.image_bytes()
         nodelay = _server_nodelay(server_nodelay)

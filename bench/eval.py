@@ -29,7 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.demo import world as W  # noqa: E402
+from dalle_core.demo.captions import random_caption  # noqa: E402
+from dalle_core.demo.render import render  # noqa: E402
+from dalle_core.demo.scenes import random_scene  # noqa: E402
 from dalle_core.dvae.config import DVAE_PRESETS  # noqa: E402
 from dalle_core.dvae.evaluate import tensor_to_image  # noqa: E402
 from dalle_core.dvae.model import build_dvae  # noqa: E402
@@ -71,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     rng = np.random.default_rng(0)
-    scenes = [W.random_scene(rng, held_out=True) for _ in range(args.captions)]
-    captions = [W.random_caption(s, rng) for s in scenes]
-    references = [W.render(s, 64, 64, rng) for s in scenes]
+    scenes = [random_scene(rng, held_out=True) for _ in range(args.captions)]
+    captions = [random_caption(s, rng) for s in scenes]
+    references = [render(s, 64, 64, rng) for s in scenes]
     chain, models = chain_from(args.run_dir, captions)
     with tempfile.TemporaryDirectory() as tmp:
         inception = InceptionMetrics.from_weights(write_random_weights(Path(tmp) / "inc.pth"), device="cpu")

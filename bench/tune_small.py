@@ -37,7 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.demo import world as W  # noqa: E402
+from dalle_core.demo.checker import check_image  # noqa: E402
+from dalle_core.demo.items import EvalItem  # noqa: E402
+from dalle_core.demo.scenes import composition, is_held_out, is_validation  # noqa: E402
+from dalle_core.demo.world import DemoWorld  # noqa: E402
 from dalle_core.data.crawl import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
 from dalle_core.dvae.config import DVAEConfig, _scaled, get_dvae_config  # noqa: E402
@@ -69,13 +72,13 @@ def parse_overrides(pairs: list[str], config: DVAEConfig) -> dict:
     return out
 
 
-def validation_set(world: W.DemoWorld, n: int, split: str) -> list[W.EvalItem]:
+def validation_set(world: DemoWorld, n: int, split: str) -> list[EvalItem]:
     """The images to measure on; never the evaluation split."""
     if split != "validation":
         raise SystemExit(f"refusing to tune on the {split!r} split: the evaluation compositions are what the "
                          "zero-shot report and champion promotion measure; tune on --split validation")
     items = world.validation_items(n)
-    leaked = [it.caption for it in items if W.is_held_out(it.scene) or not W.is_validation(it.scene)]
+    leaked = [it.caption for it in items if is_held_out(it.scene) or not is_validation(it.scene)]
     if leaked:  # a guard against a future change of validation_items
         raise SystemExit(f"refusing: {len(leaked)} 'validation' images show evaluation or training compositions, "
                          f"e.g. {leaked[0]!r}")
@@ -99,7 +102,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     profile = get_profile(args.profile)
-    world = W.DemoWorld.from_data_config(profile.data)
+    world = DemoWorld.from_data_config(profile.data)
     items = validation_set(world, args.validation or world.n_eval, args.split)
 
     base = get_dvae_config(args.preset)
@@ -108,7 +111,7 @@ def main() -> None:
         changes = {**_scaled(args.steps), **changes}
     cfg = base.replace(**changes)
     log(f"tune_small: preset {args.preset} with {changes or 'no overrides'}; "
-        f"{len(items)} validation images of {len({W.composition(it.scene) for it in items})} compositions")
+        f"{len(items)} validation images of {len({composition(it.scene) for it in items})} compositions")
 
     t0 = time.perf_counter()
     train_items = [it for it in world.all_items() if it.expected == "keep"]
@@ -135,7 +138,7 @@ def main() -> None:
         result = train_dvae(cfg, batches, ckpt, on_log=on_log, resume=False)
     train_s = time.perf_counter() - t1
     report = evaluate_reconstructions(result.encoder.cpu(), result.decoder.cpu(), images,
-                                      [it.caption for it in items], check=lambda im, c: W.check_image(im, c).match)
+                                      [it.caption for it in items], check=lambda im, c: check_image(im, c).match)
     final = result.final_metrics
     out = {
         "benchmark": "tune_small",
@@ -147,7 +150,7 @@ def main() -> None:
         "pixel_mse_weight": cfg.pixel_mse_weight,
         "n_train": len(train),
         "n_validation": len(items),
-        "validation_compositions": len({W.composition(it.scene) for it in items}),
+        "validation_compositions": len({composition(it.scene) for it in items}),
         "caption_match_original": round(report.caption_match_original, 4),
         "caption_match_reconstruction": round(report.caption_match_reconstruction, 4),
         "recon_mse": round(report.mse, 6),

@@ -11,13 +11,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle_core.demo import world as dw
 from dalle_core.data.coco import load_coco_captions
-from dalle_core.demo.world import (
-    COLOURS, FAULT_EXPECTED, FAULTS, OPPOSITE, RELATIONS, SHAPES, TEMPLATES, CaptionSpec, DemoWorld,
-    ImageAnalysis, Scene, SceneObject, check_image, is_held_out, is_validation, parse_caption, random_scene, render,
-    split_of,
+from dalle_core.demo.captions import TEMPLATES, date_caption, foreign_caption, random_caption
+from dalle_core.demo.checker import ImageAnalysis, check_image
+from dalle_core.demo.items import COPY_MAX_PHASH_DISTANCE, EXPECTED_ORDER, FAULT_EXPECTED, FAULTS
+from dalle_core.demo.render import render
+from dalle_core.demo.scenes import (
+    COLOURS, OPPOSITE, RELATIONS, SHAPES, CaptionSpec, Scene, SceneObject, composition, is_held_out, is_validation,
+    parse_caption, random_scene, split_of,
 )
+from dalle_core.demo.world import DemoWorld
 
 PIPELINE_MAX_PHASH_DISTANCE = 6  # DataConfig.near_duplicate_max_distance in every profile
 
@@ -75,7 +78,7 @@ def test_every_fault_in_every_batch_with_its_expected_fate(world):
     assert all(re.fullmatch(r"[A-Za-z0-9_-]+", k) for k in keys)  # safe in URLs and file names
     expected = world.expected_counts()
     assert expected["keep"] == sum(1 for i in world.all_items() if i.fault in (None, "flaky_500"))
-    assert set(expected) <= set(dw.EXPECTED_ORDER) | {"keep"}
+    assert set(expected) <= set(EXPECTED_ORDER) | {"keep"}
 
 
 def test_item_lookup(world):
@@ -148,14 +151,14 @@ def test_image_faults(world, tmp_path):
         assert item.source.fault is None and item.source.key < item.key and item.caption == item.source.caption
         body, original = item.response().body, item.source.response().body
         assert body != original
-        assert square_phash(decode(body)) - square_phash(decode(original)) <= dw.COPY_MAX_PHASH_DISTANCE
+        assert square_phash(decode(body)) - square_phash(decode(original)) <= COPY_MAX_PHASH_DISTANCE
     planted = [item.source.key for item in items["eval_plant"]]
     assert len(set(planted)) == len(planted)  # each evaluation image is planted at most once
     for item in items["eval_plant"]:
         assert item.caption == item.source.caption
         altered, original = decode(item.response().body), item.source.image()
         assert altered.size != original.size
-        assert square_phash(altered) - square_phash(original) <= dw.COPY_MAX_PHASH_DISTANCE
+        assert square_phash(altered) - square_phash(original) <= COPY_MAX_PHASH_DISTANCE
 
 
 def test_distinct_images_are_not_near_duplicates(world):
@@ -203,12 +206,12 @@ def test_fault_captions_are_what_their_filters_look_for(world):
     p_en = lambda text: dict(ident.rank(text)).get("en", 0.0)  # noqa: E731
     items = _by_fault(world)
     rng = np.random.default_rng(1)
-    clean = [i.caption for i in items[None]] + [dw.random_caption(random_scene(rng), rng) for _ in range(300)]
+    clean = [i.caption for i in items[None]] + [random_caption(random_scene(rng), rng) for _ in range(300)]
     assert min(p_en(c) for c in clean) > 0.6
-    foreign = [i.caption for i in items["non_english"]] + [dw.foreign_caption(random_scene(rng), rng) for _ in range(300)]
+    foreign = [i.caption for i in items["non_english"]] + [foreign_caption(random_scene(rng), rng) for _ in range(300)]
     assert max(p_en(c) for c in foreign) < 0.2
     assert all(parse_caption(c) is None for c in foreign)
-    dates = [i.caption for i in items["date_caption"]] + [dw.date_caption(rng) for _ in range(50)]
+    dates = [i.caption for i in items["date_caption"]] + [date_caption(rng) for _ in range(50)]
     assert all(len(c.split()) >= 3 and re.search(r"(19|20)\d\d", c) and parse_caption(c) is None for c in dates)
     assert all(len(i.caption.split()) <= 2 for i in items["short_caption"])
 
@@ -271,11 +274,11 @@ def test_validation_items_are_disjoint_from_evaluation_and_every_training_batch(
     world = DemoWorld(seed=seed, items_per_batch=120, n_batches=3, n_eval=16)
     validation = world.validation_items(40)
     assert len(validation) == 40 and len({v.key for v in validation}) == 40
-    val_comps = {dw.composition(v.scene) for v in validation}
+    val_comps = {composition(v.scene) for v in validation}
     assert all(is_validation(v.scene) and is_validation(v.caption) for v in validation)
-    assert val_comps.isdisjoint(dw.composition(e.scene) for e in world.eval_items())
+    assert val_comps.isdisjoint(composition(e.scene) for e in world.eval_items())
     for item in world.all_items():  # every crawled scene, planted copies and duplicates included
-        assert dw.composition(item.scene) not in val_comps and not is_validation(item.scene), item.key
+        assert composition(item.scene) not in val_comps and not is_validation(item.scene), item.key
         if parse_caption(item.caption) is not None:
             assert not is_validation(item.caption), item.caption
     # deterministic: the same world gives the same items, and the split does not depend on the seed

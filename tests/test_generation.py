@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from dalle_core.demo import world as W
+from dalle_core.demo.captions import random_caption
+from dalle_core.demo.scenes import random_scene
 from dalle_core.dvae.config import DVAE_PRESETS
 from dalle_core.dvae.model import build_dvae, decode_codes
 from dalle_core.generation import CaptionError, TextToImage
@@ -27,7 +28,7 @@ DV = DVAE_PRESETS["tiny"]  # 32x32 -> 8x8 codes of 64
 @pytest.fixture(scope="module")
 def parts():
     rng = __import__("numpy").random.default_rng(0)
-    caps = [W.random_caption(W.random_scene(rng, held_out=None), rng) for _ in range(300)]
+    caps = [random_caption(random_scene(rng, held_out=None), rng) for _ in range(300)]
     tok = train_bpe_tokenizer(caps, text_config("tiny"))
     torch.manual_seed(0)
     prior = DalleTransformer(PRIOR_PRESETS["tiny"].replace(image_vocab_size=DV.vocab_size, init_std=0.08)).eval()

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core.demo import world as W
+from dalle_core.demo.render import render
+from dalle_core.demo.scenes import COLOURS, Scene, SceneObject, random_scene
 from dalle_core.rerank import (
     RERANKER_PRESETS,
     ContrastiveReranker,
@@ -242,22 +243,22 @@ def test_lr_schedule():
 
 def _render(scenes, size, seed):
     rng = np.random.default_rng(seed)
-    arrays = [np.asarray(W.render(s, size, size, rng), dtype=np.float32) / 255.0 for s in scenes]
+    arrays = [np.asarray(render(s, size, size, rng), dtype=np.float32) / 255.0 for s in scenes]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 def _recoloured(scene, rng):
     """The scene with its first object's colour replaced by one that is not in the image."""
-    free = [c for c in W.COLOURS if c not in (scene.a.colour, scene.b.colour)]
-    a = W.SceneObject(free[rng.integers(len(free))], scene.a.shape, scene.a.size)
-    return W.Scene(a, scene.relation, scene.b, scene.background)
+    free = [c for c in COLOURS if c not in (scene.a.colour, scene.b.colour)]
+    a = SceneObject(free[rng.integers(len(free))], scene.a.shape, scene.a.size)
+    return Scene(a, scene.relation, scene.b, scene.background)
 
 
 def test_learns_demo_world_colours(tmp_path):
     cfg = TINY  # 32x32 images, the tiny text config
     rng = np.random.default_rng(0)
-    train_scenes = [W.random_scene(rng, held_out=None) for _ in range(800)]
-    test_scenes = [W.random_scene(rng, held_out=None) for _ in range(100)]
+    train_scenes = [random_scene(rng, held_out=None) for _ in range(800)]
+    test_scenes = [random_scene(rng, held_out=None) for _ in range(100)]
     train_x, test_x = _render(train_scenes, cfg.image_size, 1), _render(test_scenes, cfg.image_size, 2)
     sizes = rng.integers(0, 2, size=(len(train_scenes), 2)).astype(bool)
     captions = [s.caption(sizes=tuple(z)) for s, z in zip(train_scenes, sizes)]

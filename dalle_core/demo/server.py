@@ -15,7 +15,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .world import DemoWorld, HttpResponse
+from .items import HttpResponse
+from .world import DemoWorld
 
 # what a client hanging up mid-response looks like from the server's side
 _DISCONNECTS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
