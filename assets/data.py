@@ -15,7 +15,7 @@ import dagster as dg
 import webdataset as wds
 
 from assets.metadata import md, md_image, md_table
-from dalle_core.data import coco, crawl as crawling, filters, quality_gate, shards
+from dalle_core.data import coco, crawl as crawling, filters, image_decode, quality_gate, shards
 from dalle_core.data.dedup import KeptHash, dedup_across_batches, merge_reports
 from dalle_core.data.filters import FilterReport
 from dalle_core.data.pairs import Pair
@@ -144,11 +144,11 @@ def coco_eval_set(
         phashes, preview = {}, []
         for im in images:
             try:
-                img = crawling.load_rgb(im.path.read_bytes())
-            except (OSError, crawling.ImageDecodeError) as e:
+                img = image_decode.load_rgb(im.path.read_bytes())
+            except (OSError, image_decode.ImageDecodeError) as e:
                 raise dg.Failure(f"evaluation set refused: {captions_json}: image {im.image_id} file {im.path} "
                                  f"cannot be read as an image ({e})") from e
-            square = crawling.resize_center_crop(img, prof.data.image_size)
+            square = image_decode.resize_center_crop(img, prof.data.image_size)
             phashes[im.file_name] = filters.compute_phash(square)
             if len(preview) < 16:
                 preview.append(square)
@@ -384,5 +384,5 @@ def load_eval_images(store, image_size: int, cache_dir: Path) -> list[tuple[obje
     out = []
     for im in coco.load_coco_captions(captions_json, None):
         data = store.get_bytes(f"{EVAL}/images/{im.file_name}")
-        out.append((crawling.resize_center_crop(crawling.load_rgb(data), image_size), im.captions[0]))
+        out.append((image_decode.resize_center_crop(image_decode.load_rgb(data), image_size), im.captions[0]))
     return out

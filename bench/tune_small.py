@@ -41,7 +41,7 @@ from dalle_core.demo.checker import check_image  # noqa: E402
 from dalle_core.demo.items import EvalItem  # noqa: E402
 from dalle_core.demo.scenes import composition, is_held_out, is_validation  # noqa: E402
 from dalle_core.demo.world import DemoWorld  # noqa: E402
-from dalle_core.data.crawl import load_rgb, resize_center_crop  # noqa: E402
+from dalle_core.data.image_decode import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
 from dalle_core.dvae.config import DVAEConfig, _scaled, get_dvae_config  # noqa: E402
 from dalle_core.dvae.evaluate import evaluate_reconstructions  # noqa: E402

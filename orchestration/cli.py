@@ -149,7 +149,7 @@ def _load_dvae_cli(args):
 def _read_image(path: Path, size: int, resize: bool):
     from PIL import Image, UnidentifiedImageError
 
-    from dalle_core.data.crawl import resize_center_crop
+    from dalle_core.data.image_decode import resize_center_crop
     from dalle_core.data.loader import image_to_tensor
 
     if not path.is_file():

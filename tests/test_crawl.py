@@ -26,16 +26,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle_core.data.crawl import (
-    FAILURE_REASONS,
-    CrawlError,
-    CrawlResult,
-    CrawlStopped,
-    crawl,
-    is_failure_reason,
-    process_image,
-    summarize_crawl,
-)
+from dalle_core.data.crawl import FAILURE_REASONS, CrawlError, CrawlStopped, crawl, is_failure_reason
+from dalle_core.data.crawl_parts import CrawlResult, summarize_crawl
+from dalle_core.data.image_decode import process_image
 from dalle_core.data.urllist import UrlListError
 from dalle_core.profiles import get_profile
 from dalle_core.storage import LocalStorage
@@ -254,7 +247,7 @@ def test_process_image_resizes_shorter_side_and_centre_crops():
     out, w, h = process_image(_png(8, 5), 32, "png")
     assert (w, h) == (8, 5) and Image.open(io.BytesIO(out)).size == (32, 32)
     # truncated bytes fail at load(), with Pillow's message
-    from dalle_core.data.crawl import ImageDecodeError
+    from dalle_core.data.image_decode import ImageDecodeError
 
     noisy = Image.effect_noise((64, 64), 50).convert("RGB")
     buf = io.BytesIO()
@@ -267,7 +260,7 @@ def test_process_image_resizes_shorter_side_and_centre_crops():
 def test_retry_after_is_parsed_and_bounded():
     from email.utils import formatdate
 
-    from dalle_core.data.crawl import MAX_RETRY_AFTER_S, _parse_retry_after
+    from dalle_core.data.fetch import MAX_RETRY_AFTER_S, _parse_retry_after
 
     assert _parse_retry_after("0.3") == 0.3 and _parse_retry_after("120") == 120.0
     assert 5 < _parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
@@ -515,7 +508,7 @@ def test_sigkilled_crawl_resumes_without_loss_duplicates_or_refetch(demo, tmp_pa
 
 
 def test_crawl_into_s3_storage(demo, s3_endpoint, s3_bucket):
-    from dalle_core.data.crawl import default_scratch_dir
+    from dalle_core.data.crawl_parts import default_scratch_dir
     from dalle_core.storage import open_storage
 
     world, server, lists = demo

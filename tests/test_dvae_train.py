@@ -233,7 +233,7 @@ def test_small_dvae_reconstructions_keep_what_the_captions_say(tmp_path):
     still recognise colours, shapes and places in at least 95% of them."""
     import os
 
-    from dalle_core.data.crawl import load_rgb, resize_center_crop
+    from dalle_core.data.image_decode import load_rgb, resize_center_crop
     from dalle_core.demo.checker import check_image
     from dalle_core.data.loader import image_to_tensor
     from dalle_core.dvae.evaluate import evaluate_reconstructions

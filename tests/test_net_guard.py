@@ -21,15 +21,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from dalle_core.data.crawl import (
-    FAILURE_REASONS,
-    ImageDecodeError,
-    crawl,
-    is_failure_reason,
-    load_rgb,
-    make_session,
-    process_image,
-)
+from dalle_core.data.crawl import FAILURE_REASONS, crawl, is_failure_reason
+from dalle_core.data.fetch import make_session
+from dalle_core.data.image_decode import ImageDecodeError, load_rgb, process_image
 from dalle_core.data.net_guard import AddressPolicy, BlockedAddressError, blocked_reason, system_resolver
 from dalle_core.profiles import get_profile
 from dalle_core.storage import LocalStorage

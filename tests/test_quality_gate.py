@@ -25,7 +25,7 @@ def _failure_text(result) -> str:
 def test_a_bad_batch_is_held_back_on_every_path_and_flows_on_once_fixed(tmp_path):
     from assets.asset_checks import shards_expectations
     from assets.data import batch_prefix, crawl_batches, filtered_prefix
-    from dalle_core.data.crawl import default_scratch_dir
+    from dalle_core.data.crawl_parts import default_scratch_dir
     from dalle_core.storage import open_storage
     from orchestration.definitions import build_definitions
     from orchestration.demo import BROKEN_LIST, prepare_instance, write_demo_url_lists
