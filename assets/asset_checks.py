@@ -15,9 +15,9 @@ import dagster as dg
 from assets.data import (FILTER_REPORT, SHARDS, batch_prefix, crawl_batches, filtered_batch_digest, filtered_pairs, filtered_prefix,
                          load_eval_phashes, shards_asset, shards_digest)
 from assets.metadata import md
+from assets.resources import ProfileResource, StorageResource
 from dalle_core.data import expectations, quality_gate, shards
 from dalle_core.data.shards import Manifest
-from orchestration.resources import ProfileResource, StorageResource
 
 
 def _result(quality, rows: int, **extra) -> dg.AssetCheckResult:

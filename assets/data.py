@@ -15,12 +15,7 @@ import dagster as dg
 import webdataset as wds
 
 from assets.metadata import md, md_image, md_table
-from dalle_core.data import coco, crawl as crawling, filters, image_decode, quality_gate, shards
-from dalle_core.data.dedup import KeptHash, dedup_across_batches, merge_reports
-from dalle_core.data.filters import FilterReport
-from dalle_core.data.pairs import Pair
-from dalle_core.imaging import image_grid, png_bytes
-from orchestration.resources import (
+from assets.resources import (
     CrawlSourceResource,
     MlflowResource,
     ProfileResource,
@@ -28,6 +23,11 @@ from orchestration.resources import (
     data_version,
     demo_world_for,
 )
+from dalle_core.data import coco, crawl as crawling, filters, image_decode, quality_gate, shards
+from dalle_core.data.dedup import KeptHash, dedup_across_batches, merge_reports
+from dalle_core.data.filters import FilterReport
+from dalle_core.data.pairs import Pair
+from dalle_core.imaging import image_grid, png_bytes
 
 crawl_batches = dg.DynamicPartitionsDefinition(name="crawl_batches")  # one per URL list (the sensor adds them)
 code_shards = dg.DynamicPartitionsDefinition(name="code_shards")  # one per training shard (`shards` adds them)
@@ -349,14 +349,12 @@ def shards_asset(
     manifest = shards.write_shards(shuffle(kept), store, SHARDS, prof.data.shard_size)
     register_code_shards(context.instance, [s.name for s in manifest.shards])
     with mlflow.start_run("data", tags={"stage": "data", "profile": prof.name}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size,
-                        "crawl_batches": len(batches), "held_back_batches": ",".join(sorted(held_back)) or "none"})
-        mlf.log_metrics({"pairs_in": report["input_count"], "pairs_kept": report["kept_count"], "shards": len(manifest.shards)})
-        mlf.log_metrics({f"removed_{k}": v for k, v in report["removed"].items()})
-        mlf.log_dict(manifest.to_dict(), "manifest.json")
-        mlf.log_dict(report, "filter_report.json")
+        mlflow.log_params({"profile": prof.name, "image_size": prof.data.image_size, "shard_size": prof.data.shard_size,
+                           "crawl_batches": len(batches), "held_back_batches": ",".join(sorted(held_back)) or "none"})
+        mlflow.log_metrics({"pairs_in": report["input_count"], "pairs_kept": report["kept_count"], "shards": len(manifest.shards)})
+        mlflow.log_metrics({f"removed_{k}": v for k, v in report["removed"].items()})
+        mlflow.log_dict(manifest.to_dict(), "manifest.json")
+        mlflow.log_dict(report, "filter_report.json")
         run_url = mlflow.run_url(run)
     context.log.info(f"wrote {manifest.total} samples of {len(batches)} batches in {len(manifest.shards)} shards "
                      f"({cross.removed_count} duplicates across batches removed)")

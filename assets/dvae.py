@@ -10,6 +10,8 @@ import torch
 
 from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, require_passing_shards, shards_asset
 from assets.metadata import md, md_image, md_table
+from assets.model_registry import CHALLENGER, DVAEModel
+from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data import codes
 from dalle_core.data.loader import image_batches, image_to_tensor, local_shard_paths
@@ -21,8 +23,6 @@ from dalle_core.dvae.model import encode_to_codes
 from dalle_core.dvae.train import load_dvae, save_dvae, train_dvae
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
-from orchestration.model_registry import CHALLENGER, DVAEModel, log_and_register, promote_if_better, resolve_weights
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 DVAE_KEY = "dvae/dvae.pt"
 CODES = "image_codes"
@@ -67,12 +67,10 @@ def dvae(
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)
 
     with mlflow.start_run("dvae", tags={"stage": "dvae", "profile": prof.name}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params({k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))})
+        mlflow.log_params({k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))})
 
         def on_log(step: int, metrics: dict) -> None:
-            mlf.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
             if step % (cfg.log_every * 4) == 0 or step == cfg.total_steps:
                 context.log.info(f"dvae step {step}/{cfg.total_steps}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
@@ -85,14 +83,14 @@ def dvae(
         captions = [c for _, c in eval_set]
         demo = all(parse_caption(c) is not None for c in captions)
         report = evaluate_reconstructions(encoder, decoder, images, captions, demo_check if demo else None)
-        mlf.log_metrics(report.metrics(), step=cfg.total_steps)
+        mlflow.log_metrics(report.metrics(), step=cfg.total_steps)
         grid = image_grid([im for pair in zip(report.originals, report.reconstructions) for im in pair], ncols=8)
-        mlf.log_image(grid, "reconstructions.png")
+        mlflow.log_image(grid, "reconstructions.png")
 
         model_file = save_dvae(storage.scratch("dvae") / "dvae.pt", encoder, decoder, cfg)
         store.put_file(DVAE_KEY, model_file)
-        version = log_and_register(model_file, "dvae", DVAEModel(), alias=CHALLENGER)
-        promoted, promotion = promote_if_better("dvae", version, report.metrics(), dict(config.promote_on))
+        version = mlflow.log_and_register(model_file, "dvae", DVAEModel(), alias=CHALLENGER)
+        promoted, promotion = mlflow.promote_if_better("dvae", version, report.metrics(), dict(config.promote_on))
         context.log.info(promotion)
         run_url = mlflow.run_url(run)
 
@@ -215,7 +213,4 @@ def image_codes_manifest(
 
 def champion_dvae_file(mlflow: MlflowResource):
     """The dVAE every downstream asset uses: `dvae@champion` in the MLflow registry."""
-    import mlflow as mlf
-
-    mlf.set_tracking_uri(mlflow.tracking_uri)
-    return resolve_weights("@champion", "dvae")
+    return mlflow.resolve_weights("@champion", "dvae")

@@ -14,6 +14,8 @@ from assets.data import coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
 from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
+from assets.model_registry import CHALLENGER
+from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 from dalle_core.demo.checker import check_image
 from dalle_core.demo.scenes import parse_caption
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
@@ -26,9 +28,6 @@ from dalle_core.eval.zero_shot import describe_metric
 from dalle_core.generation import TextToImage
 from dalle_core.rerank import load_reranker
 from dalle_core.storage import open_storage
-from orchestration.model_registry import (CHALLENGER, champion_figures, champion_version, log_comparison,
-                                          promote_if_better, resolve_weights)
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 
 REPORTS = "reports/zero_shot"
 STAGE = "coco_zero_shot_report"
@@ -66,16 +65,9 @@ def resolve_inception(spec: str, storage: StorageResource):
     return InceptionMetrics.from_weights(spec or None)
 
 
-def earlier_reports(mlflow_resource: MlflowResource, limit: int = 5) -> list[dict]:
+def earlier_reports(mlflow: MlflowResource, limit: int = 5) -> list[dict]:
     """The latest earlier zero-shot runs, for the report's comparison table."""
-    import mlflow as mlf
-
-    mlf.set_tracking_uri(mlflow_resource.tracking_uri)
-    exp = mlf.get_experiment_by_name(mlflow_resource.experiment)
-    if exp is None:
-        return []
-    runs = mlf.search_runs([exp.experiment_id], filter_string=f"tags.stage = '{STAGE}'",
-                           order_by=["attributes.start_time DESC"], max_results=limit, output_format="list")
+    runs = mlflow.search_runs(f"tags.stage = '{STAGE}'", max_results=limit)
     return [{"version": f"prior v{r.data.tags['prior_version']}" if r.data.tags.get("prior_version") else r.info.run_id[:8],
              "metrics": dict(r.data.metrics)}
             for r in runs]
@@ -159,7 +151,7 @@ def coco_zero_shot_report(
     device = training_device()
     chain, versions = load_text_to_image(store, storage, mlflow, device=device, prior=config.prior)
     prior_version = versions["prior"]
-    independent = (load_reranker(resolve_weights(config.independent_reranker, "reranker"), device=device).eval()
+    independent = (load_reranker(mlflow.resolve_weights(config.independent_reranker, "reranker"), device=device).eval()
                    if config.independent_reranker else None)
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     if config.captions:
@@ -170,10 +162,10 @@ def coco_zero_shot_report(
     references = [im for im, _ in eval_set]
     fingerprint = evaluation_fingerprint(chain, captions, references, config, inception, independent)
     fp = fingerprint_id(fingerprint)
-    champ = champion_version("prior")
+    champ = mlflow.champion_version("prior")
     role = "champion" if champ == prior_version else CHALLENGER
     evaluated = f"prior v{prior_version} ({role})" + (f" vs champion v{champ}" if champ and champ != prior_version else "")
-    context.log.info(f"zero-shot: {evaluated}, fingerprint {fp} ({describe_versions(versions)})")
+    context.log.info(f"zero-shot: {evaluated}, fingerprint {fp} ({describe_versions(mlflow, versions)})")
 
     metrics, generated = evaluate_chain(chain, captions, references, config, inception, storage, independent,
                                         log=context.log.info)
@@ -184,11 +176,11 @@ def coco_zero_shot_report(
     # scored now with the same captions, seed, candidates and scorers (unless configured not to)
     champ_numbers, rescored = None, "no"
     if champ is not None and champ != prior_version:
-        stored = champion_figures("prior", champ, fingerprint)
+        stored = mlflow.champion_figures("prior", champ, fingerprint)
         if stored is not None and all(k in stored for k in config.promote_on):
             rescored = f"no: figures under fingerprint {fp} recorded"
         elif config.rescore_champion:
-            champ_prior, champ_tok, _ = load_prior_version(champ, store, device=device)
+            champ_prior, champ_tok, _ = load_prior_version(mlflow, champ, store, device=device)
             champ_chain = TextToImage(champ_prior, chain.decoder, champ_tok, reranker=chain.reranker, encoder=chain.encoder)
             context.log.info(f"zero-shot: scoring champion prior v{champ} under fingerprint {fp}")
             champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
@@ -205,22 +197,20 @@ def coco_zero_shot_report(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with mlflow.start_run(STAGE, tags={"stage": STAGE, "profile": prof.name, "prior_version": prior_version,
                                        "evaluated": evaluated}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params({k: v for k, v in config.model_dump().items() if k not in ("inception_weights", "independent_reranker")}
-                       | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured",
-                          "independent_reranker": "configured" if independent is not None else "none"})
-        mlf.log_metrics(numbers)
+        mlflow.log_params({k: v for k, v in config.model_dump().items() if k not in ("inception_weights", "independent_reranker")}
+                          | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured",
+                             "independent_reranker": "configured" if independent is not None else "none"})
+        mlflow.log_metrics(numbers)
         for name, reason in metrics.get("not_computed", {}).items():
-            mlf.set_tag(f"not_computed.{name}", reason[:250])
+            mlflow.set_tag(f"not_computed.{name}", reason[:250])
         for name in ("contrastive_fd", "independent_fd"):
             if name in numbers:
-                mlf.set_tag(f"metric_note.{name}", describe_metric(name))
-        promotion = promote_if_better("prior", prior_version, numbers, dict(config.promote_on), fingerprint,
-                                      champion_metrics=champ_numbers, run_id=run.info.run_id)
+                mlflow.set_tag(f"metric_note.{name}", describe_metric(name))
+        promotion = mlflow.promote_if_better("prior", prior_version, numbers, dict(config.promote_on), fingerprint,
+                                             champion_metrics=champ_numbers, run_id=run.info.run_id)
         names = [k for k in MAIN if k in numbers]
-        comparison = log_comparison(f"prior v{prior_version}", promotion, numbers, dict(config.promote_on),
-                                    fingerprint, names=names)
+        comparison = mlflow.log_comparison(f"prior v{prior_version}", promotion, numbers, dict(config.promote_on),
+                                           fingerprint, names=names)
         champ_label = f"champion v{promotion.champion}" if promotion.champion else "champion"
         report = render_report(
             metrics, samples=shown, history=history, version=f"prior v{prior_version}",
@@ -233,12 +223,12 @@ def coco_zero_shot_report(
                         "rows": comparison_table("", "", numbers, promotion.champion_metrics, dict(config.promote_on),
                                                  names),
                         "note": promotion.reason})
-        mlf.log_text(report.html, "report/zero_shot.html")
+        mlflow.log_text(report.html, "report/zero_shot.html")
         if report.plot_png:
             from PIL import Image
             import io
 
-            mlf.log_image(Image.open(io.BytesIO(report.plot_png)), "report/fd_vs_blur.png")
+            mlflow.log_image(Image.open(io.BytesIO(report.plot_png)), "report/fd_vs_blur.png")
         context.log.info(promotion.reason)
         run_url = mlflow.run_url(run)
     store.put_text(f"{REPORTS}/{stamp}.html", report.html)
@@ -257,7 +247,7 @@ def coco_zero_shot_report(
         "resumed_chunks": f"{resumed[0]} of {resumed[1]}",
         "prior_version": f"prior v{prior_version}",
         "evaluated": evaluated,
-        "models": describe_versions(versions),
+        "models": describe_versions(mlflow, versions),
         "fingerprint": fp,
         "fingerprint_fields": md(md_table(["field", "value"], sorted(fingerprint.items()))),
         "champion_rescored": rescored,

@@ -11,6 +11,8 @@ import torch
 from assets.data import SHARDS, load_eval_images, shards_asset
 from assets.dvae import DVAE_KEY, config_digest, dvae, training_device
 from assets.metadata import md, md_image, md_table
+from assets.model_registry import CHALLENGER, DEFAULT_ALIAS, RerankerModel
+from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 from assets.prior import prior
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data.loader import image_caption_batches, local_shard_paths
@@ -27,10 +29,6 @@ from dalle_core.rerank.negatives import negatives_for_batch
 from dalle_core.text.bpe import DalleTokenizer
 from dalle_core.eval.fairness import digest_texts, make_fingerprint
 from dalle_core.eval.images import image_set_digest
-from orchestration.model_registry import (CHALLENGER, DEFAULT_ALIAS, RerankerModel, champion_figures, champion_version,
-                                          comparison_markdown, log_and_register, log_comparison, promote_if_better,
-                                          resolve_model_files, resolve_version, resolve_weights)
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 
 RERANKER_KEY = "reranker/reranker.pt"
 SAMPLES = "samples"
@@ -79,15 +77,13 @@ def reranker(
                 yield images, text
 
     with mlflow.start_run("reranker", tags={"stage": "reranker", "profile": prof.name}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
-                        "steps": steps, "hard_negatives": config.hard_negatives})
+        mlflow.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
+                           "steps": steps, "hard_negatives": config.hard_negatives})
 
         def on_log(record: dict) -> None:
             step = int(record.get("step", 0))
-            mlf.log_metrics({k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
-                            step=step)
+            mlflow.log_metrics({k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"},
+                               step=step)
             if record.get("event") == "log" and (step % (cfg.log_every * 5) == 0 or step == steps):
                 context.log.info(f"reranker step {step}/{steps}: loss={record['loss']:.4f} acc={record['acc']:.3f}")
 
@@ -97,24 +93,24 @@ def reranker(
         eval_set = load_eval_images(store, image_size, storage.scratch("eval-cache"))
         images, captions = [im for im, _ in eval_set], [c for _, c in eval_set]
         figures = retrieval_figures(model, tok, images, captions, rng=random.Random(0))
-        mlf.log_metrics(figures, step=steps)
+        mlflow.log_metrics(figures, step=steps)
         store.put_file(RERANKER_KEY, result.model_path)
-        version = log_and_register(result.model_path, "reranker", RerankerModel(), alias=CHALLENGER)
+        version = mlflow.log_and_register(result.model_path, "reranker", RerankerModel(), alias=CHALLENGER)
         # what the figures depend on besides the model: the held-out pairs, the swap draws, the code
         fingerprint = make_fingerprint(evaluation="reranker held-out retrieval", captions=digest_texts(captions),
                                        images=image_set_digest(images), swap_seed=0, code_version=code_version())
-        champ, champ_figures, rescored = champion_version("reranker"), None, ""
+        champ, champ_figures, rescored = mlflow.champion_version("reranker"), None, ""
         if champ is not None and champ != version:
-            stored = champion_figures("reranker", champ, fingerprint)
+            stored = mlflow.champion_figures("reranker", champ, fingerprint)
             if stored is None or any(k not in stored for k in config.promote_on):
                 # re-scored under the same conditions (cheap: one pass over the held-out pairs)
-                champ_figures, rescored = rescore_reranker(champ, tok, images, captions)
+                champ_figures, rescored = rescore_reranker(mlflow, champ, tok, images, captions)
                 context.log.info(f"reranker: champion v{champ} {rescored}")
-        promotion = promote_if_better("reranker", version, figures, dict(config.promote_on), fingerprint,
-                                      champion_metrics=champ_figures, run_id=run.info.run_id)
+        promotion = mlflow.promote_if_better("reranker", version, figures, dict(config.promote_on), fingerprint,
+                                             champion_metrics=champ_figures, run_id=run.info.run_id)
         promoted = promotion.promoted
-        comparison = log_comparison(f"reranker v{version}", promotion, figures, dict(config.promote_on),
-                                    fingerprint, names=list(figures))
+        comparison = mlflow.log_comparison(f"reranker v{version}", promotion, figures, dict(config.promote_on),
+                                           fingerprint, names=list(figures))
         context.log.info(promotion.reason)
         run_url = mlflow.run_url(run)
 
@@ -134,11 +130,11 @@ def reranker(
     return dg.MaterializeResult(metadata=meta)
 
 
-def rescore_reranker(version: str, tok, images, captions) -> tuple[dict | None, str]:
+def rescore_reranker(mlflow: MlflowResource, version: str, tok, images, captions) -> tuple[dict | None, str]:
     """Held-out figures of a registered reranker version under the current conditions;
     (None, why) when it cannot be scored with this tokenizer (then promotion is refused)."""
     try:
-        model = load_reranker(resolve_weights(f"models:/reranker/{version}", "reranker")).eval()
+        model = load_reranker(mlflow.resolve_weights(f"models:/reranker/{version}", "reranker")).eval()
     except Exception as e:  # weights gone from the artifact store, an unloadable file
         return None, f"could not be re-scored: {type(e).__name__}: {e}"
     if (model.config.text_vocab_size, model.config.text_len) != (tok.vocab_size, tok.text_len):
@@ -159,14 +155,14 @@ class SamplesConfig(dg.Config):
     prior: str = "@" + DEFAULT_ALIAS
 
 
-def load_prior_version(spec: str, store, device: str = "cpu"):
+def load_prior_version(mlflow: MlflowResource, spec: str, store, device: str = "cpu"):
     """(prior model, its tokenizer, version number) of a registered prior: `spec` is a
     version number ("7", "v7"), an alias ("@champion", "@challenger") or models:/prior/7.
     The tokenizer is the one registered with that prior (else the storage's)."""
     ref = spec.split("models:/prior/", 1)[1] if spec.startswith("models:/prior/") else spec
     ref = "@" + ref.split("@", 1)[1] if "@" in ref else ref
-    version = resolve_version("prior", ref)
-    files = resolve_model_files(f"models:/prior/{version}", "prior")
+    version = mlflow.resolve_version("prior", ref)
+    files = mlflow.resolve_model_files(f"models:/prior/{version}", "prior")
     weights = next((p for p in files if p.suffix == ".pt"), files[0])
     tok_file = next((p for p in files if p.suffix == ".json"), None)
     tok = (DalleTokenizer.from_json(tok_file.read_text(), source=f"models:/prior/{version}")
@@ -179,18 +175,16 @@ def load_text_to_image(store, storage: StorageResource, mlflow: MlflowResource, 
     """The chain: the prior named by `prior` (a registered version or alias: the champion
     unless an evaluation names its challenger's version), with the champion dVAE and
     reranker. Returns the chain and {model: version} of what was loaded."""
-    import mlflow as mlf
-
-    mlf.set_tracking_uri(mlflow.tracking_uri)
-    prior_model, tok, version = load_prior_version(prior, store, device=device)
-    encoder, decoder, _ = load_dvae(resolve_weights("@champion", "dvae"), device=device)
-    rr = load_reranker(resolve_weights("@champion", "reranker"), device=device)
-    versions = {"prior": version, "dvae": champion_version("dvae") or "?", "reranker": champion_version("reranker") or "?"}
+    prior_model, tok, version = load_prior_version(mlflow, prior, store, device=device)
+    encoder, decoder, _ = load_dvae(mlflow.resolve_weights("@champion", "dvae"), device=device)
+    rr = load_reranker(mlflow.resolve_weights("@champion", "reranker"), device=device)
+    versions = {"prior": version, "dvae": mlflow.champion_version("dvae") or "?",
+                "reranker": mlflow.champion_version("reranker") or "?"}
     return TextToImage(prior_model, decoder, tok, reranker=rr, encoder=encoder), versions
 
 
-def describe_versions(versions: dict[str, str]) -> str:
-    champions = {k: champion_version(k) for k in versions}
+def describe_versions(mlflow: MlflowResource, versions: dict[str, str]) -> str:
+    champions = {k: mlflow.champion_version(k) for k in versions}
     return ", ".join(f"{k} v{v}" + (" @champion" if champions[k] == v else "") for k, v in versions.items())
 
 
@@ -208,7 +202,7 @@ def samples(
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     chain, versions = load_text_to_image(store, storage, mlflow, device=training_device(), prior=config.prior)
-    models = describe_versions(versions)
+    models = describe_versions(mlflow, versions)
     context.log.info(f"samples: {models}")
     eval_set = load_eval_images(store, prof.dvae.image_size, storage.scratch("eval-cache"))
     captions = [c for _, c in eval_set][: config.captions]
@@ -247,14 +241,12 @@ def samples(
     with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name, "models": models,
                                            **{f"{k}_version": v for k, v in versions.items()}},
                           data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params(config.model_dump() | {"n_captions": len(captions)})
+        mlflow.log_params(config.model_dump() | {"n_captions": len(captions)})
         if rates:
-            mlf.log_metrics(rates)
-        mlf.log_image(grid, "samples/grid.png")
-        mlf.log_image(refs, "samples/references.png")
-        mlf.log_text("\n".join(f"{i}: {c}" for i, c in enumerate(captions)), "samples/captions.txt")
+            mlflow.log_metrics(rates)
+        mlflow.log_image(grid, "samples/grid.png")
+        mlflow.log_image(refs, "samples/references.png")
+        mlflow.log_text("\n".join(f"{i}: {c}" for i, c in enumerate(captions)), "samples/captions.txt")
         run_url = mlflow.run_url(run)
 
     meta = {

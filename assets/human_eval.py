@@ -10,15 +10,14 @@ import math
 import os
 
 import dagster as dg
-
-from assets.metadata import md, md_table
-from dalle_core.eval.human import QUESTIONS, aggregate_votes
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from orchestration.human_eval.db import (ENV_DB, Study, default_db_url, get_study, model_votes, sessions,
-                                         study_progress)
-from orchestration.resources import MlflowResource, default_run_dir
+from assets.metadata import md, md_table
+from assets.resources import MlflowResource, default_run_dir
+from dalle_core.eval.human import QUESTIONS, aggregate_votes
+from dalle_core.eval.human_db import (ENV_DB, Study, default_db_url, get_study, model_votes, sessions,
+                                      study_progress)
 
 QUESTION_TEXT = {"realism": "Which image is more realistic?", "caption_match": "Which image matches the caption better?"}
 
@@ -73,18 +72,14 @@ def human_eval_report(
                          f"({progress['votes']} of {progress['votes_expected']} votes in)")
     metrics = report_metrics(result)
     with mlflow.start_run("human_eval", tags={"stage": "human_eval", "study": study.name}) as run:
-        import mlflow as mlf
-
-        from orchestration.model_registry import champion_version
-
-        mlf.log_params({"study": study.name, "model_a": study.model_a, "model_b": study.model_b,
-                        "raters_per_item": study.raters_per_item, "items": progress["items"]})
+        mlflow.log_params({"study": study.name, "model_a": study.model_a, "model_b": study.model_b,
+                           "raters_per_item": study.raters_per_item, "items": progress["items"]})
         # the study's images come from the `samples` asset, which samples the champion prior (or the
         # version its config names); the names say which version made them, this says which is champion now
-        champion_now = champion_version("prior")
-        mlf.set_tag("champion_prior_now", champion_now or "none")
-        mlf.log_metrics(metrics)
-        mlf.log_text(json.dumps(result, indent=1), "human_eval/result.json")
+        champion_now = mlflow.champion_version("prior")
+        mlflow.set_tag("champion_prior_now", champion_now or "none")
+        mlflow.log_metrics(metrics)
+        mlflow.log_text(json.dumps(result, indent=1), "human_eval/result.json")
         run_url = mlflow.run_url(run)
     context.log.info(f"human_eval {study.name}: " + json.dumps({k: round(v, 4) for k, v in metrics.items()}))
     return dg.MaterializeResult(metadata={

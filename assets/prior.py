@@ -11,14 +11,14 @@ import dagster as dg
 
 from assets.dvae import CODES, config_digest, image_codes_manifest
 from assets.metadata import md, md_table
+from assets.model_registry import CHALLENGER, DEFAULT_ALIAS, PriorModel
+from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
 from assets.text import TOKENIZER_KEY
 from dalle_core.data.codes import iter_code_shard
 from dalle_core.data.loader import local_shard_paths
 from dalle_core.prior.baseline import unigram_baseline
 from dalle_core.prior.config import get_prior_config
 from dalle_core.storage import LocalStorage
-from orchestration.model_registry import CHALLENGER, DEFAULT_ALIAS, PriorModel, champion_version, log_and_register
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 PRIOR_KEY = "prior/prior.pt"
 
@@ -101,11 +101,9 @@ def prior(
         cmd.append("--activation-checkpointing")
 
     with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
-                        "world_size": world, "nodes": config.nodes, "powersgd_rank": config.powersgd_rank})
-        mlf.log_metrics({f"unigram_{k}": v for k, v in baseline.items()})
+        mlflow.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
+                           "world_size": world, "nodes": config.nodes, "powersgd_rank": config.powersgd_rank})
+        mlflow.log_metrics({f"unigram_{k}": v for k, v in baseline.items()})
         env = {"MLFLOW_TRACKING_URI": mlflow.tracking_uri, "MLFLOW_RUN_ID": run.info.run_id,
                "OMP_NUM_THREADS": str(max(1, (__import__("os").cpu_count() or 1) // world))}
         context.log.info(f"launching: {' '.join(cmd)}")
@@ -123,19 +121,17 @@ def prior(
         # dVAE: unigram entropy 0); the run still lands, without the ratio
         ratio = image_loss / baseline["image"] if image_loss is not None and baseline["image"] > 0 else None
         if ratio is not None:
-            mlf.log_metric("image_loss_over_unigram", ratio)
+            mlflow.log_metric("image_loss_over_unigram", ratio)
         else:
             context.log.warning(f"image-token unigram entropy is {baseline['image']:.3g}: the dVAE codes "
                                 "hardly vary, so the prior has little to learn (check the dvae asset's codebook usage)")
         # the tokenizer travels with the prior: `dalle generate --prior @champion` needs both
         tokenizer_file = store.get_file(TOKENIZER_KEY, storage.scratch("prior-tokenizer") / "bpe_tokenizer.json")
         # a challenger until the zero-shot report compares it with the champion (the first one is champion)
-        version = log_and_register(model_file, "prior", PriorModel(), alias=CHALLENGER,
-                                   extra_artifacts={"tokenizer": tokenizer_file})
-        if champion_version("prior") is None:
-            import mlflow as mlf
-
-            mlf.MlflowClient().set_registered_model_alias("prior", DEFAULT_ALIAS, version)
+        version = mlflow.log_and_register(model_file, "prior", PriorModel(), alias=CHALLENGER,
+                                          extra_artifacts={"tokenizer": tokenizer_file})
+        if mlflow.champion_version("prior") is None:
+            mlflow.set_alias("prior", DEFAULT_ALIAS, version)
         run_url = mlflow.run_url(run)
 
     curve = [(r.get("step"), *(f"{r[k]:.3f}" for k in sorted(final))) for r in steps[:: max(1, len(steps) // 8)]]

@@ -5,9 +5,9 @@ import dagster as dg
 
 from assets.data import SHARDS, require_passing_shards, shards_asset
 from assets.metadata import md, md_table
+from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
 from dalle_core.data import shards
 from dalle_core.text.bpe import train_bpe_tokenizer
-from orchestration.resources import MlflowResource, ProfileResource, StorageResource, data_version
 
 TOKENIZER_KEY = "tokenizer/bpe.json"
 
@@ -32,11 +32,9 @@ def bpe_tokenizer(
     mean_tokens = sum(i.n_tokens_full for i in infos) / len(infos)
     examples = [(c, " ".join(tok.backend.id_to_token(t) for t in i.ids[: i.n_tokens])) for c, i in zip(captions[:5], infos)]
     with mlflow.start_run("bpe_tokenizer", tags={"stage": "text", "profile": prof.name}, data_version=data_version(store)) as run:
-        import mlflow as mlf
-
-        mlf.log_params(prof.text.to_dict())
-        mlf.log_metrics({"trained_vocab": tok.trained_vocab_size, "mean_tokens": mean_tokens, "truncated_fraction": truncated})
-        mlf.log_text(tok.to_json(), "bpe.json")
+        mlflow.log_params(prof.text.to_dict())
+        mlflow.log_metrics({"trained_vocab": tok.trained_vocab_size, "mean_tokens": mean_tokens, "truncated_fraction": truncated})
+        mlflow.log_text(tok.to_json(), "bpe.json")
         run_url = mlflow.run_url(run)
     context.log.info(f"tokenizer: {tok.trained_vocab_size} tokens from {len(captions)} captions")
     return dg.MaterializeResult(

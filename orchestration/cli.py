@@ -91,8 +91,8 @@ def cmd_ui(args) -> int:
 
 
 def cmd_demo_world_serve(args) -> int:
+    from assets.resources import demo_world_for
     from dalle_core.demo.server import serve_demo_world
-    from orchestration.resources import demo_world_for
 
     world = demo_world_for(get_profile(args.profile))
     base = f"http://{args.host}:{args.port}"
@@ -137,13 +137,10 @@ def cmd_crawl(args) -> int:
 
 
 def _load_dvae_cli(args):
-    import mlflow
-
+    from assets.resources import MlflowResource
     from dalle_core.dvae.train import load_dvae
-    from orchestration.model_registry import resolve_weights
 
-    mlflow.set_tracking_uri(_settings(args).mlflow_tracking_uri)
-    return load_dvae(resolve_weights(args.model, "dvae"))
+    return load_dvae(MlflowResource.from_settings(_settings(args)).resolve_weights(args.model, "dvae"))
 
 
 def _read_image(path: Path, size: int, resize: bool):
@@ -225,26 +222,25 @@ def cmd_dvae_decode(args) -> int:
 
 def _generation_chain(args):
     """The models of `dalle generate`, resolved by path or MLflow alias, checked to fit together."""
-    import mlflow
-
+    from assets.resources import MlflowResource
     from dalle_core.dvae.train import load_dvae
     from dalle_core.generation import TextToImage
     from dalle_core.prior.train import load_prior
     from dalle_core.rerank import load_reranker
     from dalle_core.text.bpe import DalleTokenizer
-    from orchestration.model_registry import resolve_companion, resolve_weights
 
     settings = _settings(args)
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow = MlflowResource.from_settings(settings)
     device = args.device
     if device == "auto":
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    prior = load_prior(resolve_weights(args.prior, "prior"), device=device)
-    encoder, decoder, _ = load_dvae(resolve_weights(args.dvae, "dvae"), device=device)
-    reranker = None if args.reranker == "none" else load_reranker(resolve_weights(args.reranker, "reranker"), device=device)
-    tok_path = Path(args.tokenizer) if args.tokenizer else resolve_companion(args.prior, "prior", ".json")
+    prior = load_prior(mlflow.resolve_weights(args.prior, "prior"), device=device)
+    encoder, decoder, _ = load_dvae(mlflow.resolve_weights(args.dvae, "dvae"), device=device)
+    reranker = (None if args.reranker == "none"
+                else load_reranker(mlflow.resolve_weights(args.reranker, "reranker"), device=device))
+    tok_path = Path(args.tokenizer) if args.tokenizer else mlflow.resolve_companion(args.prior, "prior", ".json")
     if tok_path is None:  # a prior given by path: the tokenizer of the run's storage
         tok_path = Path(settings.storage_root) / "tokenizer" / "bpe.json"
     if not tok_path.is_file():

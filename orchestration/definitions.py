@@ -11,15 +11,10 @@ from assets.evaluation import coco_zero_shot_report
 from assets.generation import reranker, samples
 from assets.human_eval import human_eval_complete_sensor, human_eval_report
 from assets.prior import prior
+from assets.resources import CrawlSourceResource, MlflowResource, ProfileResource, StorageResource
 from assets.text import bpe_tokenizer
 from orchestration.jobs import ALL_JOBS
 from orchestration.schedules import retrain_schedule
-from orchestration.resources import (
-    CrawlSourceResource,
-    MlflowResource,
-    ProfileResource,
-    StorageResource,
-)
 from orchestration.sensors import new_url_list_sensor, retrain_chain_sensor
 from orchestration.settings import Settings
 
@@ -32,11 +27,7 @@ def build_resources(settings: Settings) -> dict:
             scratch_dir=str(settings.run_dir / "scratch"),
         ),
         "profile": ProfileResource(name=settings.profile),
-        "mlflow": MlflowResource(
-            tracking_uri=settings.mlflow_tracking_uri,
-            artifact_root=settings.mlflow_artifact_root,
-            ui_url=settings.mlflow_ui_url,
-        ),
+        "mlflow": MlflowResource.from_settings(settings),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
         "crawl_source": CrawlSourceResource(
             url_list_dir=settings.url_list_dir,

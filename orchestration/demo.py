@@ -35,8 +35,8 @@ BROKEN_LIST = "broken-links.csv"  # bad data: the quality gate holds this batch 
 def write_demo_url_lists(settings: Settings) -> list[str]:
     """The demo world's URL lists, pointing at its loopback server (idempotent), and one
     broken list (mostly dead links) that shows the data-quality gate at work."""
+    from assets.resources import demo_world_for
     from dalle_core.profiles import get_profile
-    from orchestration.resources import demo_world_for
 
     out = Path(settings.url_list_dir)
     if out.is_dir() and any(out.iterdir()):

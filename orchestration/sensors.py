@@ -5,8 +5,8 @@ weekly retrain is chained past the per-shard encoding."""
 import dagster as dg
 
 from assets.data import code_shards, crawl_batches
+from assets.resources import CrawlSourceResource
 from orchestration.jobs import crawl_job, image_codes_job, retrain_job, retrain_tail_job
-from orchestration.resources import CrawlSourceResource
 
 
 @dg.sensor(job=crawl_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.STOPPED)

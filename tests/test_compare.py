@@ -8,7 +8,7 @@ import re
 import pytest
 
 from orchestration.compare import add_compare_parser, cmd_compare
-from orchestration.resources import MlflowResource, code_version, data_version
+from assets.resources import MlflowResource, code_version, data_version
 
 
 @pytest.fixture(scope="module")

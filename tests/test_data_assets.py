@@ -18,7 +18,7 @@ def _store(settings):
 
 def _world(settings):
     from dalle_core.profiles import get_profile
-    from orchestration.resources import demo_world_for
+    from assets.resources import demo_world_for
 
     return demo_world_for(get_profile(settings.profile))
 
@@ -109,7 +109,7 @@ def test_shards_registers_one_code_shards_partition_per_shard(demo_run):
 
 def test_sensor_adds_a_partition_per_new_url_list(tmp_path):
     from assets.data import crawl_batches
-    from orchestration.resources import CrawlSourceResource
+    from assets.resources import CrawlSourceResource
     from orchestration.sensors import new_url_list_sensor
 
     inbox = tmp_path / "inbox"
@@ -129,7 +129,7 @@ def test_sensor_adds_a_partition_per_new_url_list(tmp_path):
 
 def test_sensor_watches_an_s3_prefix(s3_endpoint, s3_bucket, monkeypatch):
     from dalle_core.storage import open_storage
-    from orchestration.resources import CrawlSourceResource
+    from assets.resources import CrawlSourceResource
     from orchestration.sensors import new_url_list_sensor
 
     monkeypatch.setenv("DALLE_S3_ENDPOINT_URL", s3_endpoint)

@@ -36,7 +36,7 @@ def test_dvae_registered_with_alias_and_loads_by_it(demo_run):
     import mlflow
 
     from dalle_core.dvae.train import load_dvae
-    from orchestration.model_registry import resolve_weights
+    from assets.model_registry import resolve_weights
 
     settings, _, _ = demo_run
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

@@ -238,7 +238,7 @@ def test_small_dvae_reconstructions_keep_what_the_captions_say(tmp_path):
     from dalle_core.data.loader import image_to_tensor
     from dalle_core.dvae.evaluate import evaluate_reconstructions
     from dalle_core.profiles import get_profile
-    from orchestration.resources import demo_world_for
+    from assets.resources import demo_world_for
 
     cfg = DVAE_PRESETS["small"]
     world = demo_world_for(get_profile("small"))

@@ -124,7 +124,7 @@ def _human_eval_votes(settings, db_url: str, tmp_path: Path, monkeypatch) -> Non
     from sqlalchemy import select
 
     from orchestration.human_eval.cli import prepare_study
-    from orchestration.human_eval.db import Assignment, Item, VoteRow, sessions
+    from dalle_core.eval.human_db import Assignment, Item, VoteRow, sessions
     from orchestration.cli import build_parser
 
     monkeypatch.setenv("DALLE_S3_ENDPOINT_URL", settings.s3_endpoint_url)  # as `dalle` gets it from the settings

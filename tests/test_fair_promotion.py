@@ -33,7 +33,7 @@ def challenger(demo_run, tmp_path_factory):
 
     from assets.prior import PRIOR_KEY
     from dalle_core.prior.train import read_prior_file
-    from orchestration.model_registry import PriorModel, champion_version, log_and_register
+    from assets.model_registry import PriorModel, champion_version, log_and_register
 
     settings, _, _ = demo_run
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
@@ -95,7 +95,7 @@ def test_challenger_is_compared_under_its_own_fingerprint(challenger):
     import mlflow
 
     from orchestration.definitions import build_definitions
-    from orchestration.model_registry import champion_version, version_figures
+    from assets.model_registry import champion_version, version_figures
 
     settings, champion, version = challenger
     instance = dg.DagsterInstance.from_config(str(settings.dagster_home))

@@ -24,7 +24,7 @@ def test_reranker_registered_with_held_out_figures(demo_run):
     import mlflow
 
     from dalle_core.rerank import load_reranker
-    from orchestration.model_registry import resolve_weights
+    from assets.model_registry import resolve_weights
 
     settings, _, lines = demo_run
     assert any("[demo] reranker and samples: ok" in l for l in lines)

@@ -21,7 +21,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from dalle_core.eval.human import aggregate_votes, majority, wilson_interval
-from orchestration.human_eval.db import Assignment, Item, VoteRow, model_votes, sessions
+from dalle_core.eval.human_db import Assignment, Item, VoteRow, model_votes, sessions
 from orchestration.human_eval.study import ItemSpec, create_study, write_tokens
 from services import free_port
 
@@ -301,7 +301,7 @@ def _samples_output(root: Path, n: int, keep: int, unreranked: bool) -> None:
 
 def test_cli_creates_studies_from_samples_and_items(tmp_path, monkeypatch, capsys):
     from orchestration.human_eval.cli import prepare_study
-    from orchestration.human_eval.db import get_study
+    from dalle_core.eval.human_db import get_study
 
     _samples_output(tmp_path / "store", 3, keep=4, unreranked=False)
     db = f"sqlite:///{tmp_path / 'he.db'}"
@@ -354,7 +354,7 @@ def test_status_report_asset_and_sensor(tmp_path, monkeypatch, capsys):
 
     from assets.human_eval import human_eval_complete_sensor, human_eval_report
     from orchestration.human_eval.cli import cmd_status
-    from orchestration.resources import MlflowResource
+    from assets.resources import MlflowResource
 
     url, factory, _, study_id, _ = make_study(tmp_path, 20, 7)
     monkeypatch.setenv("DALLE_HUMAN_EVAL_DB", url)

@@ -15,7 +15,7 @@ def test_rater_signs_in_and_votes(browser, tmp_path):
     from sqlalchemy import select
 
     from orchestration.human_eval.app import create_app
-    from orchestration.human_eval.db import VoteRow
+    from dalle_core.eval.human_db import VoteRow
 
     url, factory, images, _, tokens = make_study(tmp_path, 5, 5)  # 5 raters: each sees all 5 items
     with serve(create_app(url, images)) as base:

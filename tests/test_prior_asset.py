@@ -11,7 +11,7 @@ def test_prior_trained_through_pipes_and_registered(demo_run):
     import mlflow
 
     from dalle_core.prior.train import load_prior
-    from orchestration.model_registry import resolve_weights
+    from assets.model_registry import resolve_weights
 
     settings, _, lines = demo_run
     assert any("[demo] code manifest and prior: ok" in l for l in lines)

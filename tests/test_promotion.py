@@ -19,7 +19,7 @@ def registry(tmp_path, monkeypatch):
 
 
 def _register(mlflow, exp, tmp_path, n):
-    from orchestration.model_registry import CHALLENGER, DVAEModel, log_and_register
+    from assets.model_registry import CHALLENGER, DVAEModel, log_and_register
 
     f = tmp_path / f"w{n}.pt"
     f.write_bytes(b"weights %d" % n)
@@ -32,7 +32,7 @@ FP = {"captions": "abc", "candidates": "8", "seed": "0", "scorer": "r1", "code_v
 
 def test_champion_challenger_both_ways(registry, tmp_path):
     from dalle_core.eval.fairness import fingerprint_id
-    from orchestration.model_registry import champion_version, promote_if_better
+    from assets.model_registry import champion_version, promote_if_better
 
     mlflow, exp = registry
     rules = {"fd": "lower", "match": "higher"}
@@ -60,7 +60,7 @@ def test_other_conditions_are_not_compared(registry, tmp_path):
     """A challenger measured on other captions / another scorer is not compared with the
     champion's figures from other conditions: refused unless the champion is re-scored."""
     from dalle_core.eval.fairness import fingerprint_id
-    from orchestration.model_registry import champion_version, promote_if_better, version_figures
+    from assets.model_registry import champion_version, promote_if_better, version_figures
 
     mlflow, exp = registry
     rules = {"fd": "lower"}
@@ -83,7 +83,7 @@ def test_other_conditions_are_not_compared(registry, tmp_path):
 
 def test_champion_figures_are_never_overwritten(registry, tmp_path):
     from dalle_core.eval.fairness import fingerprint_id
-    from orchestration.model_registry import promote_if_better, record_evaluation, version_figures
+    from assets.model_registry import promote_if_better, record_evaluation, version_figures
 
     mlflow, exp = registry
     v1 = _register(mlflow, exp, tmp_path, 1)
@@ -99,7 +99,7 @@ def test_champion_figures_are_never_overwritten(registry, tmp_path):
 
 
 def test_a_metric_the_champion_lacks_is_never_a_win(registry, tmp_path):
-    from orchestration.model_registry import champion_version, promote_if_better
+    from assets.model_registry import champion_version, promote_if_better
 
     mlflow, exp = registry
     v1 = _register(mlflow, exp, tmp_path, 1)
@@ -112,7 +112,7 @@ def test_a_metric_the_champion_lacks_is_never_a_win(registry, tmp_path):
 
 def test_figures_without_a_fingerprint_are_not_compared(registry, tmp_path):
     """Figures stored before fingerprints (tags eval.<metric>) have unknown conditions."""
-    from orchestration.model_registry import champion_version, promote_if_better
+    from assets.model_registry import champion_version, promote_if_better
 
     mlflow, exp = registry
     v1 = _register(mlflow, exp, tmp_path, 1)
@@ -124,7 +124,7 @@ def test_figures_without_a_fingerprint_are_not_compared(registry, tmp_path):
 
 
 def test_promotion_rules_are_checked(registry, tmp_path):
-    from orchestration.model_registry import promote_if_better
+    from assets.model_registry import promote_if_better
 
     mlflow, exp = registry
     v1 = _register(mlflow, exp, tmp_path, 1)
@@ -140,7 +140,7 @@ def test_importing_the_registry_and_dalle_help_print_no_type_hint_warning():
     import subprocess
     import sys
 
-    for argv in (["-W", "always", "-c", "import orchestration.model_registry"],
+    for argv in (["-W", "always", "-c", "import assets.model_registry"],
                  ["-W", "always", "-m", "orchestration.cli", "--help"]):
         out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
         assert "Add type hints" not in out.stderr + out.stdout, argv
@@ -152,7 +152,7 @@ def test_other_warnings_of_the_model_hook_still_show(recwarn):
 
     import mlflow.pyfunc.model as pm
 
-    from orchestration.model_registry import _PythonModel
+    from assets.model_registry import _PythonModel
 
     original = pm.PythonModel.__init_subclass__.__func__
 

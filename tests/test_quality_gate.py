@@ -29,7 +29,7 @@ def test_a_bad_batch_is_held_back_on_every_path_and_flows_on_once_fixed(tmp_path
     from dalle_core.storage import open_storage
     from orchestration.definitions import build_definitions
     from orchestration.demo import BROKEN_LIST, prepare_instance, write_demo_url_lists
-    from orchestration.resources import demo_world_for
+    from assets.resources import demo_world_for
     from orchestration.sensors import new_url_list_sensor
     from orchestration.settings import Settings
 
@@ -126,7 +126,7 @@ def test_shards_refuse_when_every_batch_is_held_back(tmp_path):
     from dalle_core.storage import open_storage
     from orchestration.definitions import build_definitions
     from orchestration.demo import BROKEN_LIST, prepare_instance
-    from orchestration.resources import demo_world_for
+    from assets.resources import demo_world_for
     from orchestration.settings import Settings
 
     settings = Settings(run_dir=tmp_path / "run", profile="tiny", demo_port=free_port())

@@ -10,7 +10,7 @@ version. Frechet distance moves with every one of them, so a challenger's
 contrastive FD on 8 captions with the reranker of today is no evidence against a
 champion's FD on 16 captions with last week's reranker.
 
-Pure logic only (no MLflow, no Dagster): `orchestration.model_registry` stores the
+Pure logic only (no MLflow, no Dagster): `assets.model_registry` stores the
 figures per fingerprint on the registered versions and calls `decide` here.
 """
 

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from orchestration.human_eval.db import (Assignment, Item, Rater, Study, VoteRow, hash_token, sessions,
-                                         study_progress)
+from dalle_core.eval.human_db import (Assignment, Item, Rater, Study, VoteRow, hash_token, sessions,
+                                      study_progress)
 
 COOKIE = "dalle_human_eval"
 

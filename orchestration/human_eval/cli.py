@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from orchestration.human_eval.db import ENV_DB, default_db_url, get_study, model_votes, sessions, study_progress
+from dalle_core.eval.human_db import ENV_DB, default_db_url, get_study, model_votes, sessions, study_progress
 
 
 def _run_dir(args) -> Path:

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from orchestration.human_eval.db import Assignment, Item, Rater, Study, hash_token
+from dalle_core.eval.human_db import Assignment, Item, Rater, Study, hash_token
 
 ENV_TOKENS = "DALLE_HUMAN_EVAL_TOKENS"
 MIN_TOKEN_CHARS = 16

@@ -47,7 +47,9 @@ class ProfileResource(dg.ConfigurableResource):
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """A thin wrapper over MLflow for assets (dagster-mlflow targets op-style jobs).
+    """The one owner of the MLflow client for assets (dagster-mlflow targets op-style jobs):
+    runs tagged with what made them, logging into the active run, the model registry
+    (`assets.model_registry`) against this tracking server, and run queries.
 
     Default: a SQLite backend and a local artifact root under the run directory.
     """
@@ -57,10 +59,21 @@ class MlflowResource(dg.ConfigurableResource):
     experiment: str = "dalle"
     ui_url: Optional[str] = None  # where `make ui` serves MLflow, for links in metadata
 
-    def _client_setup(self):
+    @classmethod
+    def from_settings(cls, settings) -> "MlflowResource":
+        """The resource `orchestration.definitions` builds, for the CLI (an `orchestration.settings.Settings`)."""
+        return cls(tracking_uri=settings.mlflow_tracking_uri, artifact_root=settings.mlflow_artifact_root,
+                   ui_url=settings.mlflow_ui_url)
+
+    def _mlflow(self):
+        """The `mlflow` module pointed at this tracking server (MLflow's fluent API is process-global)."""
         import mlflow
 
         mlflow.set_tracking_uri(self.tracking_uri)
+        return mlflow
+
+    def _client_setup(self):
+        mlflow = self._mlflow()
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is None:
             location = None
@@ -73,6 +86,12 @@ class MlflowResource(dg.ConfigurableResource):
         else:
             exp_id = exp.experiment_id
         return mlflow, exp_id
+
+    def client(self):
+        """An `MlflowClient` of this tracking server."""
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri)
 
     @contextlib.contextmanager
     def start_run(self, run_name: str, tags: dict | None = None, data_version: str | None = None,
@@ -94,6 +113,85 @@ class MlflowResource(dg.ConfigurableResource):
     def run_url(self, run) -> str:
         base = self.ui_url or self.tracking_uri
         return f"{base.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+    # --- logging into the active run (the one `start_run` opened) ---
+
+    def log_params(self, params: dict) -> None:
+        self._mlflow().log_params(params)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._mlflow().log_metrics(metrics, step=step)
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        self._mlflow().log_metric(key, value, step=step)
+
+    def set_tag(self, key: str, value) -> None:
+        self._mlflow().set_tag(key, value)
+
+    def log_dict(self, obj: dict, artifact_file: str) -> None:
+        self._mlflow().log_dict(obj, artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._mlflow().log_text(text, artifact_file)
+
+    def log_image(self, image, artifact_file: str) -> None:
+        self._mlflow().log_image(image, artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._mlflow().log_artifact(str(local_path), artifact_path)
+
+    def search_runs(self, filter_string: str, order_by: list[str] | None = None, max_results: int = 100) -> list:
+        """Runs of this resource's experiment (newest first by default); [] before the experiment exists."""
+        mlflow = self._mlflow()
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is None:
+            return []
+        return mlflow.search_runs([exp.experiment_id], filter_string=filter_string,
+                                  order_by=order_by or ["attributes.start_time DESC"], max_results=max_results,
+                                  output_format="list")
+
+    # --- the model registry (assets.model_registry) of this tracking server ---
+
+    def _registry(self):
+        self._mlflow()
+        from assets import model_registry
+
+        return model_registry
+
+    def log_and_register(self, model_file: Path, name: str, python_model, alias: str,
+                         extra_artifacts: dict[str, Path] | None = None) -> str:
+        """In the active run: the weights as a pyfunc model, registered as `name` with `alias`."""
+        return self._registry().log_and_register(model_file, name, python_model, alias, extra_artifacts)
+
+    def promote_if_better(self, name: str, version: str, metrics: dict[str, float], rules: dict[str, str],
+                          fingerprint: dict[str, str] | None = None,
+                          champion_metrics: dict[str, float] | None = None, run_id: str = ""):
+        return self._registry().promote_if_better(name, version, metrics, rules, fingerprint, champion_metrics, run_id)
+
+    def log_comparison(self, challenger: str, promotion, ours: dict[str, float], rules: dict[str, str],
+                       fingerprint: dict[str, str], names: list[str] | None = None) -> str:
+        return self._registry().log_comparison(challenger, promotion, ours, rules, fingerprint, names)
+
+    def champion_version(self, name: str, alias: str = "champion") -> str | None:
+        return self._registry().champion_version(name, alias)
+
+    def champion_figures(self, name: str, version: str, fingerprint: dict[str, str]) -> dict[str, float] | None:
+        return self._registry().champion_figures(name, version, fingerprint)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        self.client().set_registered_model_alias(name, alias, version)
+
+    def resolve_version(self, name: str, ref: str) -> str:
+        return self._registry().resolve_version(name, ref)
+
+    def resolve_model_files(self, spec: str, default_name: str) -> list[Path]:
+        return self._registry().resolve_model_files(spec, default_name)
+
+    def resolve_weights(self, spec: str, default_name: str) -> Path:
+        return self._registry().resolve_weights(spec, default_name)
+
+    def resolve_companion(self, spec: str, default_name: str, suffix: str) -> Path | None:
+        return self._registry().resolve_companion(spec, default_name, suffix)
 
 
 def _port_open(host: str, port: int) -> bool:
