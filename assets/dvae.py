@@ -19,8 +19,8 @@ from dalle_core.data.shards import Manifest, ShardInfo, file_sha256, read_tar
 from dalle_core.demo.checker import check_image
 from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import evaluate_reconstructions
-from dalle_core.dvae.model import encode_to_codes
-from dalle_core.dvae.train import load_dvae, save_dvae, train_dvae
+from dalle_core.dvae.model import encode_to_codes, load_dvae, save_dvae
+from dalle_core.dvae.train import train_dvae
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
 

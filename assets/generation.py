@@ -19,10 +19,10 @@ from dalle_core.data.loader import image_caption_batches, local_shard_paths
 from dalle_core.demo.checker import check_image
 from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import tensor_to_image
-from dalle_core.dvae.train import load_dvae
+from dalle_core.dvae.model import load_dvae
 from dalle_core.generation import TextToImage
 from dalle_core.imaging import image_grid, png_bytes
-from dalle_core.prior.train import load_prior
+from dalle_core.prior.model import load_prior
 from dalle_core.rerank import get_reranker_config, load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import negatives_for_batch

@@ -43,7 +43,7 @@ class DVAEModel(_PythonModel):
     """pyfunc face of the dVAE: RGB uint8 images [B, H, W, 3] -> token grids [B, h, w]."""
 
     def load_context(self, context):
-        from dalle_core.dvae.train import load_dvae
+        from dalle_core.dvae.model import load_dvae
 
         self.encoder, self.decoder, self.config = load_dvae(context.artifacts[WEIGHTS])
 
@@ -295,7 +295,7 @@ class PriorModel(_PythonModel):
     """pyfunc face of the prior: {"text": ids [B, L], "image": codes [B, N]} -> loss per sample (nats)."""
 
     def load_context(self, context):
-        from dalle_core.prior.train import load_prior
+        from dalle_core.prior.model import load_prior
 
         self.model = load_prior(context.artifacts[WEIGHTS]).eval()
 

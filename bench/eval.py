@@ -46,8 +46,8 @@ from dalle_core.text.bpe import DalleTokenizer, text_config, train_bpe_tokenizer
 
 def chain_from(run_dir: Path | None, captions: list[str]) -> tuple[TextToImage, str]:
     if run_dir is not None and (run_dir / "storage/prior/prior.pt").exists():
-        from dalle_core.dvae.train import load_dvae
-        from dalle_core.prior.train import load_prior
+        from dalle_core.dvae.model import load_dvae
+        from dalle_core.prior.model import load_prior
         from dalle_core.rerank import load_reranker
 
         st = run_dir / "storage"

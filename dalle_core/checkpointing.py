@@ -1,26 +1,14 @@
 """Single-file training checkpoints shared by the dVAE and reranker loops:
-atomic writes, listing by step, and loading the newest one that reads back.
+listing by step, and loading the newest one that reads back (they are written
+with dalle_core.io.atomic_torch_save).
 (The prior's sharded checkpoints live in dalle_core/distributed/checkpoint.py.)"""
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def list_step_files(checkpoint_dir: str | Path, pattern: str) -> list[tuple[int, Path]]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from dalle_core.io import atomic_copy_file, atomic_write_bytes
 
 
 class StorageError(RuntimeError):
@@ -79,19 +80,11 @@ class LocalStorage(Storage):
         return str(self.path(key))
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
         # write then rename: a reader (or a resumed run) never sees half a file
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        atomic_write_bytes(self.path(key), data)
 
     def put_file(self, key: str, local_path: str | Path) -> None:
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        shutil.copyfile(local_path, tmp)
-        os.replace(tmp, p)
+        atomic_copy_file(local_path, self.path(key))
 
     def get_bytes(self, key: str) -> bytes:
         p = self.path(key)

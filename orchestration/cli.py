@@ -138,7 +138,7 @@ def cmd_crawl(args) -> int:
 
 def _load_dvae_cli(args):
     from assets.resources import MlflowResource
-    from dalle_core.dvae.train import load_dvae
+    from dalle_core.dvae.model import load_dvae
 
     return load_dvae(MlflowResource.from_settings(_settings(args)).resolve_weights(args.model, "dvae"))
 
@@ -223,9 +223,9 @@ def cmd_dvae_decode(args) -> int:
 def _generation_chain(args):
     """The models of `dalle generate`, resolved by path or MLflow alias, checked to fit together."""
     from assets.resources import MlflowResource
-    from dalle_core.dvae.train import load_dvae
+    from dalle_core.dvae.model import load_dvae
     from dalle_core.generation import TextToImage
-    from dalle_core.prior.train import load_prior
+    from dalle_core.prior.model import load_prior
     from dalle_core.rerank import load_reranker
     from dalle_core.text.bpe import DalleTokenizer
 

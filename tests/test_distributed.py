@@ -29,7 +29,8 @@ from dalle_core.distributed.mesh import ParallelConfig, resolve_topology
 from dalle_core.distributed.plan import plan
 from dalle_core.prior.config import get_prior_config
 from dalle_core.prior.data import code_batches, code_shards, write_synthetic_code_shards
-from dalle_core.prior.train import read_prior_file, train_prior
+from dalle_core.prior.model import read_prior_file
+from dalle_core.prior.train import train_prior
 from dalle_core.storage import LocalStorage
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,7 +35,7 @@ def test_tokenizer_and_dvae_materialized_with_figures(demo_run):
 def test_dvae_registered_with_alias_and_loads_by_it(demo_run):
     import mlflow
 
-    from dalle_core.dvae.train import load_dvae
+    from dalle_core.dvae.model import load_dvae
     from assets.model_registry import resolve_weights
 
     settings, _, _ = demo_run

@@ -32,7 +32,7 @@ def challenger(demo_run, tmp_path_factory):
     import torch
 
     from assets.prior import PRIOR_KEY
-    from dalle_core.prior.train import read_prior_file
+    from dalle_core.prior.model import read_prior_file
     from assets.model_registry import PriorModel, champion_version, log_and_register
 
     settings, _, _ = demo_run

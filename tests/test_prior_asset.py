@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 def test_prior_trained_through_pipes_and_registered(demo_run):
     import mlflow
 
-    from dalle_core.prior.train import load_prior
+    from dalle_core.prior.model import load_prior
     from assets.model_registry import resolve_weights
 
     settings, _, lines = demo_run

@@ -13,8 +13,8 @@ from dalle_core.distributed.parallelize import apply_activation_checkpointing
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 from dalle_core.prior.config import get_prior_config
 from dalle_core.prior.data import code_batches, code_shards, write_synthetic_code_shards
-from dalle_core.prior.model import DalleTransformer, build_optimizer
-from dalle_core.prior.train import LRSchedule, load_prior, main, read_prior_file, train_prior
+from dalle_core.prior.model import DalleTransformer, build_optimizer, load_prior, read_prior_file
+from dalle_core.prior.train import LRSchedule, main, train_prior
 from dalle_core.storage import LocalStorage
 
 TINY = get_prior_config("tiny")

@@ -21,10 +21,15 @@ encode_to_codes / decode_codes.
 from __future__ import annotations
 
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dalle_core.io import atomic_torch_save, load_torch_file
+
+from .config import DVAEConfig
 
 # Pixels are squeezed into [eps, 1 - eps] before the logit-Laplace likelihood is
 # evaluated, so that logit(x) stays finite (paper appendix A.3; dall_e/utils.py).
@@ -399,3 +404,52 @@ def build_dvae(config, device: torch.device | str | None = None, requires_grad: 
     enc = Encoder(input_channels=config.input_channels, **common)
     dec = Decoder(n_init=config.n_init, output_channels=config.input_channels, **common)
     return enc, dec
+
+
+# -----------------------------------------------------------------------------
+# Model files: weights + the pinned config
+
+MODEL_FORMAT = "dalle-dvae/1"
+CHECKPOINT_FORMAT = "dalle-dvae-train/1"  # a training checkpoint (train.py); load_dvae reads its EMA weights
+
+
+def save_dvae(path: str | Path, encoder: Encoder, decoder: Decoder, config: DVAEConfig) -> Path:
+    """Write encoder + decoder weights with the config pinned in the file (atomically)."""
+    obj = {
+        "format": MODEL_FORMAT,
+        "config": config.to_dict(),
+        "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
+    }
+    return atomic_torch_save(obj, path)
+
+
+def _load_state(module: nn.Module, state: dict, what: str, path: Path) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: {what} weights do not match its pinned config: "
+                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
+    module.load_state_dict(state)
+
+
+def load_dvae(path: str | Path, device: torch.device | str = "cpu",
+              requires_grad: bool = False) -> tuple[Encoder, Decoder, DVAEConfig]:
+    """Read a `save_dvae` file (or a training checkpoint: its EMA weights).
+
+    The model is built from the config pinned in the file, not from today's
+    defaults. Only tensors and plain containers are unpickled (weights_only)."""
+    path = Path(path)
+    obj = load_torch_file(path, (MODEL_FORMAT, CHECKPOINT_FORMAT), "dVAE")
+    config = DVAEConfig.from_dict(obj["config"])
+    enc, dec = build_dvae(config, requires_grad=requires_grad)
+    if obj["format"] == CHECKPOINT_FORMAT:
+        enc_sd, dec_sd = obj["ema_encoder"], obj["ema_decoder"]
+    else:
+        enc_sd, dec_sd = obj["encoder"], obj["decoder"]
+    _load_state(enc, enc_sd, "encoder", path)
+    _load_state(dec, dec_sd, "decoder", path)
+    return enc.to(device), dec.to(device), config

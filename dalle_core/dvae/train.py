@@ -40,19 +40,18 @@ from typing import Any, Callable, Iterable, Iterator, Union
 import torch
 import torch.nn as nn
 
-from dalle_core.checkpointing import atomic_torch_save, list_step_files, load_latest_step_file
+from dalle_core.checkpointing import list_step_files, load_latest_step_file
+from dalle_core.io import atomic_torch_save
 
 from .codebook_init import kmeans_codebook_init
 from .config import SHAPE_FIELDS, DVAEConfig
 from .losses import code_stats, elb_loss, gumbel_softmax_relaxation
-from .model import Decoder, Encoder, build_dvae, map_pixels, validate_images
+from .model import CHECKPOINT_FORMAT, Decoder, Encoder, build_dvae, map_pixels, save_dvae, validate_images
 from .schedules import kl_weight_at, lr_at, temperature_at
 
 BatchSource = Union[Callable[[int], Iterable[torch.Tensor]], Iterable[torch.Tensor]]
 LogFn = Callable[[int, dict], None]
 
-CHECKPOINT_FORMAT = "dalle-dvae-train/1"
-MODEL_FORMAT = "dalle-dvae/1"
 CHECKPOINT_GLOB = "dvae-step-*.pt"
 
 
@@ -179,62 +178,6 @@ def _check_resume_config(saved: dict, config: DVAEConfig, path: Path) -> None:
         warnings.warn(f"resuming from {path} with changed training settings "
                       f"{ {k: f'{a} -> {b}' for k, (a, b) in other.items()} }; the result will "
                       f"differ from an uninterrupted run")
-
-
-# -----------------------------------------------------------------------------
-# Model files: weights + the pinned config
-
-
-def save_dvae(path: str | Path, encoder: Encoder, decoder: Decoder, config: DVAEConfig) -> Path:
-    """Write encoder + decoder weights with the config pinned in the file (atomically)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {
-        "format": MODEL_FORMAT,
-        "config": config.to_dict(),
-        "encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
-        "decoder": {k: v.detach().cpu() for k, v in decoder.state_dict().items()},
-    }
-    atomic_torch_save(obj, path)
-    return path
-
-
-def _load_state(module: nn.Module, state: dict, what: str, path: Path) -> None:
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(f"{path}: {what} weights do not match its pinned config: "
-                         f"missing {missing[:10]}, unexpected {unexpected[:10]}, shape mismatches {shapes[:10]}")
-    module.load_state_dict(state)
-
-
-def load_dvae(path: str | Path, device: torch.device | str = "cpu",
-              requires_grad: bool = False) -> tuple[Encoder, Decoder, DVAEConfig]:
-    """Read a `save_dvae` file (or a training checkpoint: its EMA weights).
-
-    The model is built from the config pinned in the file, not from today's
-    defaults. Only tensors and plain containers are unpickled (weights_only)."""
-    path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable dVAE file ({e})") from e
-    if not isinstance(obj, dict) or obj.get("format") not in (MODEL_FORMAT, CHECKPOINT_FORMAT):
-        raise ValueError(f"{path}: not a dVAE model file (format {obj.get('format') if isinstance(obj, dict) else None!r})")
-    config = DVAEConfig.from_dict(obj["config"])
-    enc, dec = build_dvae(config, requires_grad=requires_grad)
-    if obj["format"] == CHECKPOINT_FORMAT:
-        enc_sd, dec_sd = obj["ema_encoder"], obj["ema_decoder"]
-    else:
-        enc_sd, dec_sd = obj["encoder"], obj["decoder"]
-    _load_state(enc, enc_sd, "encoder", path)
-    _load_state(dec, dec_sd, "decoder", path)
-    return enc.to(device), dec.to(device), config
 
 
 # -----------------------------------------------------------------------------
@@ -417,4 +360,4 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     )
 
 
-__all__ = ["TrainResult", "EMA", "BatchSource", "train_dvae", "save_dvae", "load_dvae", "checkpoint_name"]
+__all__ = ["TrainResult", "EMA", "BatchSource", "train_dvae", "checkpoint_name"]

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from dalle_core.eval.images import image_set_digest
+from dalle_core.io import atomic_open
 
 Features = dict[str, np.ndarray]  # feature name -> [N, D]
 
@@ -60,12 +61,10 @@ class FeatureCache:
 
 
 def write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez to a temporary name, then renamed: a crash never leaves a
-    half-written file under the real name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    """np.savez, atomically (dalle_core.io): a crash never leaves a half-written
+    file under the real name."""
+    with atomic_open(path) as f:
+        np.savez(f, **arrays)
 
 
 def read_npz(path: Path) -> Optional[dict[str, np.ndarray]]:

@@ -4,7 +4,8 @@ attention masks, trained with 1/8 text + 7/8 image cross-entropy.
 
 config.py   PriorConfig, PRIOR_PRESETS (tiny / small / paper-1.3B / paper-12B), count_parameters
 masks.py    the attention masks and the paper's layer pattern
-model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCache, optimizer groups
+model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCache, optimizer groups,
+            the model file (save_prior / load_prior, shape pinned inside)
 """
 
 from .config import (
@@ -40,7 +41,10 @@ from .model import (
     MLPResblock,
     SelfAttention,
     build_optimizer,
+    load_prior,
     optimizer_param_groups,
+    read_prior_file,
+    save_prior,
 )
 
 __all__ = [
@@ -50,5 +54,5 @@ __all__ = [
     "conv_image_mask", "convolutional_attention_mask", "format_mask", "layer_attention_kind",
     "row_attention_mask", "row_image_mask", "text_causal_mask",
     "MLP", "AttentionResblock", "Block", "DalleTransformer", "FP32LayerNorm", "KVCache", "MLPResblock",
-    "SelfAttention", "build_optimizer", "optimizer_param_groups",
+    "SelfAttention", "build_optimizer", "optimizer_param_groups", "save_prior", "load_prior", "read_prior_file",
 ]

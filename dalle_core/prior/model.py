@@ -45,12 +45,19 @@ order. Activation checkpointing and sharding are applied by other modules.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dalle_core.distributed.checkpoint import canonical_key
+from dalle_core.distributed.mesh import get_rank
+from dalle_core.io import atomic_torch_save, load_torch_file
 
 from .config import PriorConfig, count_parameters
 from .masks import build_attention_mask
@@ -374,7 +381,61 @@ def build_optimizer(model: nn.Module, config: PriorConfig, fused: bool | None = 
                              betas=config.betas, eps=config.eps, **kw)
 
 
+# --- the model file: weights + EMA weights with the shape pinned ------------------------------------
+
+PRIOR_FORMAT = "dalle-prior/1"
+
+
+def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 CPU state dict with canonical keys; collective under FSDP (rank 0
+    gets the tensors, the others an empty dict)."""
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = model.state_dict()
+    return {canonical_key(k): v.detach().cpu() for k, v in sd.items()}
+
+
+def save_prior(path: str | Path, model: nn.Module, config: PriorConfig,
+               ema: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> Path | None:
+    """One file: {"format", "config" (pinned: PriorConfig.to_dict), "state_dict",
+    "ema_state_dict", "meta"}. Collective under FSDP; rank 0 writes. Returns the
+    path on rank 0."""
+    sd = _full_state(model)
+    ema_sd = None
+    if ema is not None:
+        ema_sd = {}
+        for k, v in ema.items():  # same order on every rank: full_tensor is collective
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v
+            ema_sd[k] = full.detach().cpu().clone()
+    if get_rank() != 0:
+        return None
+    blob = {"format": PRIOR_FORMAT, "config": config.to_dict(), "state_dict": sd,
+            "ema_state_dict": ema_sd, "meta": json.loads(json.dumps(meta or {}, default=str))}
+    return atomic_torch_save(blob, path)
+
+
+def read_prior_file(path: str | Path) -> dict[str, Any]:
+    return load_torch_file(path, (PRIOR_FORMAT,), "prior")
+
+
+def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DalleTransformer:
+    """The `DalleTransformer` saved by `save_prior`, with the shape pinned in the
+    file (``model.config``); the EMA weights when present and `use_ema`."""
+    blob = read_prior_file(path)
+    config = PriorConfig.from_dict(blob["config"])
+    model = DalleTransformer(config)
+    sd = dict(blob["state_dict"])
+    if use_ema and blob.get("ema_state_dict"):
+        sd.update(blob["ema_state_dict"])
+    model.load_state_dict(sd)
+    return model.to(device)
+
+
 __all__ = [
     "AttentionResblock", "Block", "DalleTransformer", "FP32LayerNorm", "KVCache", "MLP", "MLPResblock",
     "SelfAttention", "build_optimizer", "count_parameters", "optimizer_param_groups",
+    "PRIOR_FORMAT", "load_prior", "read_prior_file", "save_prior",
 ]

@@ -39,8 +39,8 @@ What each step does
   resumes from its latest checkpoint to the same result as a run never
   interrupted (tested, single process and 4 ranks).
 
-At the end the model is written with `save_prior` (one file, config pinned
-inside, weights and EMA weights); `load_prior` reads it back into a
+At the end the model is written with `model.save_prior` (one file, config pinned
+inside, weights and EMA weights); `model.load_prior` reads it back into a
 `DalleTransformer` of the pinned shape whatever today's defaults are.
 
 Launch (one machine, 4 processes as 2 "machines" x 2 "GPUs" on CPU):
@@ -84,12 +84,11 @@ from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_r
 
 from .config import SHAPE_FIELDS, PriorConfig, get_prior_config
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
-from .model import DalleTransformer, build_optimizer
+from .model import DalleTransformer, build_optimizer, save_prior
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16-per-resblock", "bf16")
-PRIOR_FORMAT = "dalle-prior/1"
 
 
 def resolve_precision(precision: str | None, config: PriorConfig) -> str:
@@ -167,64 +166,6 @@ class PriorTrainResult:
         d.pop("model")
         d.pop("ema")
         return d
-
-
-# --- save / load of the trained prior -------------------------------------------------------------
-
-def _full_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Full fp32 CPU state dict with canonical keys; collective under FSDP (rank 0
-    gets the tensors, the others an empty dict)."""
-    if any(hasattr(p, "full_tensor") for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = model.state_dict()
-    return {canonical_key(k): v.detach().cpu() for k, v in sd.items()}
-
-
-def save_prior(path: str | Path, model: nn.Module, config: PriorConfig,
-               ema: dict[str, torch.Tensor] | None = None, meta: dict | None = None) -> Path | None:
-    """One file: {"format", "config" (pinned: PriorConfig.to_dict), "state_dict",
-    "ema_state_dict", "meta"}. Collective under FSDP; rank 0 writes. Returns the
-    path on rank 0."""
-    sd = _full_state(model)
-    ema_sd = None
-    if ema is not None:
-        ema_sd = {}
-        for k, v in ema.items():  # same order on every rank: full_tensor is collective
-            full = v.full_tensor() if hasattr(v, "full_tensor") else v
-            ema_sd[k] = full.detach().cpu().clone()
-    if get_rank() != 0:
-        return None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {"format": PRIOR_FORMAT, "config": config.to_dict(), "state_dict": sd,
-            "ema_state_dict": ema_sd, "meta": json.loads(json.dumps(meta or {}, default=str))}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
-
-
-def read_prior_file(path: str | Path) -> dict[str, Any]:
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or blob.get("format") != PRIOR_FORMAT:
-        raise ValueError(f"{path}: not a prior file of format {PRIOR_FORMAT}")
-    return blob
-
-
-def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DalleTransformer:
-    """The `DalleTransformer` saved by `save_prior`, with the shape pinned in the
-    file (``model.config``); the EMA weights when present and `use_ema`."""
-    blob = read_prior_file(path)
-    config = PriorConfig.from_dict(blob["config"])
-    model = DalleTransformer(config)
-    sd = dict(blob["state_dict"])
-    if use_ema and blob.get("ema_state_dict"):
-        sd.update(blob["ema_state_dict"])
-    model.load_state_dict(sd)
-    return model.to(device)
 
 
 # --- training ---------------------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_core.dvae.model import validate_images
+from dalle_core.io import atomic_torch_save, load_torch_file
 
 RERANKER_FORMAT = "dalle-reranker-v1"
 CHECKPOINT_FORMAT = "dalle-reranker-checkpoint-v1"  # training checkpoints (rerank/train.py)
@@ -432,28 +432,14 @@ class ContrastiveReranker(nn.Module):
 
 def save_reranker(path: str | Path, model: ContrastiveReranker, meta: dict | None = None) -> Path:
     """One file {"format", "config" (pinned), "state_dict", "meta"}, written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     blob = {"format": RERANKER_FORMAT, "config": model.config.to_dict(),
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "meta": json.loads(json.dumps(meta or {}, default=str))}
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(blob, path)
 
 
 def read_reranker_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable reranker file ({e})") from e
-    if not isinstance(blob, dict) or blob.get("format") not in (RERANKER_FORMAT, CHECKPOINT_FORMAT):
-        raise ValueError(f"{path}: not a reranker file (format {RERANKER_FORMAT} or {CHECKPOINT_FORMAT})")
-    return blob
+    return load_torch_file(path, (RERANKER_FORMAT, CHECKPOINT_FORMAT), "reranker")
 
 
 def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> ContrastiveReranker:

@@ -35,7 +35,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dalle_core.checkpointing import atomic_torch_save, list_step_files, load_latest_step_file
+from dalle_core.checkpointing import list_step_files, load_latest_step_file
+from dalle_core.io import atomic_torch_save
 
 from .model import CHECKPOINT_FORMAT, SHAPE_FIELDS, ContrastiveReranker, RerankerConfig, save_reranker
 

@@ -71,6 +71,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from dalle_core.io import atomic_write_text
+
 __all__ = [
     "BYTE_ALPHABET_SIZE",
     "FORMAT_NAME",
@@ -504,12 +506,7 @@ class DalleTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the one-file tokenizer (``tokenizers`` JSON + ``"dalle"`` config section)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "DalleTokenizer":
