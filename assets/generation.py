@@ -23,7 +23,7 @@ from dalle_core.dvae.model import load_dvae
 from dalle_core.generation import TextToImage
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.prior.model import load_prior
-from dalle_core.rerank import get_reranker_config, load_reranker, train_reranker
+from dalle_core.rerank import load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import negatives_for_batch
 from dalle_core.text.bpe import DalleTokenizer
@@ -58,10 +58,13 @@ def reranker(
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     tok = load_tokenizer(store)
-    cfg = get_reranker_config(prof.name).replace(text_vocab_size=tok.vocab_size, text_len=tok.text_len)
+    cfg = prof.reranker  # its image size is the data's, its text sizes the tokenizer config's (dalle_core.profiles)
+    if (tok.vocab_size, tok.text_len) != (cfg.text_vocab_size, cfg.text_len):
+        raise dg.Failure(f"the stored tokenizer has {tok.vocab_size} BPE ids x {tok.text_len} positions, profile "
+                         f"{prof.name}'s reranker expects {cfg.text_vocab_size} x {cfg.text_len}")
     steps = config.steps or cfg.total_steps
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
-    image_size = prof.dvae.image_size  # the shards' image size
+    image_size = prof.data.image_size  # the shards' image size
     checkpoints = storage.scratch(f"reranker-checkpoints/{config_digest({**cfg.to_dict(), 'steps': steps, 'neg': config.hard_negatives})}")
 
     def batches(start_step: int):

@@ -17,7 +17,7 @@ from assets.text import TOKENIZER_KEY
 from dalle_core.data.codes import iter_code_shard
 from dalle_core.data.loader import local_shard_paths
 from dalle_core.prior.baseline import unigram_baseline
-from dalle_core.prior.config import get_prior_config
+from dalle_core.profiles import ProfileMismatchError, resolve_profile, write_resolved_profile
 from dalle_core.storage import LocalStorage
 
 PRIOR_KEY = "prior/prior.pt"
@@ -48,17 +48,6 @@ def codes_dir(storage: StorageResource, store) -> Path:
     return cache
 
 
-def prior_config_for(profile_name: str, manifest_extra: dict):
-    """The profile's prior, sized to the vocabularies the data was actually coded with."""
-    cfg = get_prior_config(profile_name)
-    return cfg.replace(
-        image_vocab_size=int(manifest_extra["image_vocab"]),
-        image_grid=int(manifest_extra["grid"]),
-        text_len=int(manifest_extra["text_len"]),
-        text_vocab_size=int(manifest_extra["text_vocab"]) - int(manifest_extra["text_len"]),
-    )
-
-
 @dg.asset(
     deps=[image_codes_manifest],
     group_name="prior",
@@ -77,19 +66,27 @@ def prior(
     store, prof = storage.get(), profile.get()
     data = codes_dir(storage, store)
     manifest = json.loads((data / "manifest.json").read_text())
-    cfg = prior_config_for(prof.name, manifest["extra"])
-    run_key = {"model": cfg.to_dict(), "steps": config.steps, "world": config.nproc_per_node * config.nodes,
+    source = store.uri(f"{CODES}/manifest.json")
+    try:  # the profile against the sizes the codes were made with (grid, vocabularies, text positions)
+        prof = resolve_profile(prof, manifest, source)
+    except ProfileMismatchError as e:
+        raise dg.Failure(str(e)) from e
+    # model + training settings, one flat dict: the run folder's digest (as before the split) and MLflow params
+    cfg = {**prof.prior.to_dict(), **prof.prior_training.to_dict()}
+    run_key = {"model": cfg, "steps": config.steps, "world": config.nproc_per_node * config.nodes,
                "powersgd_rank": config.powersgd_rank, "codes": manifest["extra"].get("dvae_sha256")}
     out = storage.scratch(f"prior-runs/{config_digest(run_key)}")  # a rerun resumes
     if config.fresh:
         shutil.rmtree(out)
         out.mkdir(parents=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    # the one launch path: the resolved profile as the trainer's --profile-json (as `dalle
+    # train-prior`, the SLURM script and the k8s Job hand it over)
+    write_resolved_profile(prof, manifest, out / "profile.json", source)
     baseline = unigram_baseline(p for s in manifest["shards"] for p in iter_code_shard(data / s["name"]))
 
     world = config.nproc_per_node * config.nodes
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "orchestration.prior_entry", "--config-json", str(out / "config.json"),
+           "-m", "orchestration.prior_entry", "--profile-json", str(out / "profile.json"),
            "--codes", str(data), "--out", str(out), "--quiet"]
     if world > 1:
         cmd += ["--nodes", str(config.nodes), "--gpus-per-node", str(config.nproc_per_node)]
@@ -101,7 +98,7 @@ def prior(
         cmd.append("--activation-checkpointing")
 
     with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}, data_version=data_version(store)) as run:
-        mlflow.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
+        mlflow.log_params({**{k: v for k, v in cfg.items() if not isinstance(v, (list, dict))},
                            "world_size": world, "nodes": config.nodes, "powersgd_rank": config.powersgd_rank})
         mlflow.log_metrics({f"unigram_{k}": v for k, v in baseline.items()})
         env = {"MLFLOW_TRACKING_URI": mlflow.tracking_uri, "MLFLOW_RUN_ID": run.info.run_id,

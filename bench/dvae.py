@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.dvae.config import get_dvae_config  # noqa: E402
+from dalle_core.profiles import get_profile  # noqa: E402
 from dalle_core.dvae.losses import elb_loss, gumbel_softmax_relaxation  # noqa: E402
 from dalle_core.dvae.model import build_dvae, encode_to_codes, map_pixels  # noqa: E402
 
@@ -68,7 +68,7 @@ def matmul_rate(device, dtype, n: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default="paper-12B", help="dVAE preset (default: the paper's 256x256 model)")
+    p.add_argument("--profile", default="paper-12B", help="profile whose dVAE to time (default: the paper's 256x256 model)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,7 +79,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
-    cfg = get_dvae_config(args.profile)
+    cfg = get_profile(args.profile).dvae
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     use_amp = device.type == "cuda" and amp is not None
     torch.manual_seed(0)

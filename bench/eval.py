@@ -32,16 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle_core.demo.captions import random_caption  # noqa: E402
 from dalle_core.demo.render import render  # noqa: E402
 from dalle_core.demo.scenes import random_scene  # noqa: E402
-from dalle_core.dvae.config import DVAE_PRESETS  # noqa: E402
 from dalle_core.dvae.evaluate import tensor_to_image  # noqa: E402
 from dalle_core.dvae.model import build_dvae  # noqa: E402
 from dalle_core.eval import FeatureCache, InceptionMetrics, zero_shot_metrics  # noqa: E402
 from dalle_core.eval.images import map_batches  # noqa: E402
 from dalle_core.eval.inception import write_random_weights  # noqa: E402
 from dalle_core.generation import TextToImage  # noqa: E402
-from dalle_core.prior import PRIOR_PRESETS, DalleTransformer  # noqa: E402
-from dalle_core.rerank import RERANKER_PRESETS, ContrastiveReranker  # noqa: E402
-from dalle_core.text.bpe import DalleTokenizer, text_config, train_bpe_tokenizer  # noqa: E402
+from dalle_core.prior import DalleTransformer  # noqa: E402
+from dalle_core.profiles import get_profile  # noqa: E402
+from dalle_core.rerank import ContrastiveReranker  # noqa: E402
+from dalle_core.text.bpe import DalleTokenizer, train_bpe_tokenizer  # noqa: E402
 
 
 def chain_from(run_dir: Path | None, captions: list[str]) -> tuple[TextToImage, str]:
@@ -54,11 +54,12 @@ def chain_from(run_dir: Path | None, captions: list[str]) -> tuple[TextToImage, 
         _, decoder, _ = load_dvae(st / "dvae/dvae.pt")
         return TextToImage(load_prior(st / "prior/prior.pt"), decoder, DalleTokenizer.load(st / "tokenizer/bpe.json"),
                            reranker=load_reranker(st / "reranker/reranker.pt")), f"trained ({run_dir})"
-    tok = train_bpe_tokenizer(captions, text_config("small"))
+    small = get_profile("small")
+    tok = train_bpe_tokenizer(captions, small.text)
     torch.manual_seed(0)
-    prior = DalleTransformer(PRIOR_PRESETS["small"])
-    _, decoder = build_dvae(DVAE_PRESETS["small"])
-    rr = ContrastiveReranker(RERANKER_PRESETS["small"].replace(text_vocab_size=tok.vocab_size))
+    prior = DalleTransformer(small.prior)
+    _, decoder = build_dvae(small.dvae)
+    rr = ContrastiveReranker(small.reranker)
     return TextToImage(prior, decoder, tok, reranker=rr), "random init (small shapes)"
 
 

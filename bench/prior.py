@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.prior.config import PriorConfig, count_parameters, get_prior_config  # noqa: E402
+from dalle_core.prior.config import PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
 from dalle_core.prior.train import train_prior  # noqa: E402
+from dalle_core.profiles import get_profile  # noqa: E402
 
 # dense bf16/fp16 tensor-core peaks (datasheet, without sparsity), FLOP/s
 GPU_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -37,10 +38,11 @@ GPU_1B = dict(n_layer=20, n_head=16, d_head=128, text_vocab_size=16384, text_len
               image_vocab_size=8192, image_grid=32)
 
 
-def config_for(name: str) -> PriorConfig:
-    if name == "gpu-1B":
-        return get_prior_config("paper-1.3B").replace(**GPU_1B)
-    return get_prior_config(name)
+def config_for(name: str) -> tuple[PriorConfig, PriorTrainingConfig]:
+    """The prior's shape and training settings of a profile (gpu-1B: paper-1.3B's, reshaped)."""
+    profile = get_profile("paper-1.3B" if name == "gpu-1B" else name)
+    cfg = profile.prior.replace(**GPU_1B) if name == "gpu-1B" else profile.prior
+    return cfg, profile.prior_training
 
 
 def flops_per_token(cfg: PriorConfig) -> float:
@@ -78,12 +80,13 @@ def random_batches(cfg: PriorConfig, batch: int, device: torch.device):
     return fn
 
 
-def measure(cfg: PriorConfig, precision: str, device: torch.device, batch: int, steps: int) -> dict:
-    cfg = cfg.replace(batch_size=batch, warmup_steps=1)
+def measure(cfg: PriorConfig, training: PriorTrainingConfig, precision: str, device: torch.device, batch: int,
+            steps: int) -> dict:
+    training = training.replace(batch_size=batch, warmup_steps=1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_prior(cfg, random_batches(cfg, batch, device), tmp, device=str(device),
+        result = train_prior(cfg, training, random_batches(cfg, batch, device), tmp, device=str(device),
                              precision=precision, total_steps=steps, log_every=1,
                              checkpoint_every=10**9, resume=False)
     logs = [r for r in result.history if r.get("event") == "log"]
@@ -102,7 +105,7 @@ def measure(cfg: PriorConfig, precision: str, device: torch.device, batch: int, 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default="small", help="prior preset, or gpu-1B (~1B params, paper sequence)")
+    p.add_argument("--profile", default="small", help="profile whose prior to time, or gpu-1B (~1B params, paper sequence)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precisions", nargs="+", default=None, help="fp32 | bf16 | fp16-per-resblock")
     p.add_argument("--batch", type=int, default=None)
@@ -110,10 +113,10 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
-    cfg = config_for(args.profile)
-    batch = args.batch or cfg.batch_size
+    cfg, training = config_for(args.profile)
+    batch = args.batch or training.batch_size
     precisions = args.precisions or (["fp32"] if device.type == "cpu" else ["fp16-per-resblock", "bf16"])
-    runs = [measure(cfg, prec, device, batch, args.steps) for prec in precisions]
+    runs = [measure(cfg, training, prec, device, batch, args.steps) for prec in precisions]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     baseline = matmul_rate(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

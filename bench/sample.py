@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dalle_core.dvae.config import DVAE_PRESETS  # noqa: E402
 from dalle_core.dvae.model import build_dvae, decode_codes  # noqa: E402
-from dalle_core.prior import PRIOR_PRESETS, DalleTransformer  # noqa: E402
+from dalle_core.prior import DalleTransformer  # noqa: E402
 from dalle_core.prior.sampling import sample_image_codes  # noqa: E402
+from dalle_core.profiles import get_profile  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -45,7 +45,7 @@ def timed(fn, device: str) -> tuple[float, object]:
 
 
 def bench_grid(grid: int, rows: int, device: str, dtype: torch.dtype, uncached_rows: int) -> dict:
-    cfg = PRIOR_PRESETS["small"].replace(image_grid=grid)
+    cfg = get_profile("small").prior.replace(image_grid=grid)
     torch.manual_seed(0)
     model = DalleTransformer(cfg).to(device=device, dtype=dtype).eval()
     text = torch.randint(0, cfg.text_vocab_size, (rows, cfg.text_len))
@@ -57,7 +57,7 @@ def bench_grid(grid: int, rows: int, device: str, dtype: torch.dtype, uncached_r
     t_sub_cached, codes_sub = timed(lambda: sample_image_codes(model, sub, seed=1, use_cache=True), device)
     t_uncached, codes_u = timed(lambda: sample_image_codes(model, sub, seed=1, use_cache=False), device)
     same = float((codes_sub == codes_u).float().mean())
-    dv = DVAE_PRESETS["small"].replace(image_size=grid * 4)
+    dv = get_profile("small").dvae.replace(image_size=grid * 4)
     _, decoder = build_dvae(dv, device=device)
     t_decode, _ = timed(lambda: decode_codes(decoder, codes.view(rows, grid, grid)), device)
     return {

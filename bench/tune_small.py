@@ -43,7 +43,7 @@ from dalle_core.demo.scenes import composition, is_held_out, is_validation  # no
 from dalle_core.demo.world import DemoWorld  # noqa: E402
 from dalle_core.data.image_decode import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
-from dalle_core.dvae.config import DVAEConfig, _scaled, get_dvae_config  # noqa: E402
+from dalle_core.dvae.config import DVAEConfig, _scaled  # noqa: E402
 from dalle_core.dvae.evaluate import evaluate_reconstructions  # noqa: E402
 from dalle_core.dvae.train import train_dvae  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
@@ -87,7 +87,7 @@ def validation_set(world: DemoWorld, n: int, split: str) -> list[EvalItem]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="small", help="dVAE preset to start from (default: small)")
+    p.add_argument("--preset", default="small", help="profile whose dVAE to start from (default: small)")
     p.add_argument("--profile", default="small", help="profile whose demo world supplies the data (default: small)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a DVAEConfig field (repeatable)")
@@ -105,7 +105,7 @@ def main() -> None:
     world = DemoWorld.from_data_config(profile.data)
     items = validation_set(world, args.validation or world.n_eval, args.split)
 
-    base = get_dvae_config(args.preset)
+    base = get_profile(args.preset).dvae
     changes = parse_overrides(args.overrides, base)
     if args.steps:
         changes = {**_scaled(args.steps), **changes}

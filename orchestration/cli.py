@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from dalle_core.profiles import PROFILES, UnknownProfileError, get_profile
+from dalle_core.profiles import UnknownProfileError, get_profile, profile_names
 from orchestration.human_eval.cli import add_human_eval_parser
 
 
@@ -299,12 +299,11 @@ def cmd_generate(args) -> int:
 
 def cmd_plan(args) -> int:
     from dalle_core.distributed.plan import plan
-    from dalle_core.prior.config import get_prior_config
 
-    get_profile(args.profile)
+    profile = get_profile(args.profile)
     if args.nodes < 1 or args.gpus_per_node < 1 or args.batch_per_gpu < 1:
         raise UserError("--nodes, --gpus-per-node and --batch-per-gpu must be at least 1")
-    cfg = get_prior_config(args.profile)
+    cfg = profile.prior
     p = plan(cfg, args.nodes, args.gpus_per_node, args.batch_per_gpu,
              powersgd_rank=args.powersgd_rank, activation_checkpointing=not args.no_activation_checkpointing)
     sampling = sampling_plan(cfg, p.n_params, args.gpu_memory_gib)
@@ -331,9 +330,33 @@ def sampling_plan(cfg, n_params: int, gpu_memory_gib: float) -> dict:
     return {**fit.to_dict(), "kv_cache_bytes_per_row": kv_cache_bytes_per_row(cfg, torch.bfloat16)}
 
 
+def _option(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in a pass-through argv (`--flag VALUE` or `--flag=VALUE`)."""
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+def cmd_resolve_profile(args) -> int:
+    """Write the profile resolved against the image codes (the trainer's --profile-json)."""
+    from dalle_core.profiles import read_code_manifest, write_resolved_profile
+
+    manifest, source = read_code_manifest(args.codes)
+    dest = write_resolved_profile(get_profile(args.profile), manifest, args.out, source)
+    print(dest)
+    return 0
+
+
 def cmd_train_prior(args, rest: list[str]) -> int:
-    """torchrun over `dalle_core.prior.train`; every other option goes to the training."""
-    get_profile(args.profile)
+    """torchrun over `dalle_core.prior.train`; every other option goes to the training. The
+    profile reaches the trainer the one way every launcher uses: resolved against the codes'
+    manifest and written to OUT/profile.json (`write_resolved_profile`), as --profile-json."""
+    from dalle_core.profiles import read_code_manifest, write_resolved_profile
+
+    profile = get_profile(args.profile)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc_per_node}",
            f"--nnodes={args.nnodes}"]
     if args.nnodes > 1:
@@ -342,7 +365,14 @@ def cmd_train_prior(args, rest: list[str]) -> int:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv_endpoint}", f"--rdzv-id={args.rdzv_id}"]
     else:
         cmd.append("--standalone")
-    cmd += ["-m", "dalle_core.prior.train", "--profile", args.profile, *rest]
+    if _option(rest, "--profile-json") is None:
+        codes, out = _option(rest, "--codes"), _option(rest, "--out")
+        if codes is None or out is None:
+            raise UserError("train-prior needs --codes DIR and --out DIR (options of dalle_core.prior.train)")
+        manifest, source = read_code_manifest(codes)
+        rest = ["--profile-json", str(write_resolved_profile(profile, manifest, Path(out) / "profile.json", source)),
+                *rest]
+    cmd += ["-m", "dalle_core.prior.train", *rest]
     print(" ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd)
 
@@ -362,8 +392,11 @@ def cmd_lr(args) -> int:
 
 
 def cmd_profiles(args) -> int:
-    for name, p in PROFILES.items():
-        print(f"{name:12s} image_size={p.data.image_size} shard_size={p.data.shard_size}")
+    for name in profile_names():
+        p = get_profile(name)
+        print(f"{name:12s} image_size={p.data.image_size} shard_size={p.data.shard_size} "
+              f"grid={p.dvae.grid_size}x{p.dvae.grid_size} image_vocab={p.dvae.vocab_size} "
+              f"text={p.text.text_len}x{p.text.vocab_size} prior={p.prior.n_layer}x{p.prior.n_embd}")
     return 0
 
 
@@ -459,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", default=None, help="HOST:PORT of the rendezvous (multi-node)")
     p.add_argument("--rdzv-id", default="dalle-prior")
     p.set_defaults(func=cmd_train_prior, passthrough=True)
+
+    p = sub.add_parser("resolve-profile", help="write a profile resolved against the image codes "
+                       "(the prior trainer's --profile-json; used by the SLURM script and the k8s Job)")
+    p.add_argument("--profile", required=True)
+    p.add_argument("--codes", required=True, help="the image-code folder (its manifest.json), or a storage root")
+    p.add_argument("--out", required=True, help="the JSON file to write")
+    p.set_defaults(func=cmd_resolve_profile)
 
     p = sub.add_parser("lr", help="operator control of a running prior training's learning rate")
     p.add_argument("action", choices=("decay", "hold", "release"),

@@ -1,6 +1,8 @@
 """The torchrun target the `prior` asset launches through Dagster Pipes.
 
-    torchrun --nproc-per-node N -m orchestration.prior_entry --codes DIR --out DIR ...
+    torchrun --nproc-per-node N -m orchestration.prior_entry --profile-json FILE --codes DIR --out DIR ...
+
+(FILE: the resolved profile, `dalle_core.profiles.write_resolved_profile`.)
 
 Every rank inherits the Pipes environment, so only rank 0 opens the Pipes
 session: it streams each metrics record to the Dagster run (as a log line) and

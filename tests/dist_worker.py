@@ -312,9 +312,10 @@ def main() -> None:
     # --- 9. bytes measured at the collective, on the tiny prior under FSDP + hooks -------
     from dalle_core.distributed.parallelize import apply_cross_node_reduction, apply_fsdp
     from dalle_core.distributed.plan import plan
-    from dalle_core.prior import PRIOR_PRESETS, DalleTransformer
+    from dalle_core.prior import DalleTransformer
+    from dalle_core.profiles import get_profile
 
-    tiny = PRIOR_PRESETS["tiny"]
+    tiny = get_profile("tiny").prior
     g = torch.Generator().manual_seed(rank)
     text = torch.randint(0, tiny.text_embedding_size, (2, tiny.text_len), generator=g)
     image = torch.randint(0, tiny.image_vocab_size, (2, tiny.image_len), generator=g)

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from dalle_core.dvae import (
-    DVAE_PRESETS,
     Decoder,
     DVAEConfig,
     Encoder,
@@ -37,8 +36,9 @@ from dalle_core.dvae import (
 )
 from dalle_core.dvae import model as dvae_model
 from dalle_core.dvae.convert import released_module_aliases
+from dalle_core.profiles import get_profile, profile_names
 
-TINY = DVAE_PRESETS["tiny"]
+TINY = get_profile("tiny").dvae
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -147,8 +147,8 @@ def test_released_module_structure_and_attributes():
 
 def test_group_count_is_configurable():
     enc, dec = build_dvae(TINY)
-    assert TINY.grid_size == 8 and DVAE_PRESETS["small"].grid_size == 16
-    assert DVAE_PRESETS["paper-12B"].grid_size == 32
+    assert TINY.grid_size == 8 and get_profile("small").dvae.grid_size == 16
+    assert get_profile("paper-12B").dvae.grid_size == 32
     assert [k for k in enc.blocks._modules] == ["input", "group_1", "group_2", "group_3", "output"]
     x = torch.rand(2, 3, 32, 32)
     logits = enc(map_pixels(x))
@@ -356,23 +356,24 @@ def test_cosine_schedule_end_points():
     assert cosine_schedule(50, 1.0, 0.0, 100) == pytest.approx(0.5)
     vals = [cosine_schedule(s, 0.0, 6.6, 10) for s in range(12)]
     assert vals == sorted(vals)
-    paper = DVAE_PRESETS["paper-12B"]
+    paper = get_profile("paper-12B").dvae
     assert temperature_at(0, paper) == 1.0 and temperature_at(150_000, paper) == 1 / 16
     assert kl_weight_at(0, paper) == 0.0 and kl_weight_at(5_000, paper) == 6.6
     assert lr_at(0, paper) == 1e-4 and lr_at(1_200_000, paper) == 1.25e-6
     for name in ("tiny", "small"):
-        cfg = DVAE_PRESETS[name]
+        cfg = get_profile(name).dvae
         assert temperature_at(cfg.total_steps, cfg) == cfg.temperature_end
         assert kl_weight_at(cfg.total_steps, cfg) == cfg.kl_weight
 
 
 def test_config_paper_defaults_and_round_trip():
-    p = DVAE_PRESETS["paper-1.3B"]
+    p = get_profile("paper-1.3B").dvae
     assert (p.image_size, p.group_count, p.n_hid, p.n_blk_per_group, p.vocab_size) == (256, 4, 256, 2, 8192)
     assert p.betas == (0.9, 0.999) and p.eps == 1e-8 and p.weight_decay == 1e-4
     assert (p.lr, p.lr_end, p.kl_weight, p.temperature_end, p.ema_decay) == (1e-4, 1.25e-6, 6.6, 1 / 16, 0.999)
     assert (p.kl_warmup_steps, p.temp_anneal_steps) == (5_000, 150_000)
-    for cfg in DVAE_PRESETS.values():
+    for name in profile_names():
+        cfg = get_profile(name).dvae
         assert DVAEConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="missing shape fields"):
         DVAEConfig.from_dict({"image_size": 32})
@@ -464,7 +465,7 @@ def test_convert_released_state_dict_checks_names_and_shapes():
     sd["blocks.group_2.block_1.extra"] = torch.empty(1, device="meta")
     sd["blocks.group_1.block_1.res_path.conv_1.w"] = torch.empty(64, 256, 1, 1, device="meta")
     with pytest.raises(ValueError) as err:
-        convert_released_state_dict(sd, config=DVAE_PRESETS["paper-12B"])
+        convert_released_state_dict(sd, config=get_profile("paper-12B").dvae)
     msg = str(err.value)
     assert "missing keys (1): ['blocks.group_2.block_1.id_path.w']" in msg
     assert "unexpected keys (1): ['blocks.group_2.block_1.extra']" in msg

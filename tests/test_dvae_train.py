@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_core.dvae import DVAE_PRESETS, build_dvae, elb_loss, load_dvae, map_pixels, train_dvae
+from dalle_core.dvae import build_dvae, elb_loss, load_dvae, map_pixels, train_dvae
 from dalle_core.dvae.train import _list_checkpoints, checkpoint_name
+from dalle_core.profiles import get_profile
 
-TINY = DVAE_PRESETS["tiny"]
+TINY = get_profile("tiny").dvae
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,7 +241,7 @@ def test_small_dvae_reconstructions_keep_what_the_captions_say(tmp_path):
     from dalle_core.profiles import get_profile
     from assets.resources import demo_world_for
 
-    cfg = DVAE_PRESETS["small"]
+    cfg = get_profile("small").dvae
     world = demo_world_for(get_profile("small"))
     train = torch.stack([image_to_tensor(resize_center_crop(load_rgb(it.image_bytes()), cfg.image_size), cfg.image_size)
                          for it in world.all_items() if it.expected == "keep"])

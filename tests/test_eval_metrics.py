@@ -236,10 +236,11 @@ def test_fid_matches_torchmetrics(random_inception_weights):
 
 @pytest.fixture
 def reranker_fn():
-    from dalle_core.rerank.model import RERANKER_PRESETS, ContrastiveReranker
+    from dalle_core.profiles import get_profile
+    from dalle_core.rerank.model import ContrastiveReranker
 
     torch.manual_seed(0)
-    model = ContrastiveReranker(RERANKER_PRESETS["tiny"]).eval()
+    model = ContrastiveReranker(get_profile("tiny").reranker).eval()
     calls = []
 
     def fn(x):

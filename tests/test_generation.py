@@ -10,30 +10,31 @@ import torch
 
 from dalle_core.demo.captions import random_caption
 from dalle_core.demo.scenes import random_scene
-from dalle_core.dvae.config import DVAE_PRESETS
 from dalle_core.dvae.model import build_dvae, decode_codes
 from dalle_core.generation import CaptionError, TextToImage
-from dalle_core.prior import PRIOR_PRESETS, DalleTransformer
+from dalle_core.prior import DalleTransformer
 from dalle_core.prior.sampling import sample_image_codes
-from dalle_core.rerank import RERANKER_PRESETS, ContrastiveReranker
+from dalle_core.profiles import get_profile
+from dalle_core.rerank import ContrastiveReranker
 from dalle_core.rerank.evaluate import _derangement, caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import STOP_WORDS, swapped_word_negatives
-from dalle_core.text.bpe import text_config, train_bpe_tokenizer
+from dalle_core.text.bpe import train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
-DV = DVAE_PRESETS["tiny"]  # 32x32 -> 8x8 codes of 64
+TINY = get_profile("tiny")
+DV = TINY.dvae  # 32x32 -> 8x8 codes of 64
 
 
 @pytest.fixture(scope="module")
 def parts():
     rng = __import__("numpy").random.default_rng(0)
     caps = [random_caption(random_scene(rng, held_out=None), rng) for _ in range(300)]
-    tok = train_bpe_tokenizer(caps, text_config("tiny"))
+    tok = train_bpe_tokenizer(caps, TINY.text)
     torch.manual_seed(0)
-    prior = DalleTransformer(PRIOR_PRESETS["tiny"].replace(image_vocab_size=DV.vocab_size, init_std=0.08)).eval()
+    prior = DalleTransformer(TINY.prior.replace(init_std=0.08)).eval()
     encoder, decoder = build_dvae(DV)
-    reranker = ContrastiveReranker(RERANKER_PRESETS["tiny"]).eval()
+    reranker = ContrastiveReranker(TINY.reranker).eval()
     return prior, encoder, decoder, tok, reranker
 
 
@@ -107,10 +108,10 @@ def test_caption_errors_name_the_cause(parts):
 
 def test_parts_that_do_not_fit_are_refused(parts):
     prior, encoder, decoder, tok, reranker = parts
-    other = DalleTransformer(PRIOR_PRESETS["tiny"]).eval()  # 128 image codes, the dVAE has 64
+    other = DalleTransformer(TINY.prior.replace(image_vocab_size=128)).eval()  # the dVAE has 64
     with pytest.raises(ValueError, match="the prior draws 128 image codes, the dVAE decodes 64"):
         TextToImage(other, decoder, tok)
-    small_rr = ContrastiveReranker(RERANKER_PRESETS["tiny"].replace(text_len=8))
+    small_rr = ContrastiveReranker(TINY.reranker.replace(text_len=8))
     with pytest.raises(ValueError, match="the reranker reads 8 text positions"):
         TextToImage(prior, decoder, tok, reranker=small_rr)
 

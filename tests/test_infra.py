@@ -173,7 +173,24 @@ def test_prior_job_flags_are_accepted_by_the_training_parser():
     args = by_kind(JOB)["Job"]["spec"]["template"]["spec"]["containers"][0]["args"]
     train_args = args[args.index("orchestration.prior_entry") + 1:]
     ns = build_arg_parser().parse_args(train_args)
-    assert (ns.profile, ns.nodes, ns.gpus_per_node, ns.powersgd_rank) == ("paper-12B", 16, 8, 112)
+    assert (ns.profile, ns.nodes, ns.gpus_per_node, ns.powersgd_rank) == (None, 16, 8, 112)
+    assert ns.profile_json == "/data/prior-runs/paper-12B/profile.json"
+
+
+def test_prior_job_resolves_the_profile_against_the_codes_before_training():
+    """One launch path: an init container writes the resolved profile (`dalle resolve-profile`,
+    dalle_core.profiles.write_resolved_profile) that the trainer reads as --profile-json."""
+    from orchestration.cli import build_parser
+
+    pod = by_kind(JOB)["Job"]["spec"]["template"]["spec"]
+    init = {c["name"]: c for c in pod["initContainers"]}["resolve-profile"]
+    assert init["command"][:3] == ["python", "-m", "orchestration.cli"]
+    assert init["image"] == pod["containers"][0]["image"]
+    ns = build_parser().parse_args(init["command"][3:] + init["args"])
+    flags = torchrun_flags(by_kind(JOB)["Job"])
+    assert ns.func.__name__ == "cmd_resolve_profile" and ns.profile == "paper-12B"
+    assert ns.out == flags["profile-json"] and ns.codes == flags["codes"]
+    assert ns.out.startswith(flags["out"] + "/") and "/data" in {m["mountPath"] for m in init["volumeMounts"]}
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +320,8 @@ def test_sbatch_syntax_and_directives():
 
 
 def _run_sbatch(tmp_path: Path, *args: str) -> list[str]:
-    """Run the batch script with stand-ins for srun and scontrol; returns srun's argv."""
+    """Run the batch script with stand-ins for srun, scontrol and python; returns srun's argv
+    (python's, the profile resolution, is left in tmp_path / "python.argv")."""
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     bin_dir.mkdir(exist_ok=True)
     (venv / "bin").mkdir(parents=True, exist_ok=True)
@@ -311,7 +329,8 @@ def _run_sbatch(tmp_path: Path, *args: str) -> list[str]:
     argv_file = tmp_path / "srun.argv"
     (bin_dir / "srun").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {argv_file}\n')
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a01\\ngpu-a02\\n'\n")
-    for stub in ("srun", "scontrol"):
+    (bin_dir / "python").write_text(f'#!/bin/sh\nfor a in "$@"; do echo "$a"; done > {tmp_path / "python.argv"}\n')
+    for stub in ("srun", "scontrol", "python"):
         (bin_dir / stub).chmod(0o755)
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DALLE_VENV": str(venv), "SLURM_JOB_NUM_NODES": "2",
            "SLURM_JOB_NODELIST": "gpu-a[01-02]", "SLURM_JOB_ID": "42", "SLURM_GPUS_ON_NODE": "8"}
@@ -326,13 +345,20 @@ def test_sbatch_launches_one_torchrun_per_node(tmp_path):
     assert {"--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
             "--rdzv-endpoint=gpu-a01:29500", "--rdzv-id=dalle-prior-42"} <= set(run)
     train = run[run.index("orchestration.prior_entry") + 1:]
-    assert shlex.join(train).startswith("--profile paper-12B")
+    # one launch path: the profile resolved against the codes (`dalle resolve-profile`) before srun
+    resolve = (tmp_path / "python.argv").read_text().splitlines()
+    assert resolve[:3] == ["-m", "orchestration.cli", "resolve-profile"]
+    opts = dict(zip(resolve[3::2], resolve[4::2]))
+    assert opts["--profile"] == "paper-12B" and opts["--codes"] == train[train.index("--codes") + 1]
+    assert shlex.join(train).startswith("--profile-json ") and train[1] == opts["--out"]
+    assert opts["--out"] == train[train.index("--out") + 1] + "/profile.json"
     assert train[train.index("--powersgd-rank") + 1] == "112"
     assert train[train.index("--nodes") + 1] == "2" and train[train.index("--gpus-per-node") + 1] == "8"
 
     train = _run_sbatch(tmp_path, "--powersgd-rank", "4", "--profile", "paper-1.3B", "--", "--steps", "10")
     assert train[train.index("--powersgd-rank") + 1] == "4" and train[-2:] == ["--steps", "10"]
-    assert train[train.index("--profile") + 1] == "paper-1.3B"
+    resolve = (tmp_path / "python.argv").read_text().splitlines()
+    assert resolve[resolve.index("--profile") + 1] == "paper-1.3B" and "--profile" not in train
     assert "--powersgd-rank" not in _run_sbatch(tmp_path, "--powersgd-rank", "0")
 
 
@@ -408,9 +434,9 @@ def test_entrypoint_runs_dalle_or_a_given_program(tmp_path):
 
 def test_readme_numbers_are_the_plan():
     from dalle_core.distributed.plan import plan
-    from dalle_core.prior.config import get_prior_config
+    from dalle_core.profiles import get_profile
 
-    table = plan(get_prior_config("paper-12B"), 16, 8, 8, powersgd_rank=112).to_table()
+    table = plan(get_profile("paper-12B").prior, 16, 8, 8, powersgd_rank=112).to_table()
     readme = (INFRA / "README.md").read_text()
     for number in ("12,293,828,224", "1,536,728,528", "17.17 GiB", "39.53 GiB", "5.37 GiB", "837.36 MiB", "84.8%"):
         assert number in table and number in readme, number

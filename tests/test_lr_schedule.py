@@ -26,7 +26,6 @@ import random
 import pytest
 import torch
 
-from dalle_core.prior.config import PAPER_12B, get_prior_config
 from dalle_core.prior.lr_schedule import (
     CONTROL_FILE,
     WarmupThenHalveOnPlateau,
@@ -34,7 +33,10 @@ from dalle_core.prior.lr_schedule import (
     request_lr_action,
 )
 from dalle_core.prior.train import LRSchedule, train_prior
+from dalle_core.profiles import get_profile
 from dalle_core.storage import LocalStorage
+
+PAPER_12B = get_profile("paper-12B").prior_training  # the paper's training settings
 
 T = 430_000
 LOG_EVERY = 100  # the paper profile's log interval: the trainer polls the control file this often
@@ -171,24 +173,25 @@ def test_state_round_trips_and_resume_takes_the_same_decisions(tmp_path):
 
 # --- the trainer and the command line --------------------------------------------------------------
 
-def random_batches(config, seed=0):
+def random_batches(config, batch_size, seed=0):
     def fn(start):
         g = torch.Generator().manual_seed(seed + start)
         while True:
-            yield (torch.randint(0, config.text_vocab_size, (config.batch_size, config.text_len), generator=g),
-                   torch.randint(0, config.image_vocab_size, (config.batch_size, config.image_len), generator=g))
+            yield (torch.randint(0, config.text_vocab_size, (batch_size, config.text_len), generator=g),
+                   torch.randint(0, config.image_vocab_size, (batch_size, config.image_len), generator=g))
     return fn
 
 
 def test_trainer_applies_an_operator_decay_logs_it_and_keeps_it_across_resume(tmp_path):
     from orchestration.cli import main
 
-    tiny = get_prior_config("tiny").replace(batch_size=2)
+    profile = get_profile("tiny")
+    tiny, training = profile.prior, profile.prior_training.replace(batch_size=2)
     run = tmp_path / "run"
     run.mkdir()
     assert main(["lr", "decay", "--run-dir", str(run), "--note", "looked flat"]) == 0
     logs: list[dict] = []
-    train_prior(tiny, random_batches(tiny), run, on_log=logs.append, total_steps=6, log_every=3,
+    train_prior(tiny, training, random_batches(tiny, 2), run, on_log=logs.append, total_steps=6, log_every=3,
                 checkpoint_every=3, save_final=False)
     events = [r for r in logs if r["event"] == "lr_schedule"]
     assert len(events) == 1
@@ -199,7 +202,7 @@ def test_trainer_applies_an_operator_decay_logs_it_and_keeps_it_across_resume(tm
     # resume: the decision is in the checkpoint, the request is not applied twice; a hold arrives
     assert main(["lr", "hold", "--run-dir", str(run)]) == 0
     logs2: list[dict] = []
-    train_prior(tiny, random_batches(tiny), run, on_log=logs2.append, total_steps=8, log_every=3, save_final=False)
+    train_prior(tiny, training, random_batches(tiny, 2), run, on_log=logs2.append, total_steps=8, log_every=3, save_final=False)
     events2 = [r for r in logs2 if r["event"] == "lr_schedule"]
     assert [(e["step"], e["action"], e["request_seq"]) for e in events2] == [(7, "hold", 2)]
     assert [r["lr"] for r in logs2 if r["event"] == "log"][0] == pytest.approx(1e-3 * 7 / 10 * 0.5)

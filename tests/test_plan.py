@@ -6,8 +6,10 @@ import pytest
 
 from dalle_core.distributed.plan import plan
 from dalle_core.distributed.powersgd import paper_compression, sent_numel, should_compress
-from dalle_core.prior.config import PAPER_12B, PriorConfig, count_parameters
+from dalle_core.prior.config import PriorConfig, count_parameters
+from dalle_core.profiles import get_profile
 
+PAPER_12B = get_profile("paper-12B").prior
 # d = 2 heads x 4 = 8, 2 layers, text: 16 BPE + 4 pads (L = 4), image: 8 codes on a 2 x 2 grid.
 SMALL = PriorConfig(n_layer=2, n_head=2, d_head=4, text_vocab_size=16, text_len=4, image_vocab_size=8,
                     image_grid=2, conv_kernel=1)

@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dalle_core.precision import PerResblockGradScaler, ScaledResblock, apply_per_resblock_grad_scaling
-from dalle_core.prior import PRIOR_PRESETS, DalleTransformer, build_optimizer
+from dalle_core.prior import DalleTransformer, build_optimizer
+from dalle_core.profiles import get_profile
 
 D = 16
 
@@ -336,7 +337,7 @@ def test_scaled_gradients_equal_plain_fp32_gradients_exactly():
 
 
 def test_prior_with_per_resblock_scaling_matches_plain_gradients():
-    cfg = PRIOR_PRESETS["tiny"]
+    cfg = get_profile("tiny").prior
     torch.manual_seed(0)
     plain = DalleTransformer(cfg)
     torch.manual_seed(0)
@@ -359,12 +360,12 @@ def test_prior_with_per_resblock_scaling_matches_plain_gradients():
 
 
 def test_prior_trains_in_fp16_autocast_with_per_resblock_scaling():
-    cfg = PRIOR_PRESETS["tiny"]
+    cfg = get_profile("tiny").prior
     torch.manual_seed(0)
     model = DalleTransformer(cfg)
     scaler = PerResblockGradScaler(cfg.n_resblocks)
     apply_per_resblock_grad_scaling(model, scaler)
-    opt = build_optimizer(model, cfg)
+    opt = build_optimizer(model, get_profile("tiny").prior_training)
     g = torch.Generator().manual_seed(1)
     text = torch.randint(0, cfg.text_embedding_size, (4, cfg.text_len), generator=g)
     image = torch.randint(0, cfg.image_vocab_size, (4, cfg.image_len), generator=g)
@@ -375,7 +376,7 @@ def test_prior_trains_in_fp16_autocast_with_per_resblock_scaling():
         opt.zero_grad(set_to_none=True)
         loss.backward()
         scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), get_profile("tiny").prior_training.grad_clip)
         assert scaler.step(opt)
         scaler.update()
         losses.append(loss.item())
@@ -465,7 +466,7 @@ def test_old_checkpoints_load():
 
 
 def test_wrapped_model_checkpoints_load_into_plain_models_and_back():
-    cfg = PRIOR_PRESETS["tiny"]
+    cfg = get_profile("tiny").prior
     plain = DalleTransformer(cfg)
     scaled = DalleTransformer(cfg)
     apply_per_resblock_grad_scaling(scaled, PerResblockGradScaler(cfg.n_resblocks))
@@ -493,7 +494,7 @@ def test_fp16_with_the_scaler_matches_fp32_on_the_tiny_prior():
     rounding errors mostly cancel, and CPU autocast keeps softmax / layer norm /
     the loss in fp32; a run that lost a block's update or mis-unscaled it would
     be off by far more (the lr 1e-3 updates move the loss by ~0.1 each)."""
-    cfg = PRIOR_PRESETS["tiny"]
+    cfg = get_profile("tiny").prior
     g = torch.Generator().manual_seed(1)
     text = torch.randint(0, cfg.text_embedding_size, (4, cfg.text_len), generator=g)
     image = torch.randint(0, cfg.image_vocab_size, (4, cfg.image_len), generator=g)
@@ -505,7 +506,7 @@ def test_fp16_with_the_scaler_matches_fp32_on_the_tiny_prior():
         if fp16:
             scaler = PerResblockGradScaler(cfg.n_resblocks)
             apply_per_resblock_grad_scaling(model, scaler)
-        opt = build_optimizer(model, cfg)
+        opt = build_optimizer(model, get_profile("tiny").prior_training)
         losses = []
         for _ in range(6):
             ctx = torch.autocast("cpu", dtype=torch.float16) if fp16 else torch.autocast("cpu", enabled=False)

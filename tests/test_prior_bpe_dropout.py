@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 
 from dalle_core.data.codes import CodedPair, iter_code_shard, save_code_manifest, write_code_shard
-from dalle_core.prior.config import PRIOR_PRESETS, PriorConfig
+from dalle_core.prior.config import PriorConfig, PriorTrainingConfig
 from dalle_core.prior.data import code_batches, code_shards, dropout_rng, prior_tokenizer
+from dalle_core.profiles import build_profile, get_profile, profile_names, write_resolved_profile
 from dalle_core.storage import LocalStorage
 from dalle_core.text import TextConfig, train_bpe_tokenizer
 from dalle_core.text.bpe import DalleTokenizer
@@ -159,11 +160,14 @@ def test_rank_slices_make_up_the_single_process_batch_with_dropout(tok, shards):
         assert torch.equal(text, single[k][0][order])
 
 
-def test_every_preset_uses_the_papers_rate():
-    assert {name: cfg.bpe_dropout for name, cfg in PRIOR_PRESETS.items()} == dict.fromkeys(PRIOR_PRESETS, 0.1)
-    assert PriorConfig.from_dict({**PRIOR_PRESETS["tiny"].to_dict(), "bpe_dropout": 0.3}).bpe_dropout == 0.3
+def test_every_profile_uses_the_papers_rate():
+    profiles = [get_profile(name) for name in profile_names()]
+    assert {p.name: p.prior_training.bpe_dropout for p in profiles} == dict.fromkeys(profile_names(), 0.1)
+    assert all(p.prior_training.bpe_dropout == p.text.bpe_dropout for p in profiles)  # one source: the text config
+    tiny = get_profile("tiny").prior_training
+    assert PriorTrainingConfig.from_dict({**tiny.to_dict(), "bpe_dropout": 0.3}).bpe_dropout == 0.3
     with pytest.raises(ValueError, match="bpe_dropout"):
-        PRIOR_PRESETS["tiny"].replace(bpe_dropout=1.0)
+        tiny.replace(bpe_dropout=1.0)
 
 
 def test_evaluation_and_sampling_encodings_never_vary(tok):
@@ -175,7 +179,7 @@ def test_evaluation_and_sampling_encodings_never_vary(tok):
 
     loud = DalleTokenizer(tok.backend, TextConfig(vocab_size=512, text_len=48, bpe_dropout=0.5))
     cfg = PriorConfig(n_layer=1, n_head=1, d_head=8, text_vocab_size=512, text_len=48, image_vocab_size=16,
-                      image_grid=2, conv_kernel=1, amp_dtype="fp32")
+                      image_grid=2, conv_kernel=1)
     decoder = nn.Module()
     decoder.vocab_size = 16
     chain = TextToImage(DalleTransformer(cfg), decoder, loud)
@@ -260,16 +264,20 @@ def test_train_main_encodes_with_dropout(tok, shards, tmp_path, monkeypatch):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
-    def fake_train(config, batches_fn, *args, **kwargs):  # the data path only, not the training loop
+    def fake_train(config, training, batches_fn, *args, **kwargs):  # the data path only, not the training loop
         batches.append(next(batches_fn(0)))
 
     monkeypatch.setattr(data, "code_batches", spy)
     monkeypatch.setattr(train, "train_prior", fake_train)
     main = train.main
-    cfg = PRIOR_PRESETS["tiny"].replace(n_layer=1, text_len=48, text_vocab_size=512, image_grid=2,
-                                        image_vocab_size=16, conv_kernel=1, batch_size=4, bpe_dropout=0.25)
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg.to_dict()))
-    rc = main(["--config-json", str(tmp_path / "cfg.json"), "--codes", str(storage.path("image_codes")),
+    tiny = get_profile("tiny")  # resized to the codes: 48 text positions, 8x8 images -> 2x2 grid of 16 codes
+    profile = build_profile("tiny-48", data=tiny.data.replace(image_size=8),
+                            text=TextConfig(vocab_size=512, text_len=48, bpe_dropout=0.25),
+                            dvae=tiny.dvae.replace(vocab_size=16), prior=tiny.prior.replace(n_layer=1, conv_kernel=1),
+                            prior_training=tiny.prior_training.replace(batch_size=4), reranker=tiny.reranker)
+    manifest = json.loads(storage.get_text("image_codes/manifest.json"))
+    resolved = write_resolved_profile(profile, manifest, tmp_path / "profile.json")
+    rc = main(["--profile-json", str(resolved), "--codes", str(storage.path("image_codes")),
                "--out", str(tmp_path / "out"), "--steps", "1", "--quiet", "--device", "cpu"])
     assert rc == 0 and calls
     assert calls[0]["bpe_dropout"] == 0.25 and calls[0]["tokenizer"].to_json() == tok.to_json()

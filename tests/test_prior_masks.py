@@ -232,7 +232,7 @@ def test_layer_pattern_small_models():
 def one_layer(kind: str) -> PriorConfig:
     return PriorConfig(n_layer=1, n_head=2, d_head=8, text_vocab_size=32, text_len=5,
                        image_vocab_size=16, image_grid=4, conv_kernel=3, attention_kinds=(kind,),
-                       init_std=0.2, amp_dtype="fp32")
+                       init_std=0.2)
 
 
 def one_layer_model(kind: str):

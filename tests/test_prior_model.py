@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from dalle_core.prior import (
-    PRIOR_PRESETS,
     DalleTransformer,
     KVCache,
     PriorConfig,
+    PriorTrainingConfig,
     attention_mask,
     build_optimizer,
     count_parameters,
-    get_prior_config,
 )
+from dalle_core.profiles import UnknownProfileError, get_profile, profile_names
 
-TINY = PRIOR_PRESETS["tiny"]
+TINY = get_profile("tiny").prior
+TRAINING = get_profile("tiny").prior_training
 
 
 def batch(cfg, B=2, seed=0):
@@ -32,35 +33,43 @@ def batch(cfg, B=2, seed=0):
 def micro(**kw):
     """A very small model for exact structural checks."""
     base = dict(n_layer=1, n_head=2, d_head=4, text_vocab_size=11, text_len=3, image_vocab_size=7,
-                image_grid=4, conv_kernel=3, amp_dtype="fp32", batch_size=2, total_steps=10)
+                image_grid=4, conv_kernel=3)
     base.update(kw)
     return PriorConfig(**base)
 
 
 # --- config -------------------------------------------------------------------------
 
-def test_config_roundtrip_and_presets():
-    for name, cfg in PRIOR_PRESETS.items():
-        d = cfg.to_dict()
-        assert PriorConfig.from_dict(d) == cfg
-        assert get_prior_config(name) is cfg
-    cfg = PRIOR_PRESETS["paper-12B"]
+def test_config_roundtrip_and_profiles():
+    for name in profile_names():
+        profile = get_profile(name)
+        cfg, training = profile.prior, profile.prior_training
+        assert PriorConfig.from_dict(cfg.to_dict()) == cfg
+        assert PriorTrainingConfig.from_dict(training.to_dict()) == training
+        assert get_profile(name).prior == cfg
+    cfg, training = get_profile("paper-12B").prior, get_profile("paper-12B").prior_training
     assert (cfg.n_layer, cfg.n_head, cfg.d_head, cfg.n_embd) == (64, 62, 64, 3968)
     assert (cfg.text_len, cfg.text_vocab_size, cfg.image_grid, cfg.image_vocab_size) == (256, 16384, 32, 8192)
     assert cfg.text_embedding_size == 16384 + 256 and cfg.seq_len == 1280 and cfg.n_resblocks == 128
-    assert cfg.betas == (0.9, 0.96) and cfg.eps == 1e-8 and cfg.weight_decay == 4.5e-2
-    assert cfg.lr == 4.5e-4 and cfg.warmup_steps == 5000 and cfg.grad_clip == 4 and cfg.ema_decay == 0.99
+    assert training.betas == (0.9, 0.96) and training.eps == 1e-8 and training.weight_decay == 4.5e-2
+    assert training.lr == 4.5e-4 and training.warmup_steps == 5000 and training.grad_clip == 4
+    assert training.ema_decay == 0.99
     assert cfg.text_loss_weight == 1 / 8 and cfg.image_loss_weight == 7 / 8
     assert cfg.conv_kernel == 11
     with pytest.raises(ValueError, match="shape fields"):
         PriorConfig.from_dict({"n_layer": 2})
-    with pytest.raises(ValueError, match="unknown prior preset"):
-        get_prior_config("huge")
-    # unknown keys (a newer version's fields) are ignored; missing non-shape keys take defaults
+    with pytest.raises(UnknownProfileError, match="unknown profile"):
+        get_profile("huge")
+    # unknown keys (a newer version's fields, or an old checkpoint's training settings) are
+    # ignored; missing non-shape keys take defaults
     d = TINY.to_dict()
     d["some_future_field"] = 1
-    d.pop("lr")
-    assert PriorConfig.from_dict(d).lr == PriorConfig().lr
+    d["lr"] = 1.0
+    d.pop("init_std")
+    assert PriorConfig.from_dict(d) == TINY.replace(init_std=PriorConfig().init_std)
+    t = TRAINING.to_dict()
+    t.pop("lr")
+    assert PriorTrainingConfig.from_dict({**t, "n_layer": 3}).lr == PriorTrainingConfig().lr
     with pytest.raises(ValueError, match="attention_kinds"):
         micro(n_layer=2, attention_kinds=("row",))
 
@@ -69,14 +78,14 @@ def test_config_roundtrip_and_presets():
 
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_count_parameters_matches_instantiated_model(name):
-    cfg = PRIOR_PRESETS[name]
+    cfg = get_profile(name).prior
     assert DalleTransformer(cfg).num_parameters() == count_parameters(cfg)
     no_bias = cfg.replace(bias=False)
     assert DalleTransformer(no_bias).num_parameters() == count_parameters(no_bias)
 
 
 def test_paper_12b_on_meta_device():
-    cfg = PRIOR_PRESETS["paper-12B"]
+    cfg = get_profile("paper-12B").prior
     with torch.device("meta"):
         model = DalleTransformer(cfg)
     n = model.num_parameters()
@@ -95,7 +104,7 @@ def test_paper_12b_on_meta_device():
 
 
 def test_paper_1_3b_on_meta_device():
-    cfg = PRIOR_PRESETS["paper-1.3B"]
+    cfg = get_profile("paper-1.3B").prior
     with torch.device("meta"):
         model = DalleTransformer(cfg)
     assert model.num_parameters() == count_parameters(cfg)
@@ -250,7 +259,7 @@ def test_autocast_keeps_logits_and_layernorm_fp32(dtype):
 def test_tiny_learns_a_fixed_batch():
     torch.manual_seed(0)
     model = DalleTransformer(TINY)
-    opt = build_optimizer(model, TINY)
+    opt = build_optimizer(model, TRAINING)
     for group in opt.param_groups:
         group["lr"] = 3e-3
     text, image = batch(TINY, B=4, seed=1)
@@ -259,7 +268,7 @@ def test_tiny_learns_a_fixed_batch():
         out = model.loss(text, image)
         opt.zero_grad(set_to_none=True)
         out["total"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), TINY.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAINING.grad_clip)
         opt.step()
         losses.append(out["total"].item())
     assert losses[-1] < 0.75 * losses[0], losses
@@ -267,10 +276,10 @@ def test_tiny_learns_a_fixed_batch():
 
 def test_optimizer_groups_decay_only_linear_weights():
     model = DalleTransformer(TINY)
-    opt = build_optimizer(model, TINY)
+    opt = build_optimizer(model, TRAINING)
     decay, no_decay = opt.param_groups
-    assert decay["weight_decay"] == TINY.weight_decay and no_decay["weight_decay"] == 0.0
-    assert opt.defaults["betas"] == TINY.betas
+    assert decay["weight_decay"] == TRAINING.weight_decay and no_decay["weight_decay"] == 0.0
+    assert opt.defaults["betas"] == TRAINING.betas
     ids = {id(p) for p in decay["params"]}
     assert id(model.text_head.weight) in ids and id(model.blocks[0].mlp.mlp.fc.weight) in ids
     assert id(model.text_embedding.weight) not in ids and id(model.blocks[0].attn.ln.weight) not in ids

@@ -11,13 +11,14 @@ import torch
 from dalle_core.distributed.checkpoint import latest_step, list_checkpoints, load_latest, save_checkpoint
 from dalle_core.distributed.parallelize import apply_activation_checkpointing
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
-from dalle_core.prior.config import get_prior_config
+from dalle_core.profiles import get_profile
 from dalle_core.prior.data import code_batches, code_shards, write_synthetic_code_shards
 from dalle_core.prior.model import DalleTransformer, build_optimizer, load_prior, read_prior_file
 from dalle_core.prior.train import LRSchedule, main, train_prior
 from dalle_core.storage import LocalStorage
 
-TINY = get_prior_config("tiny")
+TINY = get_profile("tiny").prior
+TRAINING = get_profile("tiny").prior_training
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +147,7 @@ def test_train_prior_loss_falls_and_resume_matches_uninterrupted(codes, tmp_path
     _, paths, counts = codes
     fn = batches_fn_for(paths, counts)
     logs: list[dict] = []
-    full = train_prior(TINY, fn, tmp_path / "full", on_log=logs.append, total_steps=30, log_every=5,
+    full = train_prior(TINY, TRAINING, fn, tmp_path / "full", on_log=logs.append, total_steps=30, log_every=5,
                        checkpoint_every=10)
     assert full.steps == 30 and len(full.losses) == 30
     # the loss falls: the mean of the last 5 updates well below the first
@@ -159,10 +160,10 @@ def test_train_prior_loss_falls_and_resume_matches_uninterrupted(codes, tmp_path
     assert [s for s, _ in list_checkpoints(tmp_path / "full")] == [10, 20, 30]
 
     # interrupted after 13 updates (checkpoint written at the stop), then resumed
-    part = train_prior(TINY, fn, tmp_path / "resumed", total_steps=30, log_every=5, checkpoint_every=10,
+    part = train_prior(TINY, TRAINING, fn, tmp_path / "resumed", total_steps=30, log_every=5, checkpoint_every=10,
                        stop_after=13)
     assert part.steps == 13 and latest_step(tmp_path / "resumed") == 13 and part.model_path is None
-    rest = train_prior(TINY, fn, tmp_path / "resumed", total_steps=30, log_every=5, checkpoint_every=10)
+    rest = train_prior(TINY, TRAINING, fn, tmp_path / "resumed", total_steps=30, log_every=5, checkpoint_every=10)
     assert rest.resumed_from == 13 and rest.start_step == 13 and len(rest.losses) == 17
     assert rest.losses == full.losses[13:]
     for (k, a), (_, b) in zip(full.model.state_dict().items(), rest.model.state_dict().items()):
@@ -171,13 +172,13 @@ def test_train_prior_loss_falls_and_resume_matches_uninterrupted(codes, tmp_path
         assert torch.equal(full.ema[k], rest.ema[k]), k
 
     # nothing left to do: a third call returns at once with the same result
-    again = train_prior(TINY, fn, tmp_path / "resumed", total_steps=30)
+    again = train_prior(TINY, TRAINING, fn, tmp_path / "resumed", total_steps=30)
     assert again.losses == [] and again.steps == 30
 
 
 def test_save_load_prior_pins_the_config(codes, tmp_path):
     _, paths, counts = codes
-    res = train_prior(TINY, batches_fn_for(paths, counts), tmp_path, total_steps=3, log_every=1)
+    res = train_prior(TINY, TRAINING, batches_fn_for(paths, counts), tmp_path, total_steps=3, log_every=1)
     blob = read_prior_file(res.model_path)
     assert blob["config"]["n_layer"] == TINY.n_layer and blob["meta"]["steps"] == 3
     raw = load_prior(res.model_path, use_ema=False)
@@ -194,16 +195,16 @@ def test_save_load_prior_pins_the_config(codes, tmp_path):
 
 def test_resume_refuses_another_shape(codes, tmp_path):
     _, paths, counts = codes
-    train_prior(TINY, batches_fn_for(paths, counts), tmp_path, total_steps=2, save_final=False)
+    train_prior(TINY, TRAINING, batches_fn_for(paths, counts), tmp_path, total_steps=2, save_final=False)
     for other in (TINY.replace(n_layer=2), TINY.replace(n_head=2)):
         with pytest.raises(ValueError, match="another model shape"):
-            train_prior(other, batches_fn_for(paths, counts), tmp_path, total_steps=4)
+            train_prior(other, TRAINING, batches_fn_for(paths, counts), tmp_path, total_steps=4)
 
 
 def test_bf16_and_fp16_per_resblock_paths_run(codes, tmp_path):
     _, paths, counts = codes
     logs: list[dict] = []
-    r = train_prior(TINY, batches_fn_for(paths, counts, batch=4), tmp_path / "fp16", on_log=logs.append,
+    r = train_prior(TINY, TRAINING, batches_fn_for(paths, counts, batch=4), tmp_path / "fp16", on_log=logs.append,
                     precision="fp16-per-resblock", total_steps=2, log_every=1, save_final=False)
     assert r.precision == "fp16-per-resblock" and all(torch.isfinite(torch.tensor(r.losses)))
     rec = [x for x in logs if x["event"] == "log"][-1]
@@ -211,7 +212,7 @@ def test_bf16_and_fp16_per_resblock_paths_run(codes, tmp_path):
     # the scaler's state is in the checkpoint
     meta = json.loads((Path(r.checkpoint) / "meta.json").read_text())
     assert meta["meta"]["scaler"]["step_count"] == 2
-    r = train_prior(TINY, batches_fn_for(paths, counts, batch=4), tmp_path / "bf16", precision="bf16",
+    r = train_prior(TINY, TRAINING, batches_fn_for(paths, counts, batch=4), tmp_path / "bf16", precision="bf16",
                     total_steps=2, save_final=False)
     assert all(torch.isfinite(torch.tensor(r.losses)))
 
@@ -239,7 +240,7 @@ def test_checkpoints_are_atomic_and_load_across_wrappers(tmp_path):
     src = DalleTransformer(TINY)
     scaler = PerResblockGradScaler(list(src.resblocks()))
     apply_per_resblock_grad_scaling(src, scaler)
-    opt = build_optimizer(src, TINY)
+    opt = build_optimizer(src, TRAINING)
     text = torch.randint(0, TINY.text_embedding_size, (2, TINY.text_len))
     image = torch.randint(0, TINY.image_vocab_size, (2, TINY.image_len))
     src.loss(text, image)["total"].backward()
@@ -251,7 +252,7 @@ def test_checkpoints_are_atomic_and_load_across_wrappers(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [5]
 
     dst = DalleTransformer(TINY)  # no scaling wrappers: other parameter paths
-    opt2 = build_optimizer(dst, TINY)
+    opt2 = build_optimizer(dst, TRAINING)
     extra: dict = {}
     assert load_latest(tmp_path, dst, opt2, extra) == 5
     assert extra["meta"] == {"note": "five"} and torch.equal(extra["rank"]["x"], torch.arange(3))

@@ -13,20 +13,19 @@ import torch.nn.functional as F
 from dalle_core.demo.render import render
 from dalle_core.demo.scenes import COLOURS, Scene, SceneObject, random_scene
 from dalle_core.rerank import (
-    RERANKER_PRESETS,
     ContrastiveReranker,
     RerankerConfig,
-    get_reranker_config,
     load_reranker,
     save_reranker,
     train_reranker,
 )
 from dalle_core.rerank.train import list_checkpoints, lr_at
-from dalle_core.text.bpe import text_config, train_bpe_tokenizer
+from dalle_core.profiles import UnknownProfileError, get_profile, profile_names
+from dalle_core.text.bpe import train_bpe_tokenizer
 
 torch.set_num_threads(1)
 
-TINY = RERANKER_PRESETS["tiny"]
+TINY = get_profile("tiny").reranker
 # an even smaller shape for the mechanics (resume, save / load)
 MICRO = TINY.replace(image_stem=8, image_widths=(8, 16), text_width=16, text_layers=1, text_heads=2,
                      embed_dim=16, batch_size=8, warmup_steps=2, log_every=2, checkpoint_every=2)
@@ -51,15 +50,16 @@ def make(cfg=MICRO, seed=0):
 
 # --- config ------------------------------------------------------------------------------------
 
-def test_config_presets_and_round_trip():
-    for name, cfg in RERANKER_PRESETS.items():
+def test_config_profiles_and_round_trip():
+    for name in profile_names():
+        profile = get_profile(name)
+        cfg = profile.reranker
         assert RerankerConfig.from_dict(cfg.to_dict()) == cfg
-        assert get_reranker_config(name) is cfg
-    # the presets read the text presets' ids
-    for name in ("tiny", "small"):
-        t = text_config(name)
-        assert (RERANKER_PRESETS[name].text_vocab_size, RERANKER_PRESETS[name].text_len) == (t.vocab_size, t.text_len)
-    assert RERANKER_PRESETS["small"].image_size == 64
+        # the profile derives the reranker's text ids from its text config, its image size from the data's
+        t = profile.text
+        assert (cfg.text_vocab_size, cfg.text_len) == (t.vocab_size, t.text_len)
+        assert cfg.image_size == profile.data.image_size
+    assert get_profile("small").reranker.image_size == 64
     d = TINY.to_dict()
     d["a_future_field"] = 1
     d.pop("lr")
@@ -68,8 +68,8 @@ def test_config_presets_and_round_trip():
         RerankerConfig.from_dict({"image_size": 32})
     with pytest.raises(ValueError, match="divisible"):
         RerankerConfig(image_size=36)
-    with pytest.raises(ValueError, match="unknown reranker preset"):
-        get_reranker_config("huge")
+    with pytest.raises(UnknownProfileError, match="unknown profile"):
+        get_profile("huge")
     assert ContrastiveReranker(TINY).num_parameters() < 500_000
 
 
@@ -262,7 +262,7 @@ def test_learns_demo_world_colours(tmp_path):
     train_x, test_x = _render(train_scenes, cfg.image_size, 1), _render(test_scenes, cfg.image_size, 2)
     sizes = rng.integers(0, 2, size=(len(train_scenes), 2)).astype(bool)
     captions = [s.caption(sizes=tuple(z)) for s, z in zip(train_scenes, sizes)]
-    tok = train_bpe_tokenizer(captions, text_config("tiny"))
+    tok = train_bpe_tokenizer(captions, get_profile("tiny").text)
     ids = tok.encode_batch(captions)
 
     def batches_fn(start):

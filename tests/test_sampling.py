@@ -5,7 +5,7 @@ prompts, and the input errors."""
 import pytest
 import torch
 
-from dalle_core.prior import PRIOR_PRESETS, DalleTransformer
+from dalle_core.prior import DalleTransformer
 from dalle_core.prior.sampling import (
     StaticKVCache,
     filter_logits,
@@ -13,12 +13,13 @@ from dalle_core.prior.sampling import (
     sample_from_logits,
     sample_image_codes,
 )
+from dalle_core.profiles import get_profile
 
 torch.set_num_threads(1)
 
 # Sharper than the default init (0.02 gives almost uniform logits) so that the
 # top-k / top-p filters and the causal structure actually matter.
-TINY = PRIOR_PRESETS["tiny"].replace(init_std=0.08)
+TINY = get_profile("tiny").prior.replace(init_std=0.08)
 
 
 def make_model(dtype=torch.float32, seed=0, cfg=TINY):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_core.prior.config import count_parameters, get_prior_config
+from dalle_core.prior.config import count_parameters
 from dalle_core.prior.sampling_memory import (
     SamplingMemoryError,
     kv_cache_bytes_per_row,
@@ -20,12 +20,13 @@ from dalle_core.prior.sampling_memory import (
     sampling_bytes_per_row,
     sampling_dtype,
 )
+from dalle_core.profiles import get_profile
 
 GIB = 2**30
 
 
 def test_paper_12b_kv_cache_per_row_by_hand():
-    cfg = get_prior_config("paper-12B")
+    cfg = get_profile("paper-12B").prior
     # 2 (k, v) x 64 layers x (256 + 1024) positions x 3968 channels x 2 bytes (bf16)
     assert kv_cache_bytes_per_row(cfg, torch.bfloat16) == 2 * 64 * 1280 * 3968 * 2 == 1_300_234_240
     assert kv_cache_bytes_per_row(cfg, torch.float32) == 2 * kv_cache_bytes_per_row(cfg, torch.float16)
@@ -36,7 +37,7 @@ def test_paper_12b_sampling_batch_fits_the_gpu(gpu_gib, expected):
     """The weights counted on the meta device, then the most rows that fit in 90% of the GPU."""
     from dalle_core.prior.model import DalleTransformer
 
-    cfg = get_prior_config("paper-12B")
+    cfg = get_profile("paper-12B").prior
     with torch.device("meta"):
         n_params = sum(p.numel() for p in DalleTransformer(cfg).parameters())
     assert n_params == count_parameters(cfg)
@@ -47,7 +48,7 @@ def test_paper_12b_sampling_batch_fits_the_gpu(gpu_gib, expected):
 
 
 def test_too_small_a_device_is_an_error_that_says_why():
-    cfg = get_prior_config("paper-12B")
+    cfg = get_profile("paper-12B").prior
     with pytest.raises(SamplingMemoryError, match="does not fit"):
         sampling_batch_size(cfg, count_parameters(cfg), 16 * GIB)
 
@@ -57,7 +58,7 @@ def test_kv_cache_formula_matches_the_cache_the_sampler_allocates(monkeypatch):
     from dalle_core.prior import sampling
     from dalle_core.prior.model import DalleTransformer
 
-    cfg = get_prior_config("tiny")
+    cfg = get_profile("tiny").prior
     torch.manual_seed(0)
     model = DalleTransformer(cfg).eval()
     caches = []

@@ -9,11 +9,10 @@ import random
 import pytest
 import torch
 
+from dalle_core.profiles import UnknownProfileError, get_profile
 from dalle_core.text import (
-    TEXT_PRESETS,
     DalleTokenizer,
     TextConfig,
-    text_config,
     train_bpe_tokenizer,
 )
 
@@ -39,7 +38,7 @@ CAPTIONS = demo_captions(1500)
 
 @pytest.fixture(scope="module")
 def tok() -> DalleTokenizer:
-    return train_bpe_tokenizer(CAPTIONS, TEXT_PRESETS["tiny"])
+    return train_bpe_tokenizer(CAPTIONS, get_profile("tiny").text)
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +48,16 @@ def wide() -> DalleTokenizer:
 
 
 def test_presets_match_the_paper():
-    paper = text_config("paper-12B")
+    paper = get_profile("paper-12B").text
     assert (paper.vocab_size, paper.text_len) == (16384, 256)
     assert paper.total_vocab_size == 16384 + 256
     assert paper.bpe_dropout == pytest.approx(0.1)
-    assert text_config("paper-1.3B") == paper
-    tiny = text_config("tiny")
+    assert get_profile("paper-1.3B").text == paper
+    tiny = get_profile("tiny").text
     assert 256 <= tiny.vocab_size <= 512 and tiny.text_len == 16
-    assert (text_config("small").vocab_size, text_config("small").text_len) == (1024, 32)
-    with pytest.raises(KeyError, match="no text preset"):
-        text_config("huge")
+    assert (get_profile("small").text.vocab_size, get_profile("small").text.text_len) == (1024, 32)
+    with pytest.raises(UnknownProfileError, match="unknown profile"):
+        get_profile("huge")
 
 
 @pytest.mark.parametrize(
@@ -136,9 +135,9 @@ def test_empty_caption_is_an_error(tok):
     with pytest.raises(TypeError, match="caption must be str"):
         tok.encode(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="no non-empty captions"):
-        train_bpe_tokenizer(["", "  "], TEXT_PRESETS["tiny"])
+        train_bpe_tokenizer(["", "  "], get_profile("tiny").text)
     with pytest.raises(TypeError, match="caption 1 is int"):
-        train_bpe_tokenizer(["a red star", 3], TEXT_PRESETS["tiny"])  # type: ignore[list-item]
+        train_bpe_tokenizer(["a red star", 3], get_profile("tiny").text)  # type: ignore[list-item]
 
 
 def test_vocab_size_is_respected():
@@ -150,20 +149,20 @@ def test_vocab_size_is_respected():
     bpe = ids[~small.is_pad(ids)]
     assert int(bpe.max()) < 300 and int(ids.max()) < 300 + 16
     # a corpus too small to fill the vocabulary leaves the pad ids where the config puts them
-    tiny = train_bpe_tokenizer(["a red star"] * 5, TEXT_PRESETS["tiny"])
+    tiny = train_bpe_tokenizer(["a red star"] * 5, get_profile("tiny").text)
     assert tiny.trained_vocab_size < tiny.vocab_size
     assert tiny.encode("a red star")[-1] == tiny.vocab_size + tiny.text_len - 1
 
 
 def test_training_is_deterministic(tok):
-    again = train_bpe_tokenizer(iter(CAPTIONS), TEXT_PRESETS["tiny"])
+    again = train_bpe_tokenizer(iter(CAPTIONS), get_profile("tiny").text)
     assert again.to_json() == tok.to_json()
 
 
 def test_save_load_gives_identical_ids(tok, tmp_path):
     path = tok.save(tmp_path / "sub" / "bpe.json")
     data = json.loads(path.read_text(encoding="utf-8"))
-    assert data["dalle"]["config"] == TEXT_PRESETS["tiny"].to_dict()
+    assert data["dalle"]["config"] == get_profile("tiny").text.to_dict()
     assert "model" in data  # the tokenizers JSON itself
     loaded = DalleTokenizer.load(path)
     assert loaded.config == tok.config and loaded.trained_vocab_size == tok.trained_vocab_size

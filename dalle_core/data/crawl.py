@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..profiles import DataConfig
+from .config import DataConfig
 from ..storage import Storage
 from .crawl_parts import CrawlResult, Part, commit_part, default_key_prefix, default_scratch_dir, result_from_markers
 from .fetch import MAX_BODY_BYTES, address_policy_for, fetch, make_session

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
 
-from ..profiles import DataConfig
+from .config import DataConfig
 from ..storage import LocalStorage, Storage
 from .image_decode import IMAGE_EXT, RESIZE_FILTER
 from .urllist import UrlRow

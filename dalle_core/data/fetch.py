@@ -28,7 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ..profiles import DataConfig
+from .config import DataConfig
 from .net_guard import AddressPolicy, BlockedAddressError, guarded_session
 
 MAX_BODY_BYTES = 20 * 1024 * 1024  # bodies are streamed and cut off past this

@@ -6,7 +6,7 @@ training loop with resumable checkpoints (train.py) and the converter for the
 published weights (convert.py).
 """
 
-from .config import DVAE_PRESETS, SHAPE_FIELDS, DVAEConfig, get_dvae_config
+from .config import SHAPE_FIELDS, DVAEConfig
 from .convert import convert_released_state_dict, load_released_dvae
 from .losses import code_stats, elb_loss, gumbel_softmax_relaxation, kl_to_uniform, logit_laplace_nll
 from .model import (
@@ -29,7 +29,7 @@ from .schedules import cosine_schedule, kl_weight_at, lr_at, temperature_at
 from .train import TrainResult, train_dvae
 
 __all__ = [
-    "DVAEConfig", "DVAE_PRESETS", "SHAPE_FIELDS", "get_dvae_config",
+    "DVAEConfig", "SHAPE_FIELDS",
     "Conv2d", "EncoderBlock", "DecoderBlock", "Encoder", "Decoder", "build_dvae",
     "map_pixels", "unmap_pixels", "logit_laplace_eps", "validate_images",
     "encode_to_codes", "decode_codes", "save_dvae", "load_dvae",

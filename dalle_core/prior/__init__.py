@@ -2,7 +2,8 @@
 transformer over 256 text + 1024 image tokens with row / column / convolutional
 attention masks, trained with 1/8 text + 7/8 image cross-entropy.
 
-config.py   PriorConfig, PRIOR_PRESETS (tiny / small / paper-1.3B / paper-12B), count_parameters
+config.py   PriorConfig (the model), PriorTrainingConfig (how it is trained), count_parameters;
+            the sizes are the profiles' (dalle_core.profiles)
 masks.py    the attention masks and the paper's layer pattern
 model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCache, optimizer groups,
             the model file (save_prior / load_prior, shape pinned inside)
@@ -10,13 +11,10 @@ model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCach
 
 from .config import (
     ATTENTION_KINDS,
-    PAPER_1_3B,
-    PAPER_12B,
-    PRIOR_PRESETS,
     SHAPE_FIELDS,
     PriorConfig,
+    PriorTrainingConfig,
     count_parameters,
-    get_prior_config,
 )
 from .masks import (
     attention_mask,
@@ -48,8 +46,7 @@ from .model import (
 )
 
 __all__ = [
-    "ATTENTION_KINDS", "PAPER_1_3B", "PAPER_12B", "PRIOR_PRESETS", "SHAPE_FIELDS", "PriorConfig",
-    "count_parameters", "get_prior_config",
+    "ATTENTION_KINDS", "SHAPE_FIELDS", "PriorConfig", "PriorTrainingConfig", "count_parameters",
     "attention_mask", "build_attention_mask", "column_attention_mask", "column_image_mask",
     "conv_image_mask", "convolutional_attention_mask", "format_mask", "layer_attention_kind",
     "row_attention_mask", "row_image_mask", "text_causal_mask",

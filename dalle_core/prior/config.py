@@ -1,7 +1,9 @@
 """Configuration of the transformer prior (paper section 2.2, appendices B.1 and B.2).
 
-One config object describes the model's shape and its training hyper-parameters.
-Defaults are the paper's:
+Two config objects: `PriorConfig`, the model (shape, masks, loss weights), and
+`PriorTrainingConfig`, how it is trained (optimiser, schedule, precision, run).
+The sizes of each profile are built in `dalle_core.profiles`. Defaults are the
+paper's 12B model and its training:
 
 - shape (12B): 64 layers, 62 heads x 64 = 3968 wide, MLP 4x; one stream of 256
   text tokens (BPE vocab 16384, plus a distinct padding token for each of the
@@ -15,7 +17,7 @@ Defaults are the paper's:
   0.99 (the paper updates it every 25 updates); batch 1024 for 430k updates;
 - precision: fp16 with per-resblock gradient scaling (dalle_core.precision).
 
-A config is pinned inside every checkpoint as a plain dict (`to_dict`) and read
+The model config is pinned inside every checkpoint as a plain dict (`to_dict`) and read
 back with `from_dict`, so a checkpoint loads with the shape it was trained with
 even if these defaults change later.
 """
@@ -35,6 +37,9 @@ ATTENTION_KINDS = ("row", "column", "conv")
 
 @dataclass(frozen=True)
 class PriorConfig:
+    """The prior's model: shape, attention pattern, initialisation and loss weights
+    (what `DalleTransformer` needs; pinned inside every checkpoint)."""
+
     # --- shape ---------------------------------------------------------------
     n_layer: int = 64
     n_head: int = 62
@@ -44,6 +49,8 @@ class PriorConfig:
     # BPE vocabulary *without* the padding tokens; the text embedding has
     # text_vocab_size + text_len rows: padding at position p is token
     # text_vocab_size + p (the tokenizer maps pads that way).
+    # In a profile these four are derived (dalle_core.profiles): the text sizes from
+    # the tokenizer's TextConfig, the grid and image vocabulary from the DVAEConfig.
     text_vocab_size: int = 16384
     text_len: int = 256
     image_vocab_size: int = 8192
@@ -55,14 +62,103 @@ class PriorConfig:
     attention_kinds: tuple[str, ...] | None = None
     dropout: float = 0.0
     init_std: float = 0.02
-    # BPE dropout of the training captions (paper: 10%), applied when a batch is
-    # made (dalle_core.prior.data.code_batches), seeded per step and position;
-    # evaluation and sampling never use it.
-    bpe_dropout: float = 0.1
 
     # --- loss ------------------------------------------------------------------
     text_loss_weight: float = 1 / 8
     image_loss_weight: float = 7 / 8
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_head", "mlp_ratio", "text_vocab_size", "text_len",
+                     "image_vocab_size", "image_grid", "conv_kernel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.conv_kernel % 2 != 1:
+            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_kinds is not None:
+            kinds = tuple(self.attention_kinds)
+            if len(kinds) != self.n_layer:
+                raise ValueError(f"attention_kinds has {len(kinds)} entries for {self.n_layer} layers")
+            bad = [k for k in kinds if k not in ATTENTION_KINDS]
+            if bad:
+                raise ValueError(f"unknown attention kinds {bad}: choose from {ATTENTION_KINDS}")
+            object.__setattr__(self, "attention_kinds", kinds)
+        if self.text_loss_weight < 0 or self.image_loss_weight < 0:
+            raise ValueError("loss weights must be >= 0")
+
+    # --- derived sizes ---------------------------------------------------------------
+    @property
+    def n_embd(self) -> int:
+        return self.n_head * self.d_head
+
+    @property
+    def image_len(self) -> int:
+        return self.image_grid**2
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the one stream the transformer sees: text_len + image_len."""
+        return self.text_len + self.image_len
+
+    @property
+    def text_embedding_size(self) -> int:
+        """Rows of the text embedding (and classes of the text logits): the BPE
+        vocabulary plus one padding token per text position."""
+        return self.text_vocab_size + self.text_len
+
+    @property
+    def n_resblocks(self) -> int:
+        """Two resblocks (attention, MLP) per layer: 128 for the 12B model."""
+        return 2 * self.n_layer
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        from .masks import layer_attention_kind
+
+        if self.attention_kinds is not None:
+            return tuple(self.attention_kinds)
+        return tuple(layer_attention_kind(i, self.n_layer) for i in range(self.n_layer))
+
+    # --- serialisation -------------------------------------------------------------
+    def shape_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SHAPE_FIELDS}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if self.attention_kinds is not None:
+            d["attention_kinds"] = list(self.attention_kinds)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PriorConfig":
+        """Build a config from `to_dict` output. Keys this version does not know
+        are ignored (checkpoints written before the training settings moved to
+        `PriorTrainingConfig` carry them too); keys it lacks take today's
+        defaults, except the shape fields, which must all be present (they
+        define the parameter layout)."""
+        missing = [k for k in SHAPE_FIELDS if k not in d]
+        if missing:
+            raise ValueError(f"prior config is missing shape fields {missing}")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if kw.get("attention_kinds") is not None:
+            kw["attention_kinds"] = tuple(kw["attention_kinds"])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> "PriorConfig":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class PriorTrainingConfig:
+    """How the prior is trained: optimiser, learning-rate schedule, EMA, precision,
+    PowerSGD variant, BPE dropout of the captions and the run's length (what
+    `dalle_core.prior.train.train_prior` needs next to the model's `PriorConfig`)."""
+
+    # BPE dropout of the training captions (paper: 10%), applied when a batch is
+    # made (dalle_core.prior.data.code_batches), seeded per step and position;
+    # evaluation and sampling never use it. In a profile: the tokenizer's TextConfig.bpe_dropout.
+    bpe_dropout: float = 0.1
 
     # --- optimiser: AdamW --------------------------------------------------------
     lr: float = 4.5e-4
@@ -106,93 +202,33 @@ class PriorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_layer", "n_head", "d_head", "mlp_ratio", "text_vocab_size", "text_len",
-                     "image_vocab_size", "image_grid", "conv_kernel", "batch_size",
-                     "total_steps", "ema_every", "log_every", "checkpoint_every"):
+        for name in ("batch_size", "total_steps", "ema_every", "log_every", "checkpoint_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"PriorConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.conv_kernel % 2 != 1:
-            raise ValueError(f"conv_kernel must be odd, got {self.conv_kernel}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+                raise ValueError(f"PriorTrainingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
         if self.amp_dtype not in ("fp16", "bf16", "fp32"):
             raise ValueError(f"amp_dtype must be 'fp16', 'bf16' or 'fp32', got {self.amp_dtype!r}")
-        if self.attention_kinds is not None:
-            kinds = tuple(self.attention_kinds)
-            if len(kinds) != self.n_layer:
-                raise ValueError(f"attention_kinds has {len(kinds)} entries for {self.n_layer} layers")
-            bad = [k for k in kinds if k not in ATTENTION_KINDS]
-            if bad:
-                raise ValueError(f"unknown attention kinds {bad}: choose from {ATTENTION_KINDS}")
-            object.__setattr__(self, "attention_kinds", kinds)
         if self.powersgd_variant not in ("paper", "torch"):
             raise ValueError(f"powersgd_variant must be 'paper' or 'torch', got {self.powersgd_variant!r}")
-        if self.text_loss_weight < 0 or self.image_loss_weight < 0:
-            raise ValueError("loss weights must be >= 0")
         object.__setattr__(self, "betas", tuple(self.betas))
-
-    # --- derived sizes ---------------------------------------------------------------
-    @property
-    def n_embd(self) -> int:
-        return self.n_head * self.d_head
-
-    @property
-    def image_len(self) -> int:
-        return self.image_grid**2
-
-    @property
-    def seq_len(self) -> int:
-        """Length of the one stream the transformer sees: text_len + image_len."""
-        return self.text_len + self.image_len
-
-    @property
-    def text_embedding_size(self) -> int:
-        """Rows of the text embedding (and classes of the text logits): the BPE
-        vocabulary plus one padding token per text position."""
-        return self.text_vocab_size + self.text_len
-
-    @property
-    def n_resblocks(self) -> int:
-        """Two resblocks (attention, MLP) per layer: 128 for the 12B model."""
-        return 2 * self.n_layer
-
-    def layer_kinds(self) -> tuple[str, ...]:
-        from .masks import layer_attention_kind
-
-        if self.attention_kinds is not None:
-            return tuple(self.attention_kinds)
-        return tuple(layer_attention_kind(i, self.n_layer) for i in range(self.n_layer))
-
-    # --- serialisation -------------------------------------------------------------
-    def shape_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in SHAPE_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
-        if self.attention_kinds is not None:
-            d["attention_kinds"] = list(self.attention_kinds)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PriorConfig":
-        """Build a config from `to_dict` output. Keys this version does not know
-        are ignored; keys it lacks take today's defaults, except the shape
-        fields, which must all be present (they define the parameter layout)."""
-        missing = [k for k in SHAPE_FIELDS if k not in d]
-        if missing:
-            raise ValueError(f"prior config is missing shape fields {missing}")
+    def from_dict(cls, d: dict[str, Any]) -> "PriorTrainingConfig":
+        """From `to_dict` output (or an old flat PriorConfig dict): unknown keys
+        are ignored, missing ones take today's defaults."""
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
         if "betas" in kw:
             kw["betas"] = tuple(kw["betas"])
-        if kw.get("attention_kinds") is not None:
-            kw["attention_kinds"] = tuple(kw["attention_kinds"])
         return cls(**kw)
 
-    def replace(self, **changes: Any) -> "PriorConfig":
+    def replace(self, **changes: Any) -> "PriorTrainingConfig":
         return replace(self, **changes)
 
 
@@ -212,50 +248,3 @@ def count_parameters(config: PriorConfig) -> int:
     mlp = 2 * d + r * d * d + r * d * b + r * d * d + d * b
     heads = d * (config.text_vocab_size + L) + d * config.image_vocab_size
     return emb + config.n_layer * (attn + mlp) + 2 * d + heads
-
-
-PAPER_12B = PriorConfig()
-
-# `paper-1.3B` is a smaller prior of the paper's design, for runs on a few
-# nodes; the paper gives no shape for such a model. We keep the 12B model's streams and vocabularies (256 text
-# + 1024 image positions, 16384 + 256 pads, 8192 codes) and take a GPT-3-XL-like
-# shape: 24 layers, 16 heads x 128 = 2048 wide, 4x MLP. Each layer has
-# 12 d^2 = 50.3M parameters (1.208B for 24 layers); embeddings and the two heads
-# over the 16640 + 8192 classes add about 0.10B: 1.31B in total
-# (count_parameters), the closest "round" shape to 1.3B with head size 128.
-PAPER_1_3B = PAPER_12B.replace(n_layer=24, n_head=16, d_head=128)
-
-PRIOR_PRESETS: dict[str, PriorConfig] = {
-    # 16 text + 8x8 image tokens, 4 layers x 64 wide: trains in seconds on a CPU (tests).
-    # (A 5x5 convolutional kernel: 11x11 would cover most of the 8x8 grid.)
-    "tiny": PriorConfig(
-        n_layer=4, n_head=4, d_head=16, text_vocab_size=512, text_len=16,
-        image_vocab_size=128, image_grid=8, conv_kernel=5,
-        lr=1e-3, warmup_steps=10, ema_decay=0.9, ema_every=1, amp_dtype="fp32",
-        batch_size=8, total_steps=60, log_every=10, checkpoint_every=20,
-        lr_plateau_window=10, lr_plateau_patience=2, lr_plateau_min_gap=20,
-    ),
-    # 32 text + 16x16 image tokens, 4 layers x 128 wide (~1.1M parameters): the
-    # laptop demo, sized so its training fits the demo's 10-minute budget on 2
-    # CPU cores (~23k tokens/s: 0.2 s a step at batch 16). Four layers still
-    # exercise the pattern: row, column, row, conv. 200 steps x 8 learned the
-    # code statistics but hardly the caption; 1000 x 16 (~7 epochs of the demo's
-    # shards; the demo runs 900) draws the captioned colours in most samples.
-    "small": PriorConfig(
-        n_layer=4, n_head=4, d_head=32, text_vocab_size=1024, text_len=32,
-        image_vocab_size=512, image_grid=16, conv_kernel=7,
-        lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
-        batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
-        # the detector checks only in the last ~250 updates and needs a flat, confident fit
-        lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200,
-    ),
-    "paper-1.3B": PAPER_1_3B,
-    "paper-12B": PAPER_12B,
-}
-
-
-def get_prior_config(name: str) -> PriorConfig:
-    try:
-        return PRIOR_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown prior preset {name!r}: choose one of {', '.join(PRIOR_PRESETS)}") from None

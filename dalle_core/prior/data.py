@@ -154,7 +154,7 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
     ``(text LongTensor[B / world_size, L], image LongTensor[B / world_size, N])``,
     starting at global batch `start_step`. `counts`: samples per shard (from
     the manifest; counted from the tars when None). `tokenizer` (a
-    `DalleTokenizer`) and `bpe_dropout` (`PriorConfig.bpe_dropout`): encode the
+    `DalleTokenizer`) and `bpe_dropout` (`PriorTrainingConfig.bpe_dropout`): encode the
     stored captions again with seeded BPE dropout (module docstring)."""
     if not 0.0 <= float(bpe_dropout) < 1.0:
         raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout!r}")
@@ -324,7 +324,9 @@ def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3,
                                    codes=codes.astype(np.int16), meta={"template": t, "id": k}))
             k += 1
         infos.append(write_code_shard(pairs, storage, f"{prefix.strip('/')}/shard-{s:05d}.tar"))
-    return save_code_manifest(storage, prefix, infos, {"synthetic": True, "n_templates": n_templates})
+    # the sizes a real code manifest records (assets/dvae.py), so launchers check them the same way
+    sizes = {"grid": g, "image_vocab": config.image_vocab_size, "text_len": L, "text_vocab": V + L}
+    return save_code_manifest(storage, prefix, infos, {"synthetic": True, "n_templates": n_templates, **sizes})
 
 
 __all__ = ["code_batches", "code_shards", "dropout_rng", "prior_tokenizer", "write_synthetic_code_shards"]

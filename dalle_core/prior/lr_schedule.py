@@ -30,7 +30,7 @@ tests/test_lr_schedule.py). What stays comparable along the run is the gain per
 
 With `lookback=0, patience=1, min_gap=0, noise_z=0` (the class's defaults) this
 reduces to the old bare rule: compare consecutive blocks, decay when the loss
-did not improve by `threshold`. `PriorConfig` carries the paper-scale values
+did not improve by `threshold`. `PriorTrainingConfig` carries the paper-scale values
 (`lr_plateau_*`; `WarmupThenHalveOnPlateau.from_config`).
 
 The operator
@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from dalle_core.storage import Storage
 
-    from .config import PriorConfig
+    from .config import PriorTrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class WarmupThenHalveOnPlateau:
         self.decisions: list[dict[str, Any]] = []
 
     @classmethod
-    def from_config(cls, config: PriorConfig, window: int | None = None) -> WarmupThenHalveOnPlateau:
+    def from_config(cls, config: PriorTrainingConfig, window: int | None = None) -> WarmupThenHalveOnPlateau:
         return cls(config.lr, config.warmup_steps, config.lr_plateau_factor, config.lr_max_decays,
                    window=window or config.lr_plateau_window, threshold=config.lr_plateau_threshold,
                    lookback=config.lr_plateau_lookback, patience=config.lr_plateau_patience,

@@ -59,7 +59,7 @@ from dalle_core.distributed.checkpoint import canonical_key
 from dalle_core.distributed.mesh import get_rank
 from dalle_core.io import atomic_torch_save, load_torch_file
 
-from .config import PriorConfig, count_parameters
+from .config import PriorConfig, PriorTrainingConfig, count_parameters
 from .masks import build_attention_mask
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
@@ -374,7 +374,7 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: PriorConfig, fused: bool | None = None) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, config: PriorTrainingConfig, fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW with the config's (the paper's) hyper-parameters."""
     kw = {} if fused is None else {"fused": fused}
     return torch.optim.AdamW(optimizer_param_groups(model, config.weight_decay), lr=config.lr,

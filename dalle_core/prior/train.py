@@ -1,6 +1,7 @@
 """Training the transformer prior (paper section 2.2, 2.4, 2.5; appendices B, D).
 
-`train_prior` is one loop for every size: a single process on a laptop CPU, or
+`train_prior(config, training, ...)` (the model's `PriorConfig` and its
+`PriorTrainingConfig`, both from the profile) is one loop for every size: a single process on a laptop CPU, or
 torchrun over machines x GPUs with the parameters sharded inside a machine and
 PowerSGD across machines (`parallel=ParallelConfig(...)`, dalle_core.distributed).
 
@@ -18,7 +19,7 @@ What each step does
                          GPUs; CPU fp16 autocast works but is slow.
 - AdamW with the paper's hyper-parameters (betas 0.9 / 0.96, eps 1e-8, weight
   decay 4.5e-2 on the weight matrices only: `build_optimizer`);
-- learning rate: linear warm-up to `config.lr` over `config.warmup_steps`, then
+- learning rate: linear warm-up to `training.lr` over `training.warmup_steps`, then
   constant, halved (x `lr_plateau_factor`) each time the training loss
   plateaus, at most `lr_max_decays` times (the paper: 5 over 430k updates). The
   plateau detector (`dalle_core.prior.lr_schedule`, thresholds `lr_plateau_*`)
@@ -26,8 +27,8 @@ What each step does
   are not a plateau; an operator can force or hold a decay on the running job
   (`dalle lr decay|hold|release --run-dir DIR` writes DIR/lr_control.json, read
   at each log interval); each decision is an ``lr_schedule`` event and is kept
-  in the checkpoints. The tiny/small presets (tests, demo) see no decay;
-- gradient norm clipped at `config.grad_clip` (4) during warm-up, as in the paper;
+  in the checkpoints. The tiny/small profiles (tests, demo) see no decay;
+- gradient norm clipped at `training.grad_clip` (4) during warm-up, as in the paper;
 - EMA of the weights (decay `ema_decay` every `ema_every` updates);
 - logs (rank 0 only, through `on_log`): loss total / text / image (the mean over
   all ranks), lr, grad norm, tokens/s, gradient-scale statistics, cross-machine
@@ -46,8 +47,12 @@ inside, weights and EMA weights); `model.load_prior` reads it back into a
 Launch (one machine, 4 processes as 2 "machines" x 2 "GPUs" on CPU):
 
     torchrun --standalone --nproc-per-node 4 -m dalle_core.prior.train \\
-        --profile tiny --codes DIR --out DIR --nodes 2 --gpus-per-node 2 \\
+        --profile-json RUN/profile.json --codes DIR --out DIR --nodes 2 --gpus-per-node 2 \\
         --powersgd-rank 4 --steps 50
+
+`--profile-json` is the resolved profile every launcher writes with
+`dalle_core.profiles.write_resolved_profile` (`dalle resolve-profile`);
+`--profile NAME` resolves the named profile against the codes' manifest the same way.
 """
 
 from __future__ import annotations
@@ -82,7 +87,7 @@ from dalle_core.distributed.mesh import (
 from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
-from .config import SHAPE_FIELDS, PriorConfig, get_prior_config
+from .config import SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .model import DalleTransformer, build_optimizer, save_prior
 
@@ -91,7 +96,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16-per-resblock", "bf16")
 
 
-def resolve_precision(precision: str | None, config: PriorConfig) -> str:
+def resolve_precision(precision: str | None, config: PriorTrainingConfig) -> str:
     if precision is None:
         precision = {"fp16": "fp16-per-resblock", "bf16": "bf16", "fp32": "fp32"}[config.amp_dtype]
     if precision == "fp16":
@@ -194,6 +199,7 @@ def _set_rng_state(s: dict[str, Any], device: torch.device) -> None:
 
 def train_prior(
     config: PriorConfig,
+    training: PriorTrainingConfig,
     batches_fn: Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]],
     checkpoint_dir: str | Path,
     on_log: Callable[[dict], None] | None = None,
@@ -225,11 +231,11 @@ def train_prior(
     its checkpoint). Collective under `parallel`: every rank calls it.
     """
     t_start = time.time()
-    precision = resolve_precision(precision, config)
-    total = int(total_steps if total_steps is not None else config.total_steps)
-    log_every = int(log_every or config.log_every)
-    checkpoint_every = int(checkpoint_every or config.checkpoint_every)
-    seed = config.seed if seed is None else int(seed)
+    precision = resolve_precision(precision, training)
+    total = int(total_steps if total_steps is not None else training.total_steps)
+    log_every = int(log_every or training.log_every)
+    checkpoint_every = int(checkpoint_every or training.checkpoint_every)
+    seed = training.seed if seed is None else int(seed)
     checkpoint_dir = Path(checkpoint_dir)
     device = torch.device(device)
 
@@ -249,19 +255,19 @@ def train_prior(
     torch.manual_seed(seed)
     model = DalleTransformer(config).to(device)
     scaler = None
-    if precision == "fp16-per-resblock" and config.per_resblock_grad_scaling:
+    if precision == "fp16-per-resblock" and training.per_resblock_grad_scaling:
         # M = data-parallel replicas (machines of the mesh), not the world size;
         # the scaler multiplies by s / M since each rank's loss is a local mean
         # and every reduction averages (see dalle_core.precision.grad_scaling).
         scaler = PerResblockGradScaler(list(model.resblocks()), n_data_parallel=data_parallel_replicas(mesh))
         apply_per_resblock_grad_scaling(model, scaler)
     setup: ParallelSetup = parallelize_prior(model, mesh, parallel or ParallelConfig(), grad_scaler=scaler,
-                                             powersgd_variant=config.powersgd_variant)
+                                             powersgd_variant=training.powersgd_variant)
     reducer = setup.reducer
-    optimizer = build_optimizer(model, config)
+    optimizer = build_optimizer(model, training)
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = EMA(model, config.ema_decay, config.ema_every)
-    schedule = LRSchedule.from_config(config, window=plateau_window)
+    ema = EMA(model, training.ema_decay, training.ema_every)
+    schedule = LRSchedule.from_config(training, window=plateau_window)
     # the operator's control file (default CHECKPOINT_DIR/lr_control.json; False: none), read on rank 0
     control_path = None if lr_control is False else Path(lr_control or checkpoint_dir / CONTROL_FILE)
     control_storage = None
@@ -313,7 +319,7 @@ def train_prior(
     def checkpoint(step: int) -> None:
         nonlocal last_ckpt
         rank_state = {"rng": _rng_state(device), "reducer": reducer.state_dict() if reducer else None}
-        meta = {"config": config.to_dict(), "precision": precision, "schedule": schedule.state_dict(),
+        meta = {"config": config.to_dict(), "training": training.to_dict(), "precision": precision, "schedule": schedule.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "data": {"next_batch": step, "seed": seed},
                 "parallel": parallel.to_dict() if parallel is not None else None}
@@ -347,8 +353,8 @@ def train_prior(
                 reducer.end_step()
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            clipping = config.grad_clip > 0 and (step < config.warmup_steps or clip_after_warmup)
-            clip = config.grad_clip if clipping else None
+            clipping = training.grad_clip > 0 and (step < training.warmup_steps or clip_after_warmup)
+            clip = training.grad_clip if clipping else None
             grad_norm = clip_grad_norm(params, clip)
             if scaler is not None:
                 scaler.step(optimizer)
@@ -435,9 +441,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m dalle_core.prior.train",
                                  description="Train the DALL-E prior on image-code shards "
                                              "(single process, or under torchrun).")
-    ap.add_argument("--profile", default="tiny", help="prior preset: tiny, small, paper-1.3B, paper-12B")
-    ap.add_argument("--config-json", default=None,
-                    help="a PriorConfig as JSON (e.g. the preset resized to the data's vocabularies); overrides --profile")
+    which = ap.add_mutually_exclusive_group(required=True)
+    which.add_argument("--profile-json", default=None,
+                       help="the resolved profile every launcher writes (dalle_core.profiles.write_resolved_profile, "
+                            "`dalle resolve-profile`); checked against the codes' manifest")
+    which.add_argument("--profile", default=None,
+                       help="a profile name (tiny, small, paper-1.3B, paper-12B), resolved against the codes' manifest")
     ap.add_argument("--codes", required=True, help="directory with the image-code manifest.json and shards "
                                                    "(or a storage root holding image_codes/)")
     ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks)")
@@ -479,16 +488,19 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
     """The torchrun entry point; `extra_on_log` (rank 0) lets a caller forward metrics elsewhere."""
     from .data import code_batches, code_shards, prior_tokenizer
 
+    from dalle_core.data.shards import Manifest
+    from dalle_core.profiles import check_profile_against_codes, get_profile, load_resolved_profile
+
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.config_json:
-        config = PriorConfig.from_dict(json.loads(Path(args.config_json).read_text()))
-    else:
-        config = get_prior_config(args.profile)
+    storage, prefix = _codes_location(args.codes)
+    profile = load_resolved_profile(args.profile_json) if args.profile_json else get_profile(args.profile)
+    check_profile_against_codes(profile, Manifest.load(storage, prefix), storage.uri(f"{prefix}/manifest.json"))
+    config, training = profile.prior, profile.prior_training
     changes = {k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr,
                                  "warmup_steps": args.warmup_steps}.items() if v is not None}
     if changes:
-        config = config.replace(**changes)
+        training = training.replace(**changes)
 
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = None
@@ -502,7 +514,7 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
                                   powersgd_variant=args.powersgd_variant,
                                   powersgd_orthogonalization=args.powersgd_orthogonalization,
                                   powersgd_min_compression_rate=args.powersgd_min_compression_rate,
-                                  powersgd_seed=args.seed if args.seed is not None else config.seed)
+                                  powersgd_seed=args.seed if args.seed is not None else training.seed)
         if parallel.world_size != env_world:
             raise SystemExit(f"--nodes {nodes} x --gpus-per-node {gpus} = {parallel.world_size} ranks, "
                              f"but torchrun started {env_world}")
@@ -513,16 +525,15 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
         init_distributed()
     rank, world = get_rank(), get_world_size()
 
-    storage, prefix = _codes_location(args.codes)
     paths, counts = code_shards(storage, prefix)
     tokenizer = (prior_tokenizer(storage, prefix, config.text_len, config.text_vocab_size, args.tokenizer)
-                 if config.bpe_dropout > 0 else None)
-    seed = config.seed if args.seed is None else args.seed
+                 if training.bpe_dropout > 0 else None)
+    seed = training.seed if args.seed is None else args.seed
 
     def batches_fn(start: int):
-        return code_batches(paths, config.batch_size, seed, start_step=start, rank=rank, world_size=world,
+        return code_batches(paths, training.batch_size, seed, start_step=start, rank=rank, world_size=world,
                             split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts,
-                            tokenizer=tokenizer, bpe_dropout=config.bpe_dropout if tokenizer is not None else 0.0)
+                            tokenizer=tokenizer, bpe_dropout=training.bpe_dropout if tokenizer is not None else 0.0)
 
     out = Path(args.out)
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
@@ -550,7 +561,7 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
             os._exit(17)  # a hard kill of this rank: no cleanup, no destroy_process_group
 
     try:
-        train_prior(config, batches_fn, out, on_log=on_log, device=device, precision=args.precision,
+        train_prior(config, training, batches_fn, out, on_log=on_log, device=device, precision=args.precision,
                     total_steps=args.steps, parallel=parallel, log_every=args.log_every,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                     resume=not args.no_resume, after_step=after_step, seed=seed)

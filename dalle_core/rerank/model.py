@@ -135,32 +135,6 @@ class RerankerConfig:
         return replace(self, **changes)
 
 
-RERANKER_PRESETS: dict[str, RerankerConfig] = {
-    # 32x32 images, the tiny text config (512 BPE ids, 16 positions): ~0.2M parameters, trains in seconds.
-    "tiny": RerankerConfig(total_steps=60, checkpoint_every=20),
-    # 64x64 images (the small profile), 1024 BPE ids, 32 positions.
-    # Sized so the demo trains it in about a minute and a half on 2 CPU cores.
-    "small": RerankerConfig(image_size=64, image_stem=16, image_widths=(32, 64, 64, 128),
-                            text_vocab_size=1024, text_len=32, text_width=96, text_layers=2,
-                            text_heads=4, embed_dim=96, batch_size=64, total_steps=300, log_every=25,
-                            checkpoint_every=100, lr=2e-3, warmup_steps=20),
-    # The paper-scale profiles: CLIP-like shapes over 256x256 images and the
-    # 16384 + 256 text ids (a stand-in for the pretrained CLIP the paper used).
-    "paper-1.3B": RerankerConfig(image_size=256, image_stem=64, image_widths=(64, 128, 256, 512, 512, 512),
-                                 text_vocab_size=16384, text_len=256, text_width=512, text_layers=8,
-                                 text_heads=8, embed_dim=512, batch_size=4096, total_steps=100_000,
-                                 lr=5e-4, warmup_steps=2000, log_every=100, checkpoint_every=2000),
-}
-RERANKER_PRESETS["paper-12B"] = RERANKER_PRESETS["paper-1.3B"]
-
-
-def get_reranker_config(name: str) -> RerankerConfig:
-    try:
-        return RERANKER_PRESETS[name]
-    except KeyError:
-        raise ValueError(f"unknown reranker preset {name!r}: choose one of {', '.join(RERANKER_PRESETS)}") from None
-
-
 def _groups(channels: int) -> int:
     for g in (8, 4, 2, 1):
         if channels % g == 0:
@@ -458,6 +432,6 @@ def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Contr
 
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "RERANKER_FORMAT", "RERANKER_PRESETS", "ContrastiveReranker", "ImageEncoder", "RerankerConfig",
-    "TextEncoder", "get_reranker_config", "load_reranker", "read_reranker_file", "save_reranker",
+    "CHECKPOINT_FORMAT", "RERANKER_FORMAT", "ContrastiveReranker", "ImageEncoder", "RerankerConfig",
+    "TextEncoder", "load_reranker", "read_reranker_file", "save_reranker",
 ]

@@ -4,12 +4,10 @@ from dalle_core.text.bpe import (
     BYTE_ALPHABET_SIZE,
     FORMAT_NAME,
     FORMAT_VERSION,
-    TEXT_PRESETS,
     UNK_TOKEN,
     DalleTokenizer,
     TextConfig,
     TextEncoding,
-    text_config,
     train_bpe_tokenizer,
 )
 
@@ -17,11 +15,9 @@ __all__ = [
     "BYTE_ALPHABET_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "TEXT_PRESETS",
     "UNK_TOKEN",
     "DalleTokenizer",
     "TextConfig",
     "TextEncoding",
-    "text_config",
     "train_bpe_tokenizer",
 ]

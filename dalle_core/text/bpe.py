@@ -41,7 +41,7 @@ merges, which gives the same segmentation for the same generator state, so a
 resumed training run sees the same text tokens. With no dropout both paths
 produce exactly the ids of the ``tokenizers`` encoder (tested). ``rate``
 overrides ``config.bpe_dropout`` for one call (the prior's data path passes
-``PriorConfig.bpe_dropout``). Dropout happens only when asked for
+``PriorTrainingConfig.bpe_dropout``). Dropout happens only when asked for
 (``dropout=True``): evaluation, sampling and `dalle generate` call the plain
 encoders, which never vary.
 
@@ -77,12 +77,10 @@ __all__ = [
     "BYTE_ALPHABET_SIZE",
     "FORMAT_NAME",
     "FORMAT_VERSION",
-    "TEXT_PRESETS",
     "UNK_TOKEN",
     "DalleTokenizer",
     "TextConfig",
     "TextEncoding",
-    "text_config",
     "train_bpe_tokenizer",
 ]
 
@@ -140,22 +138,6 @@ class TextConfig:
         if unknown:
             raise ValueError(f"unknown TextConfig fields: {unknown}")
         return cls(**data)
-
-
-TEXT_PRESETS: dict[str, TextConfig] = {
-    "tiny": TextConfig(vocab_size=512, text_len=16),
-    "small": TextConfig(vocab_size=1024, text_len=32),
-    "paper-1.3B": TextConfig(vocab_size=16384, text_len=256),
-    "paper-12B": TextConfig(vocab_size=16384, text_len=256),
-}
-
-
-def text_config(name: str) -> TextConfig:
-    """The preset ``TextConfig`` of a profile name."""
-    try:
-        return TEXT_PRESETS[name]
-    except KeyError:
-        raise KeyError(f"no text preset named {name!r}; known: {sorted(TEXT_PRESETS)}") from None
 
 
 @dataclass(frozen=True)

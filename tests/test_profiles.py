@@ -1,0 +1,223 @@
+"""The profile tree (dalle_core.profiles): one builder per size, the values that must
+agree derived from one source, the sizes unchanged by the redesign (issue 14), and the
+one launch path of the prior (`write_resolved_profile` -> the trainer's --profile-json)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from assets.dvae import config_digest
+from dalle_core.data.config import DataConfig
+from dalle_core.profiles import (
+    PROFILE_BUILDERS,
+    Profile,
+    ProfileError,
+    ProfileMismatchError,
+    UnknownProfileError,
+    build_profile,
+    check_profile_against_codes,
+    code_sizes,
+    get_profile,
+    load_resolved_profile,
+    profile_builder,
+    profile_names,
+    read_code_manifest,
+    write_resolved_profile,
+)
+from dalle_core.text.bpe import TextConfig
+
+# Every stage's values of every profile, taken from the five preset tables (profiles.py,
+# text/bpe.py, dvae/config.py, prior/config.py, rerank/model.py) before they were merged
+# into one tree; "prior" is the old flat PriorConfig (shape and training settings).
+BEFORE = json.loads((Path(__file__).parent / "data" / "profiles_before_issue14.json").read_text())
+# The one value that changes: the tiny prior was written with 128 image codes against the
+# tiny dVAE's 64 (the prior asset resized it to the codes; now the profile derives it).
+CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64)}
+
+
+def _json(d):
+    return json.loads(json.dumps(d))
+
+
+def test_the_profiles():
+    assert profile_names() == ["tiny", "small", "paper-1.3B", "paper-12B"]
+    assert sorted(profile_names()) == sorted(BEFORE)
+
+
+@pytest.mark.parametrize("name", list(BEFORE))
+def test_values_are_the_old_tables(name):
+    p, old = get_profile(name), BEFORE[name]
+    for stage in ("data", "text", "dvae", "reranker"):
+        assert _json(getattr(p, stage).to_dict()) == old[stage], stage
+    flat = _json({**p.prior.to_dict(), **p.prior_training.to_dict()})
+    assert set(flat) == set(old["prior"])  # the split lost and added nothing
+    for key, was in old["prior"].items():
+        assert flat[key] == CHANGED.get((name, "prior", key), (was, was))[1], key
+    for (n, stage, key), (was, now) in CHANGED.items():
+        if n == name:
+            assert old[stage][key] == was and flat[key] == now
+
+
+@pytest.mark.parametrize("name", list(BEFORE))
+def test_stages_agree_by_construction(name):
+    p = get_profile(name)
+    assert (p.prior.image_vocab_size, p.prior.image_grid) == (p.dvae.vocab_size, p.dvae.grid_size)
+    assert (p.prior.text_vocab_size, p.prior.text_len) == (p.text.vocab_size, p.text.text_len)
+    assert p.prior.text_embedding_size == p.text.total_vocab_size
+    assert p.dvae.image_size == p.reranker.image_size == p.data.image_size
+    assert (p.reranker.text_vocab_size, p.reranker.text_len) == (p.text.vocab_size, p.text.text_len)
+    assert p.prior_training.bpe_dropout == p.text.bpe_dropout
+    assert code_sizes(p) == {"grid": p.dvae.grid_size, "image_vocab": p.dvae.vocab_size,
+                             "text_len": p.text.text_len, "text_vocab": p.text.total_vocab_size}
+    assert Profile.from_dict(_json(p.to_dict())) == p
+
+
+def test_the_paper_shapes():
+    p12, p13 = get_profile("paper-12B"), get_profile("paper-1.3B")
+    assert (p12.prior.n_layer, p12.prior.n_embd, p12.prior.n_head) == (64, 3968, 62)
+    assert (p12.prior.text_len, p12.prior.text_embedding_size, p12.prior.image_vocab_size, p12.prior.seq_len) == \
+        (256, 16384 + 256, 8192, 256 + 1024)
+    assert (p13.prior.n_layer, p13.prior.n_embd) == (24, 2048)
+    assert replace(p13, name="x", prior=p12.prior) == replace(p12, name="x")  # only the prior's shape differs
+
+
+def test_the_prior_asset_run_digest_is_unchanged():
+    """The prior asset names its run folder after the model + training settings: the flat
+    dict of the split configs hashes as the old PriorConfig did (values from before)."""
+    def digest(p):
+        cfg = {**p.prior.to_dict(), **p.prior_training.to_dict()}
+        return config_digest({"model": cfg, "steps": None, "world": 1, "powersgd_rank": None, "codes": "abc"})
+
+    assert digest(get_profile("tiny")) == "85f867d6cc68"  # the old tiny prior sized to its codes
+    assert digest(get_profile("small")) == "9ded11ada0c0"
+
+
+def test_unknown_profile_is_one_error_listing_the_choices():
+    with pytest.raises(UnknownProfileError, match="unknown profile 'huge': choose one of tiny, small, "
+                                                  "paper-1.3B, paper-12B"):
+        get_profile("huge")
+
+
+def _medium() -> Profile:
+    small = get_profile("small")
+    return build_profile("medium", data=small.data.replace(image_size=128),
+                         text=TextConfig(vocab_size=2048, text_len=64),
+                         dvae=dict(group_count=4, n_hid=64, n_blk_per_group=1, vocab_size=1024),
+                         prior=dict(n_layer=8, n_head=8, d_head=32, conv_kernel=9),
+                         prior_training=dict(batch_size=32, total_steps=5000, amp_dtype="bf16"),
+                         reranker=dict(image_widths=(32, 64, 64, 128)))
+
+
+def test_adding_a_profile_is_one_builder_entry(monkeypatch):
+    monkeypatch.setattr("dalle_core.profiles.PROFILE_BUILDERS", dict(PROFILE_BUILDERS))
+    profile_builder("medium")(_medium)
+    assert profile_names()[-1] == "medium"
+    m = get_profile("medium")
+    # the derived values follow the sources: 128 px / 2^3 = 16x16 grid of 1024 codes, 64 x 2048 text
+    assert (m.dvae.image_size, m.prior.image_grid, m.prior.image_vocab_size) == (128, 16, 1024)
+    assert (m.prior.text_len, m.prior.text_vocab_size, m.reranker.text_len, m.reranker.image_size) == \
+        (64, 2048, 64, 128)
+    with pytest.raises(ProfileError, match="defined twice"):
+        profile_builder("medium")(_medium)
+
+
+def test_a_builder_may_not_set_a_derived_value():
+    tiny = get_profile("tiny")
+    with pytest.raises(ProfileError, match=r"prior\.image_vocab_size is derived \(from dvae\.vocab_size\)"):
+        build_profile("x", data=tiny.data, text=tiny.text, dvae=tiny.dvae,
+                      prior=dict(n_layer=2, image_vocab_size=128))
+    with pytest.raises(ProfileError, match=r"dvae\.image_size is derived \(from data\.image_size\)"):
+        build_profile("x", data=tiny.data, text=tiny.text, dvae=dict(image_size=64), prior={})
+
+
+def test_a_tree_whose_stages_disagree_is_refused():
+    tiny = get_profile("tiny")
+    with pytest.raises(ProfileError, match=r"prior\.image_vocab_size = 128 but dvae\.vocab_size = 64"):
+        replace(tiny, prior=tiny.prior.replace(image_vocab_size=128))
+    with pytest.raises(ProfileError, match=r"reranker\.image_size = 64 but data\.image_size = 32"):
+        Profile.from_dict({**tiny.to_dict(), "reranker": tiny.reranker.replace(image_size=64).to_dict()})
+    # with_data re-derives what depends on the data
+    bigger = tiny.with_data(image_size=64)
+    assert (bigger.dvae.image_size, bigger.prior.image_grid, bigger.reranker.image_size) == (64, 16, 64)
+
+
+def test_data_config_round_trip():
+    d = DataConfig(image_size=32, filter_drop_rate_bounds=(("non_english", 0.6),))
+    assert DataConfig.from_dict(_json(d.to_dict())) == d
+
+
+# --- the one launch path ---------------------------------------------------------------------------------
+
+def _manifest(tmp_path: Path, **extra) -> Path:
+    codes = tmp_path / "image_codes"
+    codes.mkdir(parents=True, exist_ok=True)
+    (codes / "manifest.json").write_text(json.dumps({"shards": [], "total": 0, "format": "dalle-image-codes/1",
+                                                     "extra": {"dvae_sha256": "d" * 64, **extra}}))
+    return codes
+
+
+TINY_CODES = {"grid": 8, "image_vocab": 64, "text_len": 16, "text_vocab": 512 + 16}
+
+
+def test_write_resolved_profile_checks_the_codes_and_round_trips(tmp_path):
+    codes = _manifest(tmp_path, **TINY_CODES)
+    manifest, source = read_code_manifest(tmp_path)  # a storage root holding image_codes/
+    assert source == codes / "manifest.json"
+    path = write_resolved_profile("tiny", manifest, tmp_path / "run" / "profile.json", source)
+    assert load_resolved_profile(path) == get_profile("tiny")
+    blob = json.loads(path.read_text())
+    assert blob["codes"] == {**TINY_CODES, "dvae_sha256": "d" * 64, "manifest": str(source)}
+
+
+def test_a_mismatch_between_the_codes_and_the_profile_names_both_values(tmp_path):
+    manifest = {"extra": {**TINY_CODES, "image_vocab": 128}}
+    with pytest.raises(ProfileMismatchError, match=r"image codes use a 128-code vocabulary \(manifest m.json\), "
+                                                   r"profile tiny's prior expects 64"):
+        write_resolved_profile("tiny", manifest, tmp_path / "p.json", "m.json")
+    assert not (tmp_path / "p.json").exists()
+    with pytest.raises(ProfileMismatchError) as e:
+        check_profile_against_codes(get_profile("small"), manifest)
+    msg = str(e.value)
+    assert "8x8 grid" in msg and "expects 16x16" in msg and "16 text positions" in msg and "expects 32" in msg
+    # a manifest that records no sizes (synthetic codes of old) is not checked
+    assert check_profile_against_codes(get_profile("small"), {"extra": {"synthetic": True}}) == {}
+
+
+def test_the_trainer_refuses_codes_of_another_profile(tmp_path):
+    from dalle_core.prior.data import write_synthetic_code_shards
+    from dalle_core.prior.train import main
+    from dalle_core.storage import LocalStorage
+
+    write_synthetic_code_shards(LocalStorage(tmp_path), "image_codes", get_profile("tiny").prior, n_shards=1,
+                                per_shard=4)
+    with pytest.raises(ProfileMismatchError, match="profile small's prior expects 512"):
+        main(["--profile", "small", "--codes", str(tmp_path / "image_codes"), "--out", str(tmp_path / "out")])
+    small = write_resolved_profile("small", {"extra": {}}, tmp_path / "small.json")
+    with pytest.raises(ProfileMismatchError, match="image codes use a 64-code vocabulary"):
+        main(["--profile-json", str(small), "--codes", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_dalle_train_prior_hands_the_trainer_a_resolved_profile(tmp_path, monkeypatch, capsys):
+    import orchestration.cli as cli
+
+    _manifest(tmp_path, **TINY_CODES)
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    out = tmp_path / "run"
+    assert cli.main(["train-prior", "--profile", "tiny", "--codes", str(tmp_path / "image_codes"),
+                     "--out", str(out), "--steps", "3"]) == 0
+    train = calls[0][calls[0].index("dalle_core.prior.train") + 1:]
+    assert train[:2] == ["--profile-json", str(out / "profile.json")] and "--profile" not in train
+    assert train[2:] == ["--codes", str(tmp_path / "image_codes"), "--out", str(out), "--steps", "3"]
+    assert load_resolved_profile(out / "profile.json") == get_profile("tiny")
+    # the data and the profile disagree: one line naming both, nothing launched
+    assert cli.main(["train-prior", "--profile", "small", "--codes", str(tmp_path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "image codes use a 64-code vocabulary" in err and "profile small's prior expects 512" in err
+    assert len(calls) == 1
+    # `dalle resolve-profile` (the SLURM script, the k8s Job) writes the same file
+    assert cli.main(["resolve-profile", "--profile", "tiny", "--codes", str(tmp_path),
+                     "--out", str(tmp_path / "again.json")]) == 0
+    assert (tmp_path / "again.json").read_text() == (out / "profile.json").read_text()
