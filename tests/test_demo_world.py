@@ -335,7 +335,9 @@ def test_check_image_results():
     image = render(scene, 160, 150, rng)
     ok = check_image(image, "there is a small yellow triangle above a purple square")
     assert ok.match and ok.colours and ok.shapes and ok.relation
-    assert check_image(image, scene) == ok
+    by_scene = check_image(image, scene)  # a scene states both sizes, the caption only a's (the detail differs)
+    assert (by_scene.match, by_scene.colours, by_scene.shapes, by_scene.relation, by_scene.sizes) == \
+        (ok.match, ok.colours, ok.shapes, ok.relation, ok.sizes) == (True, True, True, True, True)
     wrong_shape = check_image(image, "a yellow circle above a purple square")
     assert not wrong_shape.match and wrong_shape.colours and not wrong_shape.shapes and wrong_shape.relation
     assert "looks like a triangle" in wrong_shape.detail
@@ -347,6 +349,46 @@ def test_check_image_results():
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
     noise = Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))
     assert not check_image(blank, scene).match and not check_image(noise, scene).match
+
+
+def test_checker_judges_sizes_on_the_worlds_own_images(world):
+    """Sizes: the world's evaluation and training images, as served and as the models see them
+    (centre square at 32 px), pass; the same images with the stated sizes swapped fail; a
+    caption without sizes leaves `sizes` None, and `match` never depends on sizes."""
+    from dataclasses import replace
+
+    from dalle_core.data.image_decode import resize_center_crop
+
+    evals = [(e.image(), e.scene) for e in world.eval_items()]
+    train = [(decode(i.image_bytes()), i.scene) for i in world.batch_items(0) if i.fault is None][:60]
+    passed, swapped_failed, n_swapped, n = 0, 0, 0, 0
+    for image, scene in evals + train:
+        for shown in (image, resize_center_crop(image, 32)):
+            spec = scene.spec()
+            r = check_image(shown, spec)
+            n += 1
+            passed += bool(r.sizes)
+            if scene.a.size != scene.b.size:
+                n_swapped += 1
+                other = check_image(shown, replace(spec, size_a=spec.size_b, size_b=spec.size_a))
+                swapped_failed += other.sizes is False
+                assert other.match == r.match  # sizes are not part of the match
+    assert n >= 100 and passed / n >= 0.95, (passed, n)
+    assert n_swapped >= 30 and swapped_failed / n_swapped >= 0.95, (swapped_failed, n_swapped)
+
+    rng = np.random.default_rng(11)
+    scene = Scene(SceneObject("red", "circle", "small"), "to the left of", SceneObject("blue", "square", "large"))
+    image = render(scene, 96, 96, rng)
+    ok = check_image(image, "a small red circle to the left of a large blue square")
+    assert ok.match and ok.sizes is True
+    wrong = check_image(image, "a large red circle to the left of a small blue square")
+    assert wrong.match and wrong.sizes is False and "small looks large" in wrong.detail
+    one = check_image(image, "a red circle to the left of a small blue square")  # only b's size stated
+    assert one.match and one.sizes is False
+    assert check_image(image, "a red circle to the left of a large blue square").sizes is True
+    assert check_image(image, "a red circle to the left of a blue square").sizes is None
+    missing = check_image(image, "a small green circle to the left of a large blue square")
+    assert missing.sizes is False and not missing.colours  # judged only where the colours were found
 
 
 def test_checker_tolerates_blur_and_objects_stay_in_the_centre_square():

@@ -13,12 +13,15 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .scenes import COLOURS, CaptionSpec, Scene, spec_of
+from .scenes import COLOURS, SIZES, CaptionSpec, Scene, spec_of
 
 ANALYSIS_SIZE = 96
 _MIN_CHROMA = 40.0  # below this a pixel is background (the backgrounds' chroma is < 20)
 _MAX_HUE_ERROR = math.radians(25)
 _MIN_AREA = 0.006  # of the analysed image; a small triangle covers ~2.4%
+# an object is "large" when its box's side is above the midpoint of the two sizes (0.27 of
+# the square): rendered small objects measure 0.19-0.24, large ones 0.30-0.34, at 32-128 px
+_SIZE_SPLIT = (SIZES["small"] + SIZES["large"]) / 2
 
 
 def _opponent(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,15 +44,26 @@ class Blob:
     top: float  # share of the area in the upper half of the box: triangle ~0.25, else 0.5
     corners: float  # share of the box's corners covered: square ~0.8, circle 0, triangle ~0.3
     shape: str
+    side: float = 0.0  # side of its bounding box, as a fraction of the analysed square (every shape fills its box)
 
 
 @dataclass(frozen=True)
 class CheckResult:
+    """`match`: colours, shapes and relation all right (sizes are not part of it).
+    `sizes`: None when the caption states no size; else whether every object whose
+    size it states has that size (False when the colours were not found)."""
+
     match: bool
     colours: bool
     shapes: bool
     relation: bool
     detail: str
+    sizes: bool | None = None
+
+
+def size_of(blob: Blob) -> str:
+    """"small" or "large", from the side of the blob's bounding box."""
+    return "large" if blob.side > _SIZE_SPLIT else "small"
 
 
 def _classify_shape(fill: float, top: float, corners: float) -> str:
@@ -118,7 +132,8 @@ class ImageAnalysis:
             corners = zone[ys - ys.min(), xs - xs.min()].sum() / max(1, zone.sum())
             centroid = (float(xs.mean() + 0.5) / ANALYSIS_SIZE, float(ys.mean() + 0.5) / ANALYSIS_SIZE)
             out.append(Blob(colour, area / ANALYSIS_SIZE**2, centroid, float(fill), float(top),
-                            float(corners), _classify_shape(fill, top, corners)))
+                            float(corners), _classify_shape(fill, top, corners),
+                            float(max(bh, bw)) / ANALYSIS_SIZE))
         return sorted(out, key=lambda b: -b.area)
 
     def _sharpen(self, region: np.ndarray, index: int, full_chroma: float) -> np.ndarray:
@@ -155,12 +170,14 @@ class ImageAnalysis:
         colours = a is not None and b is not None
         shapes = colours and a.shape == spec.shape_a and b.shape == spec.shape_b
         relation = colours and _relation_holds(a.centroid, spec.relation, b.centroid)
+        stated = [(blob, size) for blob, size in ((a, spec.size_a), (b, spec.size_b)) if size is not None]
+        sizes = None if not stated else bool(colours and all(size_of(blob) == size for blob, size in stated))
         detail = "; ".join(
-            [_describe(blob, colour, shape) for blob, colour, shape in
-             ((a, spec.colour_a, spec.shape_a), (b, spec.colour_b, spec.shape_b))]
+            [_describe(blob, colour, shape, size) for blob, colour, shape, size in
+             ((a, spec.colour_a, spec.shape_a, spec.size_a), (b, spec.colour_b, spec.shape_b, spec.size_b))]
             + [f"relation {spec.relation!r}: {'holds' if relation else 'fails' if colours else 'unknown'}"])
         return CheckResult(bool(colours and shapes and relation), bool(colours), bool(shapes),
-                           bool(relation), detail)
+                           bool(relation), detail, sizes)
 
 
 def _relation_holds(ca, relation, cb) -> bool:
@@ -170,17 +187,20 @@ def _relation_holds(ca, relation, cb) -> bool:
     return abs(dy) >= abs(dx) and (dy > 0) == (relation == "above")
 
 
-def _describe(blob: Blob | None, colour: str, shape: str) -> str:
+def _describe(blob: Blob | None, colour: str, shape: str, size: str | None = None) -> str:
     if blob is None:
         return f"{colour} {shape}: no {colour} region"
     verdict = "ok" if blob.shape == shape else f"looks like a {blob.shape}"
+    if size is not None:
+        verdict += f", {size} " + ("ok" if size_of(blob) == size else f"looks {size_of(blob)}")
     return (f"{colour} {shape}: {verdict} (fill {blob.fill:.2f}, top {blob.top:.2f}, "
-            f"corners {blob.corners:.2f}, at {blob.centroid[0]:.2f},{blob.centroid[1]:.2f})")
+            f"corners {blob.corners:.2f}, side {blob.side:.2f}, at {blob.centroid[0]:.2f},{blob.centroid[1]:.2f})")
 
 
 def check_image(image: Image.Image, caption_or_scene: str | Scene | CaptionSpec) -> CheckResult:
     """Whether `image` shows the two objects of the caption, with their colours,
-    shapes and relative position. Works on any image of at least 32x32."""
+    shapes and relative position (`match`), and, where the caption states them,
+    their sizes (`sizes`). Works on any image of at least 32x32."""
     spec = spec_of(caption_or_scene)
     if spec is None:
         return CheckResult(False, False, False, False, f"caption not understood: {caption_or_scene!r}")
