@@ -231,3 +231,81 @@ def test_zero_shot_generation_killed_after_a_chunk_resumes_to_the_same_images(pa
     flags.clear()
     generate_best_images(other, caps[:2], 3, 2, 5, cache_dir=tmp_path, progress=lambda d, t, disk: flags.append(disk))
     assert flags == [False]
+
+
+def test_judged_chunks_keep_first_draw_pick_and_judgements_and_resume_to_the_same(parts, tmp_path):
+    """A chunk keeps the first draw, the reranker's pick and (with a judge) every candidate's
+    judgements; read back after a kill they equal an uninterrupted run's. A chunk written
+    without judgements is never read as one with them, nor one judged by another judge."""
+    import numpy as np
+
+    from dalle_core.demo.checker import check_image
+    from dalle_core.eval.caption_match import caption_match_figures
+    from dalle_core.eval.generated import generate_best_images, generate_judged
+
+    caps = ["a red circle above a blue square", "a small green triangle to the left of a yellow circle",
+            "a blue square below an orange circle"]
+    c = chain(parts)
+    straight = generate_judged(c, caps, 4, 2, 5, judge=check_image)
+    assert len(straight.best) == len(straight.first) == 3 and straight.picked.shape == (3,)
+    j = straight.judgements
+    assert j.match.shape == (3, 4) and j.sizes_stated[1].all() and not j.sizes_stated[0].any()  # "a small green ..."
+    # the pick and the first draw are what the chain itself gives for those seeds
+    for start in (0, 2):
+        out = c.generate(caps[start:start + 2], n=4, keep=1, seed=5 + start, return_candidates=True, batch_size=None)
+        for i in range(out.candidates.shape[0]):
+            k = start + i
+            as_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            assert np.array_equal(np.asarray(straight.first[k]), as_uint8(out.candidates[i, 0]))
+            assert np.array_equal(np.asarray(straight.best[k]), as_uint8(out.candidates[i, straight.picked[k]]))
+            assert np.array_equal(np.asarray(straight.best[k]), as_uint8(out.images[i, 0]))
+            assert [bool(check_image(__import__("PIL.Image", fromlist=["x"]).fromarray(as_uint8(x)), caps[k]).match)
+                    for x in out.candidates[i]] == j.match[k].tolist()
+    # the best images are those of generate_best_images (same seeds, judge or not)
+    plain = generate_best_images(c, caps, 4, 2, 5)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain, straight.best))
+
+    class Killed(Exception):
+        pass
+
+    def die_after_first_chunk(done, total, from_disk):
+        raise Killed
+
+    with pytest.raises(Killed):
+        generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, progress=die_after_first_chunk, judge=check_image)
+    flags = []
+    resumed = generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image,
+                              progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [True, False]
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(straight.first, resumed.first))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(straight.best, resumed.best))
+    assert np.array_equal(straight.picked, resumed.picked)
+    for f in ("match", "colours", "shapes", "relation", "sizes", "sizes_stated", "picked"):
+        assert np.array_equal(getattr(straight.judgements, f), getattr(resumed.judgements, f)), f
+    assert caption_match_figures(resumed.judgements) == caption_match_figures(straight.judgements)
+    flags.clear()
+    again = generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image,
+                            progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [True, True] and caption_match_figures(again.judgements) == caption_match_figures(j)
+
+    # written without judgements: a judged read draws again (other key); so does another judge
+    for d in tmp_path.glob("chunk-*.npz"):
+        d.unlink()
+    flags.clear()
+    generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, progress=lambda d, t, disk: flags.append(disk))
+    generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image,
+                    progress=lambda d, t, disk: flags.append(disk))
+    generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image, judge_name="another checker",
+                    progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [False] * 6
+    # a chunk that lost its judgements (same key) is drawn again, not read as judged
+    from dalle_core.eval.features import read_npz, write_npz_atomic
+
+    for p in tmp_path.glob("chunk-*.npz"):
+        arrays = read_npz(p)
+        if "judged_match" in arrays:
+            write_npz_atomic(p, **{k: v for k, v in arrays.items() if k != "judged_sizes"})
+    flags.clear()
+    generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image, judge_name="another checker",
+                    progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [False, False]
