@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -70,6 +69,10 @@ I2D_REQUIREMENTS = BENCH_DIR / "requirements-img2dataset.txt"
 
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from bench_venv import ensure_venv  # noqa: E402
 
 
 def log(*args) -> None:
@@ -236,10 +239,6 @@ if __name__ == "__main__":
 """
 
 
-def _requirements_digest() -> str:
-    return hashlib.sha256(I2D_REQUIREMENTS.read_bytes()).hexdigest()
-
-
 def _i2d_env() -> dict:
     env = dict(os.environ)
     env.update(
@@ -257,34 +256,7 @@ def ensure_img2dataset_venv(venv: Path, install: bool) -> Path:
 
     Raises RuntimeError with the reason when that cannot be had.
     """
-    py = venv / "bin" / "python"
-    stamp = venv / ".requirements.sha256"
-    digest = _requirements_digest()
-    current = py.exists() and stamp.exists() and stamp.read_text().strip() == digest
-    if not current:
-        if not install:
-            raise RuntimeError(
-                f"{venv} is missing or out of date with {I2D_REQUIREMENTS.name} and --no-install was given"
-            )
-        if not py.exists():
-            log(f"creating {venv} (img2dataset's own venv; never the project's)")
-            base = getattr(sys, "_base_executable", None) or sys.executable
-            proc = subprocess.run([base, "-m", "venv", str(venv)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"python -m venv {venv} failed: {proc.stderr.strip()[-2000:]}")
-        log(f"pip install -r {I2D_REQUIREMENTS.relative_to(REPO_ROOT)} into {venv} (takes a minute or two once)")
-        proc = subprocess.run(
-            [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r", str(I2D_REQUIREMENTS)],
-            capture_output=True, text=True, env=_i2d_env(),
-        )
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-20:])
-            raise RuntimeError(f"pip install -r {I2D_REQUIREMENTS.name} failed (rc {proc.returncode}): {tail}")
-        stamp.write_text(digest + "\n")
-    proc = subprocess.run([str(py), "-c", "import img2dataset"], capture_output=True, text=True, env=_i2d_env())
-    if proc.returncode != 0:
-        raise RuntimeError(f"img2dataset does not import in {venv}: {proc.stderr.strip()[-2000:]}")
-    return py
+    return ensure_venv(venv, I2D_REQUIREMENTS, "import img2dataset", install, env=_i2d_env(), log=log)
 
 
 def img2dataset_kwargs(url_list: Path, out_dir: Path, config, workers: int) -> dict:

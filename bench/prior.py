@@ -8,6 +8,15 @@ same dtype; MFU is also given against the GPU's datasheet peak when on CUDA.
     .venv/bin/python bench/prior.py                                    # small, CPU, fp32
     .venv/bin/python bench/prior.py --profile gpu-1B --device cuda \\
         --precisions fp16-per-resblock bf16 --batch 8 --steps 12          # the GPU check
+    .venv/bin/python bench/prior.py --profile reference --precisions fp32 bf16 \\
+        --baseline dalle-pytorch                                           # vs DALLE-pytorch 1.6.6
+
+`--profile reference` is the equal-size shape of issue 15 (d 256, 8 layers, a 16x16
+grid of 512 codes, 64 text positions, batch 8); `--baseline dalle-pytorch` times
+DALLE-pytorch 1.6.6's training step at the same shape in the same run (its own venv,
+bench/.venv-dalle-pytorch: bench/dalle_pytorch_step.py) and adds each run's
+speed-up over it: with its default full attention, and with its sparse layers in our
+pattern (axial_row, axial_col, axial_row, conv_like).
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,6 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_venv import ensure_venv  # noqa: E402
 
 from dalle_core.prior.config import PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
 from dalle_core.prior.train import train_prior  # noqa: E402
@@ -38,11 +51,39 @@ GPU_1B = dict(n_layer=20, n_head=16, d_head=128, text_vocab_size=16384, text_len
               image_vocab_size=8192, image_grid=32)
 
 
+# The equal-size reference of issue 15, for the comparison with DALLE-pytorch 1.6.6:
+# d 256 (8 heads x 32), 8 layers, a 16x16 grid of 512 codes, 64 text positions.
+REFERENCE = dict(n_layer=8, n_head=8, d_head=32, text_vocab_size=1024, text_len=64, image_vocab_size=512,
+                 image_grid=16)
+REFERENCE_BATCH = 8
+BENCH_DIR = Path(__file__).resolve().parent
+
+
 def config_for(name: str) -> tuple[PriorConfig, PriorTrainingConfig]:
-    """The prior's shape and training settings of a profile (gpu-1B: paper-1.3B's, reshaped)."""
-    profile = get_profile("paper-1.3B" if name == "gpu-1B" else name)
-    cfg = profile.prior.replace(**GPU_1B) if name == "gpu-1B" else profile.prior
-    return cfg, profile.prior_training
+    """The prior's shape and training settings of a profile (gpu-1B: paper-1.3B's, reshaped;
+    reference: small's, reshaped)."""
+    base = {"gpu-1B": "paper-1.3B", "reference": "small"}.get(name, name)
+    profile = get_profile(base)
+    shape = {"gpu-1B": GPU_1B, "reference": REFERENCE}.get(name)
+    cfg = profile.prior.replace(**shape) if shape else profile.prior
+    training = profile.prior_training.replace(batch_size=REFERENCE_BATCH) if name == "reference" else profile.prior_training
+    return cfg, training
+
+
+def dalle_pytorch_step_s(cfg: PriorConfig, batch: int, steps: int, attn_types: tuple[str, ...], install: bool) -> dict:
+    """Seconds per training update of DALLE-pytorch 1.6.6 at `cfg`'s shape (fp32, this
+    process's thread count), in its own venv."""
+    py = ensure_venv(BENCH_DIR / ".venv-dalle-pytorch", BENCH_DIR / "requirements-dalle-pytorch.txt",
+                     "import einops, axial_positional_embedding, rotary_embedding_torch, importlib.util; "
+                     "assert importlib.util.find_spec('dalle_pytorch')", install)
+    spec = dict(dim=cfg.n_embd, depth=cfg.n_layer, heads=cfg.n_head, dim_head=cfg.d_head, text_len=cfg.text_len,
+                text_vocab=cfg.text_vocab_size, grid=cfg.image_grid, image_vocab=cfg.image_vocab_size, batch=batch,
+                steps=steps, attn_types=list(attn_types), bf16=False, threads=torch.get_num_threads())
+    proc = subprocess.run([str(py), str(BENCH_DIR / "dalle_pytorch_step.py"), json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"DALLE-pytorch step failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def flops_per_token(cfg: PriorConfig) -> float:
@@ -110,6 +151,9 @@ def main() -> None:
     p.add_argument("--precisions", nargs="+", default=None, help="fp32 | bf16 | fp16-per-resblock")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--baseline", choices=("matmul", "dalle-pytorch"), default="matmul",
+                   help="dalle-pytorch: also time DALLE-pytorch 1.6.6 at the same shape (its own venv)")
+    p.add_argument("--no-install", action="store_true", help="do not create/update the DALLE-pytorch venv")
     args = p.parse_args()
 
     device = torch.device(args.device)
@@ -125,6 +169,16 @@ def main() -> None:
         r["fraction_of_matmul_rate"] = round(r["achieved_tflops"] * 1e12 / baseline, 4)
         if peak:
             r["mfu"] = round(r["achieved_tflops"] * 1e12 / peak, 4)
+    baselines = {}
+    if args.baseline == "dalle-pytorch":
+        pattern = tuple({"row": "axial_row", "column": "axial_col", "conv": "conv_like"}[k]
+                        for k in cfg.layer_kinds())
+        for name, attn in (("dalle_pytorch_full", ("full",)), ("dalle_pytorch_sparse", pattern)):
+            b = dalle_pytorch_step_s(cfg, batch, args.steps, attn, install=not args.no_install)
+            baselines[name] = {"attn_types": list(attn), "step_s": round(b["step_s"], 4),
+                               "parameters": b["parameters"], "precision": "fp32"}
+            for r in runs:
+                r[f"speedup_vs_{name}"] = round(b["step_s"] / r["step_s"], 3)
     print(json.dumps({
         "benchmark": "prior",
         "profile": args.profile,
@@ -136,6 +190,7 @@ def main() -> None:
         "matmul_baseline_tflops": round(baseline / 1e12, 4),
         "datasheet_peak_tflops": peak / 1e12 if peak else None,
         "runs": runs,
+        "baselines": baselines,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
