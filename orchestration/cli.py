@@ -299,24 +299,53 @@ def cmd_generate(args) -> int:
 
 def cmd_plan(args) -> int:
     from dalle_core.distributed.plan import plan
+    from dalle_core.stage_plan import plan_stages
 
     profile = get_profile(args.profile)
-    if args.nodes < 1 or args.gpus_per_node < 1 or args.batch_per_gpu < 1:
-        raise UserError("--nodes, --gpus-per-node and --batch-per-gpu must be at least 1")
+    if args.gpus_per_node < 1 or (args.nodes is not None and args.nodes < 1) or \
+            (args.batch_per_gpu is not None and args.batch_per_gpu < 1) or (args.gpus is not None and args.gpus < 1):
+        raise UserError("--gpus, --nodes, --gpus-per-node and --batch-per-gpu must be at least 1")
+    if args.gpus is not None:
+        if args.gpus % args.gpus_per_node:
+            raise UserError(f"--gpus {args.gpus} is not a multiple of --gpus-per-node {args.gpus_per_node}")
+        if args.nodes is not None and args.nodes * args.gpus_per_node != args.gpus:
+            raise UserError(f"--nodes {args.nodes} x --gpus-per-node {args.gpus_per_node} != --gpus {args.gpus}")
+        nodes = args.gpus // args.gpus_per_node
+    else:
+        nodes = args.nodes or 1
     cfg = profile.prior
-    p = plan(cfg, args.nodes, args.gpus_per_node, args.batch_per_gpu,
+    batch_per_gpu = args.batch_per_gpu or (max(1, profile.prior_training.batch_size // args.gpus)
+                                           if args.gpus is not None else 8)
+    p = plan(cfg, nodes, args.gpus_per_node, batch_per_gpu,
              powersgd_rank=args.powersgd_rank, activation_checkpointing=not args.no_activation_checkpointing)
     sampling = sampling_plan(cfg, p.n_params, args.gpu_memory_gib)
+    mfu = args.mfu
+    try:
+        stages = plan_stages(
+            profile, nodes * args.gpus_per_node, args.gpu, gpus_per_node=args.gpus_per_node,
+            batch_per_gpu=batch_per_gpu, powersgd_rank=args.powersgd_rank,
+            activation_checkpointing=not args.no_activation_checkpointing, pairs=args.pairs,
+            prior_mfu=args.prior_mfu or mfu, dvae_mfu=args.dvae_mfu or mfu, encode_mfu=args.dvae_mfu or mfu,
+            sampling_mfu=mfu, dvae_gpus=args.dvae_gpus, network_bytes_per_s_per_gpu=args.network_gbs * 1e9,
+            eval_captions=args.eval_captions, candidates=args.candidates, fetch_success=args.fetch_success,
+            filter_keep=args.filter_keep, crawl_cpu_ms_per_pair=args.crawl_ms_per_pair,
+            filter_cpu_ms_per_pair=args.filter_ms_per_pair, pods=args.pods, cores_per_pod=args.cores_per_pod,
+            jpeg_bytes=args.jpeg_bytes)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     if args.json:
         import json
 
-        print(json.dumps({**p.to_dict(), "sampling": sampling}, indent=1, default=str))
+        print(json.dumps({**p.to_dict(), "sampling": sampling, "stages": stages.to_dict()}, indent=1, default=str))
     else:
         print(p.to_table())
         print(f"sampling (bf16, one {args.gpu_memory_gib:g} GiB GPU, 10% reserve): KV cache "
               f"{sampling['kv_cache_bytes_per_row'] / 2**30:.3f} GiB/row, {sampling['bytes_per_row'] / 2**30:.3f} GiB/row "
               f"in all, weights {sampling['weights_bytes'] / 2**30:.1f} GiB -> batch {sampling['batch_size']} rows "
               f"(peak {sampling['peak_bytes'] / 2**30:.1f} GiB)")
+        print(f"\nevery stage, {profile.name} on {nodes * args.gpus_per_node:,} x {args.gpu} "
+              f"(dalle_core/stage_plan.py: rates and assumptions):")
+        print(stages.to_table())
     return 0
 
 
@@ -474,14 +503,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("plan", help="parameters, memory per GPU and communication per step of a prior run")
+    p = sub.add_parser("plan", help="every stage at scale: data, encode, dVAE, the prior's memory per GPU, "
+                                    "communication and time, sampling")
     p.add_argument("--profile", default="paper-12B")
-    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=None, help="GPUs in all (machines = GPUs / --gpus-per-node)")
+    p.add_argument("--nodes", type=int, default=None, help="machines (default 1, or from --gpus)")
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--batch-per-gpu", type=int, default=8)
+    p.add_argument("--batch-per-gpu", type=int, default=None,
+                   help="prior batch per GPU (default: the profile's batch / --gpus, else 8)")
     p.add_argument("--powersgd-rank", type=int, default=None, help="per-GPU rank (the paper: 112 at 12B)")
     p.add_argument("--no-activation-checkpointing", action="store_true")
     p.add_argument("--gpu-memory-gib", type=float, default=80.0, help="for the sampling batch (default: an 80 GiB H100)")
+    from dalle_core import stage_plan as sp
+
+    p.add_argument("--gpu", default="H100", choices=sorted(sp.GPUS), help="datasheet figures for the stage times")
+    p.add_argument("--mfu", type=float, default=sp.DEFAULT_MFU, help="assumed model FLOPs utilisation")
+    p.add_argument("--prior-mfu", type=float, default=None, help="for the prior (default --mfu)")
+    p.add_argument("--dvae-mfu", type=float, default=None, help="for dVAE training and encoding (default --mfu)")
+    p.add_argument("--pairs", type=int, default=sp.PAPER_PAIRS, help="pairs kept after the filters")
+    p.add_argument("--fetch-success", type=float, default=sp.FETCH_SUCCESS, help="assumed share of URLs that download")
+    p.add_argument("--filter-keep", type=float, default=sp.FILTER_KEEP, help="assumed share the filters keep")
+    p.add_argument("--crawl-ms-per-pair", type=float, default=sp.CRAWL_CPU_MS_PER_PAIR,
+                   help="crawler CPU per pair (measured: docs/benchmarks.md)")
+    p.add_argument("--filter-ms-per-pair", type=float, default=sp.FILTER_CPU_MS_PER_PAIR,
+                   help="filter CPU per pair (measured: bench/filters.py)")
+    p.add_argument("--pods", type=int, default=16, help="crawl / filter pods")
+    p.add_argument("--cores-per-pod", type=int, default=sp.CORES_PER_POD)
+    p.add_argument("--jpeg-bytes", type=int, default=sp.JPEG_BYTES, help="assumed mean stored image")
+    p.add_argument("--dvae-gpus", type=int, default=sp.PAPER_DVAE_GPUS)
+    p.add_argument("--network-gbs", type=float, default=sp.NETWORK_BYTES_PER_S_PER_GPU / 1e9,
+                   help="GB/s per GPU across machines")
+    p.add_argument("--eval-captions", type=int, default=sp.PAPER_EVAL_CAPTIONS)
+    p.add_argument("--candidates", type=int, default=sp.PAPER_CANDIDATES, help="samples per caption (reranked)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

@@ -138,3 +138,135 @@ def test_parameter_roles_decide_what_powersgd_compresses():
     assert is_compressed("text_embedding.weight", (1000, 100), 4, exclude_roles=())
     # FSDP/wrapper names (the per-resblock scaler's "resblock." infix) classify the same
     assert parameter_role("blocks.0.attn.resblock.ln.weight", True) == "gain"
+
+
+# --- every stage (dalle_core.stage_plan, `dalle plan --gpus ...`) ----------------------------------------------
+
+PAPER = get_profile("paper-12B")
+
+
+@pytest.fixture(scope="module")
+def paper_dvae_cost():
+    from dalle_core.stage_plan import dvae_cost
+
+    return dvae_cost(PAPER.dvae)
+
+
+def test_data_stage_by_hand(tmp_path):
+    import numpy as np
+
+    from dalle_core.data.codes import CodedPair, write_code_shard
+    from dalle_core.stage_plan import plan_data
+    from dalle_core.storage import LocalStorage
+
+    d = plan_data(PAPER.data, 256, 32, 1000, fetch_success=0.5, filter_keep=0.8, crawl_cpu_ms_per_pair=4.0,
+                  filter_cpu_ms_per_pair=1.3, pods=2, cores_per_pod=4, jpeg_bytes=1000, caption_bytes=60,
+                  meta_bytes=300)
+    # 1000 kept of 1250 downloaded (80%) of 2500 URLs (50%)
+    assert (d["downloaded"], d["urls"]) == (1250, 2500)
+    # CPU per downloaded pair: 1250 x 4 ms = 5 s of crawl, 1250 x 1.3 ms = 1.625 s of filters; 8 cores
+    assert d["crawl_core_hours"] == pytest.approx(5 / 3600)
+    assert d["filter_core_hours"] == pytest.approx(1.625 / 3600)
+    assert d["crawl_pod_hours"] == pytest.approx(5 / 3600 / 4)
+    assert d["crawl_wall_s"] == pytest.approx(5 / 8) and d["filter_wall_s"] == pytest.approx(1.625 / 8)
+    assert d["shards"] == 1  # 10,000 pairs a shard
+    # tar members: 512-byte header + 1 KiB PAX header (our writers' float mtime) + data padded to 512.
+    # Image shards: jpg 1000 -> 2560, caption 60 -> 2048, json 300 -> 2048. Codes: codes.npy 128-byte
+    # header + 32 x 32 int16 = 2176 -> 4096, text.npy 128 + 256 int32 = 1152 -> 3072, caption, json 2048
+    assert d["shard_bytes_per_pair"] == 2560 + 2048 + 2048 == 6656
+    assert d["code_bytes_per_pair"] == 4096 + 3072 + 2048 + 2048 == 11264
+    assert d["shard_bytes"] == 1000 * 6656 and d["raw_bytes"] == 1250 * 6656
+    assert d["code_bytes"] == 1000 * 11264
+    assert d["total_bytes"] == 1000 * 6656 + 1250 * 6656 + 1000 * 11264
+    # without the PAX headers (an int mtime) codes would take 7168 bytes a pair, 36% less
+    assert plan_data(PAPER.data, 256, 32, 1000, pax=False, caption_bytes=60, meta_bytes=300)[
+        "code_bytes_per_pair"] == 3072 + 2048 + 1024 + 1024 == 7168
+    # ... and a code shard written by the encoder's writer has exactly that size per pair (+ the tar's end:
+    # two zero blocks, the file padded to 20-block records)
+    n = 10
+    pairs = [CodedPair(key=f"k{i:03d}", caption="x" * 60, text=np.zeros(256, np.int32),
+                       codes=np.zeros((32, 32), np.int16), meta={"i": i, "pad": "y" * 250}) for i in range(n)]
+    info = write_code_shard(pairs, LocalStorage(tmp_path), "codes/000000.tar")
+    assert info.bytes == -(-(n * 11264 + 1024) // 10240) * 10240
+
+
+def test_paper_data_stage():
+    from dalle_core.stage_plan import plan_data
+
+    d = plan_data(PAPER.data, 256, 32)  # the defaults: 250M pairs, measured rates, stated assumptions
+    assert d["shards"] == 25_000 and d["downloaded"] == 312_500_000
+    assert d["crawl_core_hours"] == pytest.approx(312.5e6 * 4e-3 / 3600)  # 347 core-hours
+    assert d["code_bytes"] == 250_000_000 * 11264  # 2.82 TB of codes (1.79 TB without PAX headers)
+
+
+def test_dvae_flops_by_hand(paper_dvae_cost):
+    c = paper_dvae_cost
+
+    def conv(k, cin, cout, side):
+        return 2 * k * k * cin * cout * side * side
+
+    # encoder: 7x7 input conv, 4 groups of 2 bottleneck blocks (3x3, 3x3, 3x3, 1x1 at width / 4, a 1x1
+    # id path where the width changes), max-pool between groups, 1x1 to the 8192 logits at 32 x 32
+    enc, width = conv(7, 3, 256, 256), 256
+    for g in range(4):
+        side, out = 256 >> g, 256 << g
+        for i in range(2):
+            cin = width if i == 0 else out
+            enc += conv(3, cin, out // 4, side) + 2 * conv(3, out // 4, out // 4, side) + conv(1, out // 4, out, side)
+            enc += conv(1, cin, out, side) if cin != out else 0
+        width = out
+    enc += conv(1, 2048, 8192, 32)
+    assert c.encode_flops == enc == 272_294_215_680
+    # training: forward + backward (input and weight gradients) of every conv, 3x, except the input
+    # conv, whose input (the image) needs no gradient
+    assert c.train_flops == 3 * (c.encode_flops + c.decode_flops) - conv(7, 3, 256, 256)
+    assert c.encoder_params + c.decoder_params == 97_616_006
+
+
+def test_stage_times_by_hand(paper_dvae_cost):
+    from dalle_core.prior.sampling_memory import kv_cache_bytes_per_row
+    from dalle_core.stage_plan import GPUS, plan_stages
+
+    s = plan_stages(PAPER, 1024, "H100", powersgd_rank=112, dvae_cost_=paper_dvae_cost)
+    F, u, c = 989e12, 0.30, paper_dvae_cost
+    assert GPUS["H100"].peak_flops == F
+    # encode: 250M images x 272.3 GFLOP on 1,024 GPUs
+    assert s.encode["time_s"] == pytest.approx(250e6 * c.encode_flops / (1024 * F * u))
+    # dVAE: batch 512 on 64 GPUs (8 each), 3M updates; fp32 weights, grads, Adam, EMA + 8 images' activations
+    assert s.dvae["step_s"] == pytest.approx(512 * c.train_flops / (64 * F * u))
+    assert s.dvae["time_s"] == pytest.approx(3_000_000 * s.dvae["step_s"])
+    assert s.dvae["memory_per_gpu_bytes"] == 97_616_006 * 20 + 8 * c.saved_bytes
+    # prior: 6 x 64 x (12 d^2 + 13 d) + 12 x 64 x 1280 x d FLOPs a token, 430k x 1024 x 1280 tokens
+    d = 3968
+    fpt = 6 * 64 * (12 * d * d + 13 * d) + 12 * 64 * 1280 * d
+    assert s.prior["flops_per_token"] == fpt == pytest.approx(76.5e9, rel=1e-3)
+    hours = 430_000 * 1024 * 1280 * fpt / (1024 * F * u) / 3600
+    assert s.prior["time_s"] / 3600 == pytest.approx(hours) == pytest.approx(39.4, abs=0.05)
+    assert s.prior["batch_per_gpu"] == 1 and s.prior["nodes"] == 128
+    # sampling: 36 rows on an 80 GiB GPU; a step reads the bf16 weights and 36 KV caches of mean
+    # length 256 + 512 = 768 of 1280 positions, at 3.35 TB/s (memory-bound)
+    kv = kv_cache_bytes_per_row(PAPER.prior)
+    step_bytes = 2 * 12_293_828_224 + 36 * kv * 768 / 1280
+    assert s.sampling["batch"] == 36 and s.sampling["bound"] == "memory"
+    assert s.sampling["step_s"] == pytest.approx(step_bytes / 3.35e12)
+    rate = 36 / (1024 * step_bytes / 3.35e12)
+    assert s.sampling["images_per_gpu_s"] == pytest.approx(rate)
+    assert s.sampling["eval_time_s"] == pytest.approx(30_000 * 512 / (1024 * rate))
+    # the paper's V100s: 8x less peak; the prior takes ~8x longer (13 days at 30%)
+    v = plan_stages(PAPER, 1024, "V100", powersgd_rank=112, dvae_cost_=paper_dvae_cost)
+    assert v.prior["time_s"] == pytest.approx(s.prior["time_s"] * 989 / 125)
+
+
+def test_cli_plans_every_stage(capsys):
+    from orchestration.cli import main
+
+    assert main(["plan", "--profile", "paper-12B", "--gpus", "1024", "--powersgd-rank", "112"]) == 0
+    out = capsys.readouterr().out
+    assert "128 machines x 8 GPUs, batch 1/GPU (1024 global)" in out
+    for line in ("data: crawl CPU", "data: filter CPU", "data: storage", "encode: dVAE encoder", "dVAE: step",
+                 "dVAE: memory per GPU", "prior: time", "sampling: zero-shot eval", "device: peak", "host: init chunk"):
+        assert line in out, line
+    assert "25,000 of 10,000 pairs" in out and "39.4 h" in out and "40.53 GiB" in out
+    assert main(["plan", "--gpus", "1020"]) == 2  # not whole machines of 8
+    assert main(["plan", "--gpus", "16", "--nodes", "3"]) == 2
+    assert "--gpus" in capsys.readouterr().err

@@ -10,7 +10,9 @@ mesh.py         ParallelConfig, init_distributed, build_mesh (("node", "gpu") De
 parallelize.py  apply_activation_checkpointing, apply_fsdp, apply_cross_node_reduction, parallelize_prior
 powersgd.py     CrossNodeReducer (plain), PowerSGDCompressor
 checkpoint.py   save_checkpoint, load_latest (torch.distributed.checkpoint)
-plan.py         plan(...) -> Plan: parameters, memory per GPU, bytes per step
+plan.py         plan(...) -> Plan: parameters, memory per GPU (and per rank as trained), bytes per step
+init.py         materialize / fill_parameters: a meta-built, sharded model filled shard by shard
+                from per-parameter seeded generators (the same values for any world size)
 
 The torchrun entry point is ``python -m dalle_core.prior.train``.
 """

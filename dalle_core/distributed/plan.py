@@ -46,6 +46,27 @@ all-reduce)
                       the one the reducer applies (a test measures the bytes the
                       reducer hands to all_reduce on a 2 x 2 gloo mesh and
                       compares them with this plan).
+
+Per rank as the trainer runs it (`Plan.rank_memory`, `rank_memory`): the
+model is built on the meta device and each rank fills its own shards
+(dalle_core.distributed.init), so no rank holds the whole model; FSDP2 keeps
+fp32 sharded parameters (no separate master: autocast casts in compute), fp32
+sharded gradients, AdamW's two fp32 moments and the fp32 EMA, and gathers
+units in fp32 (default MixedPrecisionPolicy). Device bytes per rank:
+    params, grads, adam, ema     shard * (4, 4, 8, 4)
+    gathered                     (root + 2 * layer) * 4 + (root + layer) * 4
+    powersgd (n > 1)             error feedback: every compressed shard matrix,
+                                 fp32; the fixed (paper) or warm-start Q: b * r
+                                 per matrix; transient, the largest unit's P and
+                                 Q buffers + its uncompressed pieces + two
+                                 temporaries of its largest matrix (M - P Q^T)
+    activations                  as `mem_activations` (16-bit under autocast)
+Host bytes per rank: the largest init chunk (`max_chunk_bytes`: before meta
+init every rank built the whole fp32 model, 4 P), the largest local tensor
+(DCP writes tensor by tensor), and at the end `save_prior`: rank 0 gathers
+the full fp32 state dict and the full EMA (8 P), and every other rank a full
+EMA copy (4 P: save_prior's EMA loop copies every gathered tensor to the host
+on every rank before rank 0 alone writes).
 """
 
 from __future__ import annotations
@@ -54,9 +75,101 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .powersgd import UNCOMPRESSED_ROLES, paper_compression, sent_numel
+from .powersgd import UNCOMPRESSED_ROLES, effective_rank, is_compressed, paper_compression, sent_numel
 
 GIB = 1024**3
+
+
+@dataclass
+class RankMemory:
+    """Peak device and host bytes of one rank as the trainer runs (module docstring)."""
+
+    shard_numel: int  # parameters this rank holds (FSDP's padded shard)
+    device_params: int
+    device_grads: int
+    device_adam: int
+    device_ema: int
+    device_gathered: int
+    device_powersgd_errors: int
+    device_powersgd_q: int
+    device_powersgd_transient: int
+    device_activations: int
+    host_init_chunk: int  # largest chunk the meta-device init draws at once
+    host_full_build_before: int  # what every rank built before meta init: the whole fp32 model
+    host_checkpoint_tensor: int  # largest local tensor DCP copies to the host while writing
+    host_final_save_rank0: int  # save_prior: full state dict + full EMA on rank 0
+    host_final_save_other: int  # save_prior: the full EMA on every other rank
+
+    @property
+    def device_powersgd(self) -> int:
+        return self.device_powersgd_errors + self.device_powersgd_q + self.device_powersgd_transient
+
+    @property
+    def device_sharded_state(self) -> int:
+        return self.device_params + self.device_grads + self.device_adam + self.device_ema
+
+    @property
+    def device_peak(self) -> int:
+        return self.device_sharded_state + self.device_gathered + self.device_powersgd + self.device_activations
+
+    @property
+    def host_peak_training(self) -> int:
+        return max(self.host_init_chunk, self.host_checkpoint_tensor)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(device_powersgd=self.device_powersgd, device_sharded_state=self.device_sharded_state,
+                 device_peak=self.device_peak, host_peak_training=self.host_peak_training)
+        return d
+
+
+def rank_memory(shapes: list[tuple[str, tuple[int, ...]]], n_layer: int, gpus_per_node: int, nodes: int,
+                powersgd_rank: int | None, activations: int, *, min_compression_rate: float = 2.0,
+                powersgd_exclude_roles: tuple[str, ...] = UNCOMPRESSED_ROLES) -> RankMemory:
+    """Per-rank memory of the trainer (module docstring) from the model's parameter shapes."""
+    from .init import max_chunk_bytes
+
+    g = gpus_per_node
+
+    def shard(shape: tuple[int, ...]) -> tuple[int, int]:
+        return -(-shape[0] // g), _prod(shape[1:])
+
+    units: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for nm, s in shapes:
+        unit = ".".join(nm.split(".")[:2]) if nm.startswith("blocks.") else "root"
+        units.setdefault(unit, []).append((nm, s))
+    shard_numel = sum(r * c for r, c in (shard(s) for _, s in shapes))
+    full = {u: sum(_prod(s) for _, s in ps) for u, ps in units.items()}
+    root = full.get("root", 0)
+    layer = max((v for u, v in full.items() if u != "root"), default=0)
+    gathered = (root + 2 * layer) * 4 + (root + layer) * 4
+
+    errors = qbytes = transient = 0
+    if nodes > 1 and powersgd_rank is not None:
+        for ps in units.values():
+            p_buf = q_buf = plain = biggest = 0
+            for nm, s in ps:
+                rows, cols = shard(s)
+                matrix = (rows, cols) if len(s) >= 2 else None
+                if is_compressed(nm, matrix, powersgd_rank, min_compression_rate, powersgd_exclude_roles):
+                    r = effective_rank(rows, cols, powersgd_rank)
+                    errors += rows * cols * 4
+                    qbytes += cols * r * 4
+                    p_buf += rows * r * 4
+                    q_buf += cols * r * 4
+                    biggest = max(biggest, rows * cols * 4)
+                else:
+                    plain += rows * cols * 4
+            transient = max(transient, p_buf + q_buf + plain + 2 * biggest)
+    n_params = sum(_prod(s) for _, s in shapes)
+    largest_local = max((r * c for r, c in (shard(s) for _, s in shapes)), default=0) * 4
+    return RankMemory(
+        shard_numel=shard_numel, device_params=shard_numel * 4, device_grads=shard_numel * 4,
+        device_adam=shard_numel * 8, device_ema=shard_numel * 4, device_gathered=gathered,
+        device_powersgd_errors=errors, device_powersgd_q=qbytes, device_powersgd_transient=transient,
+        device_activations=activations, host_init_chunk=max_chunk_bytes([s for _, s in shapes]),
+        host_full_build_before=n_params * 4, host_checkpoint_tensor=largest_local,
+        host_final_save_rank0=n_params * 8, host_final_save_other=n_params * 4)
 
 
 def _meta_shapes(config) -> list[tuple[str, tuple[int, ...]]]:
@@ -100,6 +213,7 @@ class Plan:
     compression: float | None  # 1 - powersgd / uncompressed, from the shapes
     paper_formula_compression: float | None  # 1 - 5 r_total / (8 d), r_total = r * g
     assumptions: dict[str, Any] = field(default_factory=dict)
+    rank_memory: RankMemory | None = None  # as the trainer runs it (fp32 shards, EMA, PowerSGD buffers)
 
     @property
     def mem_total(self) -> int:
@@ -116,6 +230,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(mem_total=self.mem_total, intra_bytes=self.intra_bytes, inter_bytes=self.inter_bytes)
+        if self.rank_memory is not None:
+            d["rank_memory"] = self.rank_memory.to_dict()
         return d
 
     def to_table(self) -> str:
@@ -150,6 +266,23 @@ class Plan:
             ("paper formula 1 - 5r/(8d), r = r_gpu * g",
              "-" if self.paper_formula_compression is None else f"{self.paper_formula_compression:.1%}"),
         ]
+        m = self.rank_memory
+        if m is not None:
+            rows += [
+                ("per rank as trained (meta init)", "fp32 shards + EMA, fp32 gathers, 16-bit activations"),
+                ("  device: params + grads + Adam + EMA", f"{gib(m.device_sharded_state)} "
+                 f"({gib(m.device_params)} + {gib(m.device_grads)} + {gib(m.device_adam)} + {gib(m.device_ema)})"),
+                ("  device: gathered units", gib(m.device_gathered)),
+                ("  device: PowerSGD errors + Q + transient", f"{gib(m.device_powersgd)} ({gib(m.device_powersgd_errors)}"
+                 f" + {gib(m.device_powersgd_q)} + {gib(m.device_powersgd_transient)})"),
+                ("  device: activations" + (" (ckpt)" if self.activation_checkpointing else ""),
+                 gib(m.device_activations)),
+                ("  device: peak", gib(m.device_peak)),
+                ("  host: init chunk (was: whole model)", f"{gib(m.host_init_chunk)} (was {gib(m.host_full_build_before)})"),
+                ("  host: training peak", gib(m.host_peak_training)),
+                ("  host: final save_prior rank 0 / others", f"{gib(m.host_final_save_rank0)} / "
+                 f"{gib(m.host_final_save_other)}"),
+            ]
         w = max(len(k) for k, _ in rows)
         return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
@@ -227,6 +360,9 @@ def plan(profile_config, nodes: int, gpus_per_node: int, batch_size_per_gpu: int
         mem_activations=mem_act, intra_allgather_bytes=ag, intra_reduce_scatter_bytes=rs,
         inter_bytes_uncompressed=inter_plain, inter_bytes_powersgd=inter_psgd, compression=compression,
         paper_formula_compression=formula,
+        rank_memory=rank_memory(shapes, cfg.n_layer, g, n, powersgd_rank, mem_act,
+                                min_compression_rate=min_compression_rate,
+                                powersgd_exclude_roles=powersgd_exclude_roles),
         assumptions={"param_bytes": param_bytes, "grad_bytes": grad_bytes, "act_bytes": act_bytes,
                      "residual_bytes": residual_bytes, "optimizer_bytes_per_param": 12,
                      "min_compression_rate": min_compression_rate, "shard_dim": 0,
@@ -234,4 +370,4 @@ def plan(profile_config, nodes: int, gpus_per_node: int, batch_size_per_gpu: int
     )
 
 
-__all__ = ["GIB", "Plan", "plan"]
+__all__ = ["GIB", "Plan", "RankMemory", "plan", "rank_memory"]

@@ -88,6 +88,7 @@ from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
 from .config import SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
+from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .model import DalleTransformer, build_optimizer, save_prior
 
@@ -249,11 +250,13 @@ def train_prior(
     rank, world = get_rank(), get_world_size()
 
     # --- model, precision, parallelism, optimizer ------------------------------------------------
-    # Every rank builds the same full model from the seed and FSDP keeps its
-    # shard (so sharded and single-process runs start identical). At 12B one
-    # would build on the meta device, shard, `to_empty` and `init_weights()`.
+    # Built on the meta device (no memory), wrapped and sharded, then each rank
+    # fills only its own shards from per-parameter seeded generators
+    # (dalle_core.prior.init): the same model for any world size, and no rank
+    # ever holds the whole model (4 bytes x 12.3B = 49 GB at paper-12B).
     torch.manual_seed(seed)
-    model = DalleTransformer(config).to(device)
+    with torch.device("meta"):
+        model = DalleTransformer(config)
     scaler = None
     if precision == "fp16-per-resblock" and training.per_resblock_grad_scaling:
         # M = data-parallel replicas (machines of the mesh), not the world size;
@@ -263,6 +266,7 @@ def train_prior(
         apply_per_resblock_grad_scaling(model, scaler)
     setup: ParallelSetup = parallelize_prior(model, mesh, parallel or ParallelConfig(), grad_scaler=scaler,
                                              powersgd_variant=training.powersgd_variant)
+    materialize_prior(model, device, seed, config)
     reducer = setup.reducer
     optimizer = build_optimizer(model, training)
     params = [p for p in model.parameters() if p.requires_grad]
