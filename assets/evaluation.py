@@ -1,26 +1,32 @@
 """Zero-shot evaluation (paper section 3.2): generate for the evaluation captions
 (MS-COCO format), then FID / IS with blur when Inception weights are configured,
 and always the Frechet distance and precision / recall in the platform's own
-contrastive space, plus the demo world's caption-match rate."""
+contrastive space, plus the demo world's caption-match figures: the reranked best-of-N, the first
+draw and any-of-N, and per-attribute rates, on the held-out captions and on a
+sample of training captions, with a one-line diagnosis of what falls short."""
 
 import json
 import os
+import random
 import time
 from typing import Dict, List
 
 import dagster as dg
 
-from assets.data import coco_eval_set, load_eval_images
+from assets.data import SHARDS, coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
 from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples
 from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER
 from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
+from dalle_core.data import shards as shard_io
 from dalle_core.demo.checker import check_image
-from dalle_core.demo.scenes import parse_caption
+from dalle_core.demo.scenes import parse_caption, split_of
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
+from dalle_core.eval.caption_match import DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
+from dalle_core.eval.caption_match import caption_match_figures, diagnose
 from dalle_core.eval.fairness import comparison_table, digest_texts, fingerprint_id, make_fingerprint
-from dalle_core.eval.generated import generate_best_images, weights_digest
+from dalle_core.eval.generated import generate_judged, weights_digest
 from dalle_core.eval.images import image_set_digest
 from dalle_core.eval.inception import WEIGHTS_ENV
 from dalle_core.eval.report import numeric_metrics
@@ -51,6 +57,9 @@ class ZeroShotConfig(dg.Config):
     # a second contrastive model (weights path, models:/reranker/3, @alias) that did not select the
     # samples: its Frechet distance is reported as independent_fd (and is part of the fingerprint)
     independent_reranker: str = ""
+    # demo world: caption-match figures also on this many training captions (a fixed-seed sample of
+    # the shards' captions), beside the held-out ones, to tell generalisation from the prior; 0 = off
+    train_captions: int = 64
 
 
 def resolve_inception(spec: str, storage: StorageResource):
@@ -68,26 +77,74 @@ def resolve_inception(spec: str, storage: StorageResource):
 def earlier_reports(mlflow: MlflowResource, limit: int = 5) -> list[dict]:
     """The latest earlier zero-shot runs, for the report's comparison table."""
     runs = mlflow.search_runs(f"tags.stage = '{STAGE}'", max_results=limit)
+    # heldout/..., train/...: the caption-match diagnoses have their own table, not the history's
     return [{"version": f"prior v{r.data.tags['prior_version']}" if r.data.tags.get("prior_version") else r.info.run_id[:8],
-             "metrics": dict(r.data.metrics)}
+             "metrics": {k: v for k, v in r.data.metrics.items() if "/" not in k}}
             for r in runs]
 
 
+TRAIN_SEED_OFFSET = 1_000_003  # the training captions' draws: seeds apart from the held-out ones'
+
+
+def sample_train_captions(store, count: int, seed: int, tokenizer, pool_factor: int = 8) -> list[str]:
+    """`count` distinct demo-world training captions, a fixed-seed sample of the first
+    `count * pool_factor` such captions of the shards (in manifest order: the shards are
+    shuffled when written), read only as far as needed. Held-out and validation
+    compositions are never in the shards; a caption the prior cannot take whole is skipped."""
+    if count <= 0:
+        return []
+    pool: dict[str, None] = {}
+    pairs = shard_io.read_shards(store, SHARDS)
+    try:
+        for pair in pairs:
+            caption = pair.caption
+            if caption not in pool and parse_caption(caption) is not None and split_of(caption) == "train":
+                pool[caption] = None
+                if len(pool) >= count * pool_factor:
+                    break
+    finally:
+        pairs.close()
+    captions = list(pool)
+    if captions:
+        _, truncated = tokenizer.encode_batch_with_info(captions)
+        captions = [c for c, t in zip(captions, truncated.tolist()) if not t]
+    return random.Random(seed).sample(captions, min(count, len(captions)))
+
+
 def evaluate_chain(chain: TextToImage, captions: list[str], references: list, config: ZeroShotConfig, inception,
-                   storage: StorageResource, independent=None, log=None) -> tuple[dict, list]:
+                   storage: StorageResource, independent=None, log=None,
+                   train_captions: list[str] | None = None) -> tuple[dict, list]:
     """The zero-shot figures of one generation chain: N candidates per caption, the reranker's
     best kept (the paper's protocol), generated in chunks kept on disk (a killed evaluation's
-    rerun generates only what is missing), then the metrics. Returns (metrics, generated)."""
+    rerun generates only what is missing), then the metrics. Returns (metrics, generated).
+
+    On demo-world captions every candidate is judged by the checker: metrics["caption_figures"]
+    holds {"heldout": figures, "train": figures (with `train_captions`)} of
+    `dalle_core.eval.caption_match`, and the one-line diagnosis under "diagnosis"."""
     t0, resumed = time.monotonic(), []
 
-    def generation_progress(done: int, total: int, from_disk: bool) -> None:
-        resumed.append(from_disk)
-        if log:
-            log(f"zero-shot: generated {done}/{total} ({'from an earlier run' if from_disk else 'new'}, "
-                f"{time.monotonic() - t0:.0f}s)")
+    def progress_of(what: str):
+        def generation_progress(done: int, total: int, from_disk: bool) -> None:
+            resumed.append(from_disk)
+            if log:
+                log(f"zero-shot: generated {done}/{total} {what} ({'from an earlier run' if from_disk else 'new'}, "
+                    f"{time.monotonic() - t0:.0f}s)")
+        return generation_progress
 
-    generated = generate_best_images(chain, captions, config.candidates, config.batch_captions, config.seed,
-                                     cache_dir=storage.scratch("zero-shot-generated"), progress=generation_progress)
+    demo = all(parse_caption(c) is not None for c in captions)
+    cache_dir = storage.scratch("zero-shot-generated")
+    heldout = generate_judged(chain, captions, config.candidates, config.batch_captions, config.seed,
+                              cache_dir=cache_dir, progress=progress_of("held-out"),
+                              judge=check_image if demo else None)
+    generated = heldout.best
+    figures = {}
+    if demo:
+        figures["heldout"] = caption_match_figures(heldout.judgements)
+        if train_captions:
+            train = generate_judged(chain, train_captions, config.candidates, config.batch_captions,
+                                    config.seed + TRAIN_SEED_OFFSET, cache_dir=cache_dir,
+                                    progress=progress_of("training-caption"), judge=check_image)
+            figures["train"] = caption_match_figures(train.judgements)
     reranker = chain.reranker
     # the features are cached per model: named by the weights actually loaded
     rr_id = weights_digest(reranker)[:16]
@@ -101,11 +158,12 @@ def evaluate_chain(chain: TextToImage, captions: list[str], references: list, co
                                 cache=FeatureCache(storage.scratch("eval-features")), contrastive_id=f"reranker-{rr_id}",
                                 independent_features_fn=independent.image_features if independent is not None else None,
                                 independent_id=f"reranker-{weights_digest(independent)[:16]}" if independent is not None else None)
-    if all(parse_caption(c) is not None for c in captions):
-        checks = [check_image(im, c) for im, c in zip(generated, captions)]
-        metrics["caption_match"] = sum(r.match for r in checks) / len(captions)
-        metrics["colour_match"] = sum(r.colours for r in checks) / len(captions)  # partial credit
+    if demo:  # the checks of the reranker's picks, as judged with the other candidates
+        metrics["caption_match"] = figures["heldout"]["caption_match_reranked"]
+        metrics["colour_match"] = figures["heldout"]["picked_colour_rate"]  # partial credit
         metrics["caption_match_reference"] = sum(demo_check(im, c) for im, c in zip(references, captions)) / len(captions)
+        metrics["caption_figures"] = figures
+        metrics["diagnosis"] = diagnose(figures["heldout"], figures.get("train"))
     metrics["num_captions"] = float(len(captions))
     metrics["candidates_per_caption"] = float(config.candidates)
     metrics["resumed_chunks"] = (sum(resumed), len(resumed))
@@ -125,6 +183,19 @@ def evaluation_fingerprint(chain: TextToImage, captions: list[str], references: 
         inception=inception.extractor_id if isinstance(inception, InceptionMetrics) else "not computed",
         independent=weights_digest(independent) if independent is not None else "none",
         decoder=weights_digest(chain.decoder), code_version=code_version())
+
+
+def caption_match_table(figures: dict[str, dict[str, float]]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): each caption-match figure on held-out and on training captions."""
+    splits = [s for s in ("heldout", "train") if s in figures]
+    names = [k for k in CAPTION_MATCH_DESCRIPTIONS if any(k in figures[s] for s in splits)]
+    header = ["figure"] + [{"heldout": "held-out captions", "train": "training captions"}[s] for s in splits]
+
+    def cell(split: str, name: str) -> str:
+        v = figures[split].get(name)
+        return "-" if v is None else f"{v:.0f}" if name == "size_captions" else f"{v:.3f}"
+
+    return header, [[k] + [cell(s, k) for s in splits] for k in names]
 
 
 MAIN = ("fid", "inception_score", "contrastive_fd", "independent_fd", "contrastive_precision", "contrastive_recall",
@@ -167,10 +238,18 @@ def coco_zero_shot_report(
     evaluated = f"prior v{prior_version} ({role})" + (f" vs champion v{champ}" if champ and champ != prior_version else "")
     context.log.info(f"zero-shot: {evaluated}, fingerprint {fp} ({describe_versions(mlflow, versions)})")
 
+    demo = all(parse_caption(c) is not None for c in captions)
+    train_captions = (sample_train_captions(store, config.train_captions, config.seed, chain.tokenizer)
+                      if demo and config.train_captions > 0 else [])
     metrics, generated = evaluate_chain(chain, captions, references, config, inception, storage, independent,
-                                        log=context.log.info)
+                                        log=context.log.info, train_captions=train_captions)
     resumed = metrics.pop("resumed_chunks")
+    caption_figures, diagnosis = metrics.pop("caption_figures", {}), metrics.pop("diagnosis", None)
     numbers = numeric_metrics(metrics)
+    # stable MLflow names: heldout/<figure>, train/<figure> (dalle_core.eval.caption_match.DESCRIPTIONS)
+    diagnostics = {f"{split}/{k}": v for split, figures in caption_figures.items() for k, v in figures.items()}
+    if diagnosis:
+        context.log.info(f"zero-shot: {diagnosis}")
 
     # the champion under the same conditions: its recorded figures under this fingerprint, else
     # scored now with the same captions, seed, candidates and scorers (unless configured not to)
@@ -186,6 +265,8 @@ def coco_zero_shot_report(
             champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
                                               independent, log=context.log.info)
             champ_metrics.pop("resumed_chunks")
+            champ_metrics.pop("caption_figures", None)
+            champ_metrics.pop("diagnosis", None)
             champ_numbers = numeric_metrics(champ_metrics)
             rescored = f"yes: champion v{champ} scored in this run under fingerprint {fp}"
         else:
@@ -201,6 +282,9 @@ def coco_zero_shot_report(
                           | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured",
                              "independent_reranker": "configured" if independent is not None else "none"})
         mlflow.log_metrics(numbers)
+        if diagnostics:
+            mlflow.log_metrics(diagnostics | {"train/num_captions": float(len(train_captions))})
+            mlflow.set_tag("diagnosis", diagnosis[:250])
         for name, reason in metrics.get("not_computed", {}).items():
             mlflow.set_tag(f"not_computed.{name}", reason[:250])
         for name in ("contrastive_fd", "independent_fd"):
@@ -212,6 +296,7 @@ def coco_zero_shot_report(
         comparison = mlflow.log_comparison(f"prior v{prior_version}", promotion, numbers, dict(config.promote_on),
                                            fingerprint, names=names)
         champ_label = f"champion v{promotion.champion}" if promotion.champion else "champion"
+        caption_table = caption_match_table(caption_figures)
         report = render_report(
             metrics, samples=shown, history=history, version=f"prior v{prior_version}",
             settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
@@ -222,7 +307,10 @@ def coco_zero_shot_report(
                         "header": ["metric", f"prior v{prior_version}", champ_label, "rule"],
                         "rows": comparison_table("", "", numbers, promotion.champion_metrics, dict(config.promote_on),
                                                  names),
-                        "note": promotion.reason})
+                        "note": promotion.reason},
+            caption_match={"title": "Caption match: held-out vs training captions",
+                           "header": caption_table[0], "rows": caption_table[1], "note": diagnosis or "",
+                           "descriptions": CAPTION_MATCH_DESCRIPTIONS} if caption_figures else None)
         mlflow.log_text(report.html, "report/zero_shot.html")
         if report.plot_png:
             from PIL import Image
@@ -234,6 +322,7 @@ def coco_zero_shot_report(
     store.put_text(f"{REPORTS}/{stamp}.html", report.html)
     store.put_text(f"{REPORTS}/latest.html", report.html)
     store.put_text(f"{REPORTS}/latest.json", json.dumps({"metrics": numbers, "not_computed": metrics.get("not_computed", {}),
+                                                        "caption_match": caption_figures, "diagnosis": diagnosis,
                                                         "evaluated": evaluated, "fingerprint": fingerprint,
                                                         "promotion": promotion.reason}, indent=1))
 
@@ -255,6 +344,12 @@ def coco_zero_shot_report(
         "promotion": promotion.reason,
         "promoted": promotion.promoted,
     }
+    if caption_figures:
+        meta["caption_match_diagnosis"] = md(md_table(*caption_table) + f"\n\n**Diagnosis**: {diagnosis}")
+        meta["diagnosis"] = diagnosis
+        meta["train_captions"] = len(train_captions)
+        meta["candidates"] = config.candidates
+        meta.update({k: round(v, 4) for k, v in diagnostics.items()})
     if report.plot_png:
         meta["fd_vs_blur"] = md(md_image(report.plot_png, "Frechet distance vs blur radius"))
     meta.update({k: round(numbers[k], 4) for k in names})

@@ -149,7 +149,8 @@ def summarize(settings: Settings, instance) -> dict:
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
         ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "model_version")),
         ("samples", ("caption_match_reranked", "caption_match_random", "caption_match_shuffled",
-                     "colour_match_reranked", "colour_match_random", "colour_match_shuffled")),
+                     "colour_match_reranked", "colour_match_random", "colour_match_shuffled",
+                     "heldout/caption_match_first_draw", "heldout/caption_match_any")),
         ("coco_zero_shot_report", ("captions", "caption_match", "colour_match", "caption_match_reference",
                                    "contrastive_fd", "contrastive_precision", "contrastive_recall", "fid",
                                    "promotion")),
@@ -161,7 +162,32 @@ def summarize(settings: Settings, instance) -> dict:
         if len(metas) > 1:
             values += f" ({len(metas)} partitions)"
         lines.append(f"{key:15s} {values}")
-    return {"lines": lines}
+    caption_match, diagnosis = caption_match_lines(instance)
+    lines += [line for line in (caption_match, diagnosis) if line]
+    return {"lines": lines, "caption_match": caption_match, "diagnosis": diagnosis}
+
+
+def caption_match_lines(instance) -> tuple[str | None, str | None]:
+    """("caption match    held-out: reranked .., first draw .., any-of-8 ..; training captions:
+    ...; reranker swap binding ..", "diagnosis        ..."), from the zero-shot report's and the
+    reranker's latest metadata; (None, None) before there is a report with the figures."""
+    report = latest_metadata(instance, "coco_zero_shot_report", None)
+    if not report or "heldout/caption_match_reranked" not in report[0]:
+        return None, None
+    m = {k: v.value for k, v in report[0].items()}
+    n = m.get("candidates", "N")
+
+    def figures(split: str) -> str:
+        return (f"reranked {m[f'{split}/caption_match_reranked']:.2f}, first draw "
+                f"{m[f'{split}/caption_match_first_draw']:.2f}, any-of-{n} {m[f'{split}/caption_match_any']:.2f}")
+
+    parts = [f"held-out: {figures('heldout')}"]
+    if "train/caption_match_reranked" in m:
+        parts.append(f"training captions: {figures('train')}")
+    reranker = latest_metadata(instance, "reranker", None)
+    if reranker and "swap_binding" in reranker[0]:
+        parts.append(f"reranker swap binding {reranker[0]['swap_binding'].value:.2f}")
+    return f"{'caption match':15s} {'; '.join(parts)}", f"{'diagnosis':15s} {m.get('diagnosis', 'none')}"
 
 
 PARTITIONED = {"raw_pairs": "crawl_batches", "filtered_pairs": "crawl_batches", "image_codes": "code_shards"}

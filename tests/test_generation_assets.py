@@ -62,6 +62,13 @@ def test_samples_asset_grid_rates_and_mlflow(demo_run):
     run_id = meta["mlflow_run"].value.rstrip("/").split("/")[-1]
     run = mlflow.get_run(run_id)
     assert "caption_match_reranked" in run.data.metrics
+    # every candidate judged: the report's held-out figures, on the samples' 16 captions x 32 candidates
+    for k in ("caption_match_reranked", "caption_match_first_draw", "caption_match_any", "reranker_efficiency",
+              "colour_rate", "shape_rate", "size_rate", "relation_rate", "picked_colour_rate"):
+        assert f"heldout/{k}" in run.data.metrics and f"heldout/{k}" in meta, k
+    assert meta["heldout/caption_match_reranked"].value == pytest.approx(meta["caption_match_top1"].value, abs=1e-4)
+    assert meta["heldout/caption_match_first_draw"].value <= meta["heldout/caption_match_any"].value
+    assert meta["diagnosis"].value and "held-out captions" in meta["caption_match_diagnosis"].value
     arts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "samples")]
     assert "samples/grid.png" in arts
 

@@ -132,22 +132,35 @@ def _to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).numpy()
 
 
+def picked_indices(out) -> np.ndarray:
+    """int [B]: the index among the candidates (draw order) of the reranker's best image, for
+    a `Generated` with candidates (``return_candidates=True``); 0 without reranking."""
+    if out.candidates is None:
+        raise ValueError("the reranker's pick needs the candidates: generate with return_candidates=True")
+    if not out.reranked:
+        return np.zeros(out.candidates.shape[0], dtype=np.int64)
+    same = (out.candidates == out.images[:, :1]).flatten(2).all(-1)  # the first candidate equal to the kept image
+    if not bool(same.any(1).all()):
+        raise RuntimeError("the reranker's pick is none of the candidates")
+    return same.to(torch.uint8).argmax(1).to(torch.int64).numpy()
+
+
+def judge_candidates(out, judge: Judge, picked: np.ndarray | None = None) -> Judgements:
+    """Every candidate of a `Generated` (``return_candidates=True``) judged against its
+    caption, as the uint8 image a chunk keeps, with the reranker's pick."""
+    picked = picked_indices(out) if picked is None else picked
+    checks = [[judge(Image.fromarray(p, "RGB"), caption) for p in _to_uint8(out.candidates[i])]
+              for i, caption in enumerate(out.captions)]
+    return Judgements.from_checks(checks, picked)
+
+
 def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: Judge | None) -> dict[str, np.ndarray]:
     # batch_size None: rows sized from the KV cache per row and free GPU memory (256 on CPU)
     out = chain.generate(chunk, n=candidates, keep=1, seed=seed, batch_size=None, return_candidates=True)
-    best = out.images[:, 0]
-    if out.reranked:  # the pick's index: the first candidate equal to the kept image
-        same = (out.candidates == best[:, None]).flatten(2).all(-1)
-        if not bool(same.any(1).all()):
-            raise RuntimeError("the reranker's pick is none of the candidates")
-        picked = same.to(torch.uint8).argmax(1).to(torch.int64).numpy()
-    else:
-        picked = np.zeros(len(chunk), dtype=np.int64)
-    arrays = {"images": _to_uint8(best), "first": _to_uint8(out.candidates[:, 0]), "picked": picked}
+    picked = picked_indices(out)
+    arrays = {"images": _to_uint8(out.images[:, 0]), "first": _to_uint8(out.candidates[:, 0]), "picked": picked}
     if judge is not None:
-        checks = [[judge(Image.fromarray(p, "RGB"), caption) for p in _to_uint8(out.candidates[i])]
-                  for i, caption in enumerate(chunk)]
-        arrays.update(Judgements.from_checks(checks, picked).arrays())
+        arrays.update(judge_candidates(out, judge, picked).arrays())
     return arrays
 
 

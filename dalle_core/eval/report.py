@@ -85,12 +85,14 @@ def render_report(metrics: Mapping, *, title: str = "Zero-shot evaluation",
                   samples: Sequence[Mapping] = (), history: Sequence[Mapping] = (),
                   settings: Optional[Mapping[str, str]] = None, version: str = "this run",
                   descriptions: Optional[Mapping[str, str]] = None,
-                  comparison: Optional[Mapping] = None) -> Report:
+                  comparison: Optional[Mapping] = None, caption_match: Optional[Mapping] = None) -> Report:
     """`metrics`: the dict of `zero_shot_metrics` (numbers, 'not_computed', 'settings').
     `samples`: [{'caption', 'generated': [PIL], 'reference': PIL or None}].
     `history`: earlier versions, [{'version', 'metrics'}]. `settings`: extra settings rows.
     `descriptions`: {metric: what it measures}. `comparison`: {'title', 'header', 'rows',
-    'note'}: the challenger and champion side by side, measured under one fingerprint."""
+    'note'}: the challenger and champion side by side, measured under one fingerprint.
+    `caption_match`: {'title', 'header', 'rows', 'note', 'descriptions'}: the caption-match
+    figures (first draw, any-of-N, reranked, per attribute) per caption set, and the diagnosis."""
     values = numeric_metrics(metrics)
     missing = dict(metrics.get("not_computed", {}))
     desc = dict(descriptions or {})
@@ -102,6 +104,14 @@ def render_report(metrics: Mapping, *, title: str = "Zero-shot evaluation",
         parts += [f"<h2>{html.escape(str(comparison.get('title', 'Challenger vs champion')))}</h2>",
                   _table(list(comparison["header"]), [[html.escape(str(c)) for c in r] for r in comparison["rows"]]),
                   f"<p>{html.escape(str(comparison.get('note', '')))}</p>"]
+    if caption_match:
+        cdesc = dict(caption_match.get("descriptions", {}))
+        parts += [f"<h2>{html.escape(str(caption_match.get('title', 'Caption match')))}</h2>",
+                  _table([*caption_match["header"], "what it measures"],
+                         [[html.escape(str(c)) for c in r] + [html.escape(cdesc.get(str(r[0]), ""))]
+                          for r in caption_match["rows"]])]
+        if caption_match.get("note"):
+            parts.append(f"<p><b>Diagnosis</b>: {html.escape(str(caption_match['note']))}</p>")
 
     plot = blur_plot_png(metrics)
     parts.append("<h2>Frechet distance vs blur radius</h2>")
