@@ -8,6 +8,7 @@ runs and machines. FLOPs are counted by torch.utils.flop_counter.
     .venv/bin/python bench/dvae.py                  # paper shape (256x256 -> 32x32, vocab 8192), CPU
     .venv/bin/python bench/dvae.py --profile small --batch 16 --threads 1   # the demo's dVAE
     .venv/bin/python bench/dvae.py --batch 8 --device cuda --dtype bf16
+    .venv/bin/python bench/dvae.py --profile small --batch 16 --dtype bf16   # CPU bf16 vs fp32, same run
 
 The training step is timed in both memory layouts, the contiguous (NCHW) one
 as the baseline and channels_last (what train_dvae uses) as the figure.
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype on GPU")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype (on CPU: bf16 or fp32)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = p.parse_args()
     if args.threads:
@@ -81,7 +82,7 @@ def main() -> None:
     device = torch.device(args.device)
     cfg = get_profile(args.profile).dvae
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    use_amp = device.type == "cuda" and amp is not None
+    use_amp = amp is not None and (device.type == "cuda" or (device.type == "cpu" and amp == torch.bfloat16))
     torch.manual_seed(0)
     enc, dec = build_dvae(cfg, device=device, requires_grad=True, use_mixed_precision=use_amp)
     x = torch.rand(args.batch, 3, cfg.image_size, cfg.image_size, device=device)
@@ -113,6 +114,11 @@ def main() -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     enc_s = timed(encode, device, args.repeats)
     step_s = timed(train_step, device, args.repeats)
+    step_s_fp32 = None
+    if use_amp:  # the same step without autocast, in the same run: the low precision's own gain
+        use_amp = False
+        step_s_fp32 = timed(train_step, device, args.repeats)
+        use_amp = True
     enc_flops = count_flops(encode)
     step_flops = count_flops(train_step)
     peak = matmul_rate(device, amp if use_amp else torch.float32)
@@ -130,6 +136,8 @@ def main() -> None:
         "train_images_per_s": round(args.batch / step_s, 3),
         "train_step_s_contiguous_nchw": round(step_s_nchw, 3),
         "channels_last_speedup": round(step_s_nchw / step_s, 3),
+        "train_step_s_fp32": round(step_s_fp32, 3) if step_s_fp32 else None,
+        "speedup_over_fp32": round(step_s_fp32 / step_s, 3) if step_s_fp32 else None,
         "matmul_baseline_tflops": round(peak / 1e12, 4),
         "encode_fraction_of_matmul_rate": round(enc_flops / enc_s / peak, 4),
         "train_fraction_of_matmul_rate": round(step_flops / step_s / peak, 4),

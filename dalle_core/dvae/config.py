@@ -73,6 +73,9 @@ class DVAEConfig:
     checkpoint_every: int = 10_000
     keep_checkpoints: int = 2  # training checkpoints kept on disk (newest)
     amp_dtype: str = "bf16"  # on CUDA: "bf16", "fp16" (with GradScaler) or "fp32"
+    # bf16 autocast on a CPU too, where it has bf16 matrix instructions (AVX-512 BF16 / AMX:
+    # dalle_core.precision.device); off: fp32 on every CPU. A CPU without them stays fp32.
+    cpu_bf16: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -69,13 +69,15 @@ class Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad = (self.kw - 1) // 2
-        on_cuda = self.w.device.type == "cuda"
-        if on_cuda and torch.is_autocast_enabled("cuda"):
-            # Under autocast the trainer picks the precision (bf16 or fp16 with a
-            # GradScaler); layers marked fp32 in the release are kept fp32.
+        dev = self.w.device.type
+        on_cuda = dev == "cuda"
+        if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+            # Under autocast the trainer picks the precision (bf16, or fp16 with a
+            # GradScaler on GPUs; bf16 on CPUs that have it); layers marked fp32 in
+            # the release are kept fp32.
             if self.use_float16:
                 return F.conv2d(x, self.w, self.b, padding=pad)
-            with torch.autocast("cuda", enabled=False):
+            with torch.autocast(dev, enabled=False):
                 return F.conv2d(x.float(), self.w, self.b, padding=pad)
         if self.use_float16 and on_cuda:
             # The released inference path: fp16 activations and weights on GPU.

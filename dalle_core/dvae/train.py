@@ -3,8 +3,9 @@
     result = train_dvae(config, batches, checkpoint_dir, on_log=print)
 
 * AdamW with the cosine learning-rate, temperature and KL-weight schedules of
-  `schedules.py`; an EMA of the weights (the exported model); fp32 on CPU,
-  `torch.autocast` on CUDA (bf16, or fp16 with a GradScaler).
+  `schedules.py`; an EMA of the weights (the exported model); `torch.autocast`
+  on CUDA (bf16, or fp16 with a GradScaler); on CPU fp32, or bf16 with
+  `config.cpu_bf16` where the CPU has bf16 instructions.
 * Logged every `log_every` steps: total / recon / kl (nats per pixel value, see
   losses.py), temperature, beta (KL weight), lr, grad_norm, codebook usage and
   perplexity: the numbers that show the KL term hurting reconstruction or the
@@ -42,6 +43,7 @@ import torch.nn as nn
 
 from dalle_core.checkpointing import list_step_files, load_latest_step_file
 from dalle_core.io import atomic_torch_save
+from dalle_core.precision.device import cpu_has_fast_bf16
 
 from .codebook_init import kmeans_codebook_init
 from .config import SHAPE_FIELDS, DVAEConfig
@@ -201,7 +203,9 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
 
     on_cuda = device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[config.amp_dtype]
-    use_amp = on_cuda and amp_dtype is not None  # fp32 on CPU
+    if device.type == "cpu":  # bf16 only where the CPU computes it natively (config.cpu_bf16)
+        amp_dtype = torch.bfloat16 if config.cpu_bf16 and cpu_has_fast_bf16() else None
+    use_amp = (on_cuda or device.type == "cpu") and amp_dtype is not None
     use_scaler = use_amp and amp_dtype == torch.float16
 
     # Models are initialised on the CPU from config.seed (same init on any device),

@@ -186,7 +186,9 @@ class PriorTrainingConfig:
     ema_every: int = 25
 
     # --- precision -----------------------------------------------------------------
-    amp_dtype: str = "fp16"  # "fp16" (with per-resblock gradient scaling), "bf16" or "fp32"
+    # "fp16" (with per-resblock gradient scaling: the paper's), "bf16", "fp32", or "auto":
+    # what pays on the device (dalle_core.precision.device: bf16 on CPUs with AVX-512 BF16)
+    amp_dtype: str = "fp16"
     per_resblock_grad_scaling: bool = True  # only used with fp16
     # PowerSGD across machines (dalle_core.distributed): "paper" = appendix E (a
     # Gaussian Q fixed at the start, no warm start, Householder of P + eps I,
@@ -207,8 +209,8 @@ class PriorTrainingConfig:
                 raise ValueError(f"PriorTrainingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
-        if self.amp_dtype not in ("fp16", "bf16", "fp32"):
-            raise ValueError(f"amp_dtype must be 'fp16', 'bf16' or 'fp32', got {self.amp_dtype!r}")
+        if self.amp_dtype not in ("fp16", "bf16", "fp32", "auto"):
+            raise ValueError(f"amp_dtype must be 'fp16', 'bf16', 'fp32' or 'auto', got {self.amp_dtype!r}")
         if self.powersgd_variant not in ("paper", "torch"):
             raise ValueError(f"powersgd_variant must be 'paper' or 'torch', got {self.powersgd_variant!r}")
         object.__setattr__(self, "betas", tuple(self.betas))

@@ -11,6 +11,9 @@ What each step does
   autocast per `precision`:
     "fp32"               no autocast (CPU tests);
     "bf16"               autocast bf16, no gradient scaling;
+    "auto" (amp_dtype)   bf16 where the device has fast bf16 (GPUs from Ampere,
+                         CPUs with AVX-512 BF16 / AMX), fp16 on older GPUs,
+                         fp32 elsewhere (dalle_core.precision.device);
     "fp16-per-resblock"  autocast fp16 with the paper's per-resblock gradient
                          scaling (`dalle_core.precision`): one scale per
                          resblock, non-finite gradients filtered per block and
@@ -85,6 +88,7 @@ from dalle_core.distributed.mesh import (
     is_distributed,
 )
 from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
+from dalle_core.precision.device import resolve_amp_dtype
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
 from .config import SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
@@ -97,9 +101,13 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16-per-resblock", "bf16")
 
 
-def resolve_precision(precision: str | None, config: PriorTrainingConfig) -> str:
-    if precision is None:
-        precision = {"fp16": "fp16-per-resblock", "bf16": "bf16", "fp32": "fp32"}[config.amp_dtype]
+def resolve_precision(precision: str | None, config: PriorTrainingConfig,
+                      device: torch.device | str = "cpu") -> str:
+    """The precision a run trains in: the argument, else the config's amp_dtype ("auto":
+    what pays on `device`, dalle_core.precision.device)."""
+    if precision is None or precision == "auto":
+        amp = resolve_amp_dtype(config.amp_dtype if precision is None else "auto", device)
+        precision = {"fp16": "fp16-per-resblock", "bf16": "bf16", "fp32": "fp32"}[amp]
     if precision == "fp16":
         precision = "fp16-per-resblock"
     if precision not in PRECISIONS:
@@ -232,7 +240,7 @@ def train_prior(
     its checkpoint). Collective under `parallel`: every rank calls it.
     """
     t_start = time.time()
-    precision = resolve_precision(precision, training)
+    precision = resolve_precision(precision, training, device)
     total = int(total_steps if total_steps is not None else training.total_steps)
     log_every = int(log_every or training.log_every)
     checkpoint_every = int(checkpoint_every or training.checkpoint_every)
@@ -456,7 +464,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks)")
     ap.add_argument("--steps", type=int, default=None, help="total updates (default: the profile's)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
-    ap.add_argument("--precision", default=None, choices=PRECISIONS)
+    ap.add_argument("--precision", default=None, choices=(*PRECISIONS, "auto"))
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--log-every", type=int, default=None)
