@@ -15,7 +15,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip || echo "warning: could not upgrade pip in $(VENV); continuing with the one it has"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -e '.[dev,deploy]'
 	$(PY) -m pip install -q --no-deps "torch-fidelity>=0.3"  # see the fid extra in pyproject.toml
