@@ -268,8 +268,12 @@ def small() -> Profile:
         # learned the code statistics but hardly the caption; 1000 x 16 (~7 epochs of
         # the demo's shards; the demo runs 900) draws the captioned colours in most samples.
         prior=dict(n_layer=4, n_head=4, d_head=32, conv_kernel=7),
-        prior_training=dict(lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="fp32",
-                            batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
+        # amp_dtype "auto": bf16 on a CPU with AVX-512 BF16 (1.29x the fp32 step; over 250
+        # updates on the demo's codes the loss matches fp32 within 0.0005, 2026-12-01), fp32
+        # elsewhere. The time saved buys updates: 1100 in bf16 take what 900 took in fp32
+        # (caption following is still on the steep part of its curve: issue 15).
+        prior_training=dict(lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
+                            batch_size=16, total_steps=1100, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
         # sized so the demo trains it in about a minute and a half on 2 CPU cores
