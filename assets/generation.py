@@ -25,7 +25,7 @@ from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.prior.model import load_prior
 from dalle_core.rerank import load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
-from dalle_core.rerank.negatives import negatives_for_batch
+from dalle_core.rerank.negatives import training_batch
 from dalle_core.text.bpe import DalleTokenizer
 from dalle_core.eval.caption_match import DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
 from dalle_core.eval.caption_match import caption_match_figures, diagnose
@@ -43,7 +43,7 @@ def load_tokenizer(store) -> DalleTokenizer:
 
 class RerankerRunConfig(dg.Config):
     steps: Optional[int] = None  # default: the profile's
-    hard_negatives: int = 3  # swapped-word captions per image (NegCLIP); 0 for in-batch negatives only
+    hard_negatives: Optional[int] = None  # swapped-word captions per image (NegCLIP); default: the profile's
     # champion / challenger: the new reranker replaces the champion only if it beats it on all of these
     promote_on: Dict[str, str] = {"retrieval_image_to_text": "higher"}
 
@@ -52,8 +52,9 @@ class RerankerRunConfig(dg.Config):
     deps=[shards_asset, bpe_tokenizer],
     group_name="generation",
     kinds={"pytorch"},
-    description="Contrastive image-text model (CLIP-like, trained here on the shards with swapped-word "
-    "hard negatives) that reranks the prior's samples; registered in MLflow as `reranker`.",
+    description="Contrastive image-text model (CLIP-like, trained here on the shards with the profile's "
+    "negatives: swapped-word captions and/or mirror images with the relation reversed) that reranks the "
+    "prior's samples; registered in MLflow as `reranker`.",
 )
 def reranker(
     context: dg.AssetExecutionContext, config: RerankerRunConfig, storage: StorageResource,
@@ -66,25 +67,21 @@ def reranker(
         raise dg.Failure(f"the stored tokenizer has {tok.vocab_size} BPE ids x {tok.text_len} positions, profile "
                          f"{prof.name}'s reranker expects {cfg.text_vocab_size} x {cfg.text_len}")
     steps = config.steps or cfg.total_steps
+    if config.hard_negatives is not None:
+        cfg = cfg.replace(hard_negatives=config.hard_negatives)
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
     image_size = prof.data.image_size  # the shards' image size
-    checkpoints = storage.scratch(f"reranker-checkpoints/{config_digest({**cfg.to_dict(), 'steps': steps, 'neg': config.hard_negatives})}")
+    checkpoints = storage.scratch(f"reranker-checkpoints/{config_digest({**cfg.to_dict(), 'steps': steps})}")
 
     def batches(start_step: int):
         rng = random.Random(cfg.seed * 7919 + start_step)  # a resumed run draws its own, reproducible negatives
         for images, captions in image_caption_batches(paths, cfg.batch_size, image_size, seed=cfg.seed,
                                                       start_step=start_step):
-            text = tok.encode_batch(captions, dropout=True, rng=rng)
-            if config.hard_negatives:
-                negs = negatives_for_batch(captions, config.hard_negatives, rng)
-                flat = tok.encode_batch([n for row in negs for n in row])
-                yield images, text, flat.view(len(captions), config.hard_negatives, -1)
-            else:
-                yield images, text
+            yield training_batch(images, captions, tok, cfg, rng)
 
     with mlflow.start_run("reranker", tags={"stage": "reranker", "profile": prof.name}, data_version=data_version(store)) as run:
         mlflow.log_params({**{k: v for k, v in cfg.to_dict().items() if not isinstance(v, (list, dict))},
-                           "steps": steps, "hard_negatives": config.hard_negatives})
+                           "steps": steps})
 
         def on_log(record: dict) -> None:
             step = int(record.get("step", 0))

@@ -39,10 +39,27 @@ BEFORE = json.loads((Path(__file__).parent / "data" / "profiles_before_issue14.j
 # spends the time saved on more updates (issue 15).
 CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            ("small", "prior_training", "amp_dtype"): ("fp32", "auto"),
-           ("small", "prior_training", "total_steps"): (900, 1100)}
+           ("small", "prior_training", "total_steps"): (900, 1100),
+           # the small reranker's binding design, measured in bench/reranker.py (issue 15)
+           ("small", "reranker", "image_pool"): ("flatten", "moments"),
+           ("small", "reranker", "text_conv"): (0, 5),
+           ("small", "reranker", "hard_negatives"): (3, 0),
+           ("small", "reranker", "mirrored_pairs"): (0, 64),
+           ("small", "reranker", "amp_dtype"): ("fp32", "auto"),
+           # the paper's dVAE training-time random crop + resize (Listing 1; issue 16)
+           ("paper-1.3B", "dvae", "random_crop"): (False, True),
+           ("paper-12B", "dvae", "random_crop"): (False, True)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
 # (dVAE bf16 autocast on CPUs with bf16 instructions: issue 15, off unless a profile turns it on).
-ADDED = {("dvae", "cpu_bf16"): False}
+# The reranker's layout and training choices (issue 15): their defaults are the first design.
+ADDED = {("dvae", "cpu_bf16"): False,
+         # the dVAE's training-time augmentation (issue 16): off unless a profile turns it on
+         ("dvae", "random_crop"): False, ("dvae", "random_crop_zoom"): [9 / 8, 12 / 8],
+         ("dvae", "random_crop_flip"): True,
+         ("reranker", "image_pool"): "flatten", ("reranker", "text_pool"): "mean", ("reranker", "text_conv"): 0,
+         ("reranker", "token_init_std"): 1.0, ("reranker", "hard_negative_weight"): 0.0,
+         ("reranker", "hard_negatives"): 3, ("reranker", "binding_negatives"): 0.0,
+         ("reranker", "mirrored_pairs"): 0, ("reranker", "amp_dtype"): "fp32"}
 
 
 def _json(d):

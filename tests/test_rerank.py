@@ -1,8 +1,11 @@
-"""The contrastive reranker: shapes and invariances, the symmetric InfoNCE loss,
-reranking, input errors, save / load with the config pinned, training that
-resumes to the same result, and that it learns the demo world's colours."""
+"""The contrastive reranker: shapes and invariances (every text pooling), the
+symmetric InfoNCE loss and the hard-negative term, reranking, input errors,
+save / load with the config pinned (and files of the old config shape), training
+that resumes to the same result, bf16 autocast, the binding negatives and the
+attribute-binding figure, and that it learns the demo world's colours."""
 
 import math
+import random
 import warnings
 
 import numpy as np
@@ -18,6 +21,18 @@ from dalle_core.rerank import (
     load_reranker,
     save_reranker,
     train_reranker,
+)
+from dalle_core.rerank import model as rerank_model
+from dalle_core.rerank.evaluate import attribute_binding_by_kind, retrieval_figures
+from dalle_core.rerank.negatives import (
+    binding_negatives,
+    mirrored_caption,
+    negatives_for_batch,
+    swapped_word_negatives,
+    typed_swap,
+    training_batch,
+    typed_swap_negatives,
+    with_mirrored_pairs,
 )
 from dalle_core.rerank.train import list_checkpoints, lr_at
 from dalle_core.profiles import UnknownProfileError, get_profile, profile_names
@@ -75,11 +90,13 @@ def test_config_profiles_and_round_trip():
 
 # --- the model ---------------------------------------------------------------------------------------
 
-def test_features_scores_and_invariances():
-    model = make()
-    images, ids = random_batch(MICRO, b=5)
+@pytest.mark.parametrize("pool", ["mean", "cls", "attention"])
+def test_features_scores_and_invariances(pool):
+    cfg = MICRO.replace(text_pool=pool)
+    model = make(cfg)
+    images, ids = random_batch(cfg, b=5)
     feats = model.image_features(images)
-    assert feats.shape == (5, MICRO.embed_dim)
+    assert feats.shape == (5, cfg.embed_dim)
     torch.testing.assert_close(feats.norm(dim=-1), torch.ones(5))
     assert model.image_features(images, normalize=False).norm(dim=-1).std() > 0
     s = model.score(images, ids)
@@ -93,17 +110,20 @@ def test_features_scores_and_invariances():
     torch.testing.assert_close(model.score(images, ids, batch_size=2), s)
     # pads are ignored: which pad ids fill the tail does not matter
     shuffled = ids.clone()
-    pad = ids >= MICRO.text_vocab_size
-    shuffled[pad] = MICRO.text_vocab_size + (MICRO.text_len - 1)
+    pad = ids >= cfg.text_vocab_size
+    shuffled[pad] = cfg.text_vocab_size + (cfg.text_len - 1)
     torch.testing.assert_close(model.text_features(shuffled), model.text_features(ids))
+    # nor on the other captions of its batch (all-pad tail positions are dropped)
+    alone = torch.cat([model.text_features(ids[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(alone, model.text_features(ids))
     # but the words and their order do
     swapped = ids.clone()
     swapped[:, [0, 1]] = swapped[:, [1, 0]]
     real2 = (~pad[:, :2]).all(1) & (ids[:, 0] != ids[:, 1])
     assert not torch.allclose(model.text_features(swapped)[real2], model.text_features(ids)[real2])
     # other image sizes are resized to the config's
-    big = F.interpolate(images, size=(2 * MICRO.image_size,) * 2, mode="nearest")
-    assert model.image_features(big).shape == (5, MICRO.embed_dim)
+    big = F.interpolate(images, size=(2 * cfg.image_size,) * 2, mode="nearest")
+    assert model.image_features(big).shape == (5, cfg.embed_dim)
 
 
 def test_symmetric_info_nce_and_hard_negatives():
@@ -122,6 +142,17 @@ def test_symmetric_info_nce_and_hard_negatives():
     out_n = model.loss(images, ids, negatives=neg)
     torch.testing.assert_close(out_n["loss_text"], out["loss_text"])
     assert out_n["loss_image"] > out["loss_image"]
+    # the hard-negative term: the true caption against its own negatives only
+    assert "loss_hard" not in out
+    neg_txt = F.normalize(model.encode_text(neg), dim=-1)
+    own = torch.stack([(img * txt).sum(-1), (img * neg_txt).sum(-1)], dim=1) / 0.07
+    torch.testing.assert_close(out_n["loss_hard"], F.cross_entropy(own, torch.zeros(4, dtype=torch.long)),
+                               rtol=1e-5, atol=1e-5)
+    assert float(out_n["acc_hard"]) == pytest.approx(float((own[:, 0] > own[:, 1]).float().mean()))
+    torch.testing.assert_close(out_n["loss"], (out_n["loss_image"] + out_n["loss_text"]) / 2)  # weight 0
+    weighted = make(MICRO.replace(hard_negative_weight=2.0))
+    w = weighted.loss(images, ids, negatives=neg)
+    torch.testing.assert_close(w["loss"], (w["loss_image"] + w["loss_text"]) / 2 + 2.0 * w["loss_hard"])
     assert torch.isclose(model.scale(), torch.tensor(1 / 0.07))
     with torch.no_grad():
         model.logit_scale.fill_(10.0)
@@ -188,6 +219,38 @@ def test_save_load_round_trip_pins_the_config(tmp_path):
         load_reranker(tmp_path / "other.pt")
 
 
+def _old_file(path, model):
+    """A file as the reranker before text_pool wrote it: no text_pool, amp_dtype or
+    hard_negative_weight in its config."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if k not in ("text_pool", "amp_dtype", "hard_negative_weight")}
+    torch.save({"format": rerank_model.RERANKER_FORMAT, "config": config,
+                "state_dict": model.state_dict(), "meta": {}}, path)
+    return path
+
+
+def test_files_of_the_old_config_shape(tmp_path):
+    images, ids = random_batch(MICRO, b=3)
+    old = make(MICRO.replace(text_pool="mean"), seed=5)
+    loaded = load_reranker(_old_file(tmp_path / "old.pt", old))  # mean pooling, as it was trained
+    assert loaded.config.text_pool == "mean" and loaded.config == old.config
+    torch.testing.assert_close(loaded.score(images, ids), old.score(images, ids))
+    # an old file with weights of another pooling: refused, naming the cause
+    with pytest.raises(ValueError, match="text pooling differs.*text_pool='mean'.*without text_pool"):
+        load_reranker(_old_file(tmp_path / "cls.pt", make(MICRO.replace(text_pool="cls"))))
+    blob = torch.load(tmp_path / "old.pt", weights_only=False)
+    blob["config"]["text_pool"] = "cls"
+    torch.save(blob, tmp_path / "says-cls.pt")
+    with pytest.raises(ValueError, match="text pooling differs.*text_pool='cls'"):
+        load_reranker(tmp_path / "says-cls.pt")
+    blob["config"]["text_pool"] = "max"
+    torch.save(blob, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="text_pool must be one of"):
+        load_reranker(tmp_path / "future.pt")
+    # the training checkpoints of the old shape cannot be resumed with a new pooling
+    assert "text_pool" in rerank_model.SHAPE_FIELDS
+
+
 # --- training ----------------------------------------------------------------------------------------
 
 def synthetic_batches(cfg, n_batches=50):
@@ -231,6 +294,26 @@ def test_training_resumes_to_the_same_result(tmp_path):
         train_reranker(MICRO.replace(embed_dim=8), fn, tmp_path / "b", total_steps=6)
     with pytest.raises(ValueError, match="ran out of batches"):
         train_reranker(MICRO, synthetic_batches(MICRO, n_batches=2), tmp_path / "c", total_steps=3)
+
+
+def test_bf16_autocast(tmp_path, monkeypatch):
+    assert rerank_model.autocast_dtype(MICRO) is None  # fp32 is the default
+    cfg = MICRO.replace(amp_dtype="bf16")
+    expected = torch.bfloat16 if rerank_model.fast_low_precision("cpu") == "bf16" else None
+    assert rerank_model.autocast_dtype(MICRO.replace(amp_dtype="auto")) is expected
+    assert rerank_model.autocast_dtype(cfg) is expected
+    logs = []
+    r = train_reranker(cfg, synthetic_batches(cfg), tmp_path / "a", total_steps=2, on_log=logs.append)
+    assert logs[0]["amp"] == ("bf16" if expected is not None else "fp32") and math.isfinite(r.final_loss)
+    assert all(p.dtype == torch.float32 for p in r.model.parameters())
+    # a CPU without bf16 trains in fp32, as the fp32 config does
+    monkeypatch.setattr(rerank_model, "fast_low_precision", lambda device="cpu": "fp32")
+    logs.clear()
+    slow = train_reranker(cfg, synthetic_batches(cfg), tmp_path / "b", total_steps=2, on_log=logs.append)
+    plain = train_reranker(MICRO, synthetic_batches(MICRO), tmp_path / "c", total_steps=2)
+    assert logs[0]["amp"] == "fp32" and slow.losses == plain.losses
+    with pytest.raises(ValueError, match="amp_dtype"):
+        MICRO.replace(amp_dtype="fp16")
 
 
 def test_lr_schedule():
@@ -292,3 +375,143 @@ def test_learns_demo_world_colours(tmp_path):
         cand = [i] + [(i + k * 11) % len(test_scenes) for k in range(1, 8)]
         hits += int(cand[int(model.rerank(test_x[cand], true[i], keep=1))] == i)
     assert hits / len(test_scenes) > 0.5, hits  # chance: 1/8
+
+
+# --- binding negatives and the attribute-binding figure ------------------------------------------------
+
+def test_typed_swaps_on_hand_examples():
+    cap = "a picture of a small red circle to the left of a large blue square"
+    assert typed_swap_negatives(cap) == {
+        "colour": "a picture of a small blue circle to the left of a large red square",
+        "size": "a picture of a large red circle to the left of a small blue square",
+        "shape": "a picture of a small red square to the left of a large blue circle",
+        "relation": "a picture of a small red circle to the right of a large blue square",
+    }
+    # the article follows the word that moved; the first pair, not the background's colour
+    assert typed_swap_negatives("an orange circle above a red triangle on a light grey background") == {
+        "colour": "a red circle above an orange triangle on a light grey background",
+        "shape": "an orange triangle above a red circle on a light grey background",
+        "relation": "an orange circle below a red triangle on a light grey background",
+    }
+    # same shapes, no sizes: only colour and relation; case and punctuation kept
+    assert typed_swap_negatives("There is a purple square below a green square.") == {
+        "colour": "There is a green square below a purple square.",
+        "relation": "There is a purple square above a green square.",
+    }
+    assert typed_swap("Above a red cat", "relation") == "Below a red cat"
+    assert typed_swap("a dog in front of a car", "relation") == "a dog behind a car"
+    # with an rng: any pair of the class, here the background's grey too
+    rng = random.Random(0)
+    draws = {typed_swap("an orange circle above a red triangle on a light grey background", "colour", rng)
+             for _ in range(50)}
+    assert "a grey circle above a red triangle on a light orange background" in draws and len(draws) == 3
+    with pytest.raises(ValueError, match="unknown binding kind"):
+        typed_swap(cap, "texture")
+
+
+def test_binding_negatives_fall_back_to_the_generic_swap():
+    rng = random.Random(0)
+    assert typed_swap_negatives("a cat sitting on a mat") == {}
+    assert typed_swap("a red circle", "colour") is None and typed_swap("a red circle", "relation") is None
+    # no typed pair: every negative is a generic swap (same words, other order)
+    negs = binding_negatives("a cat sitting on a mat", 5, random.Random(1))
+    assert negs == swapped_word_negatives("a cat sitting on a mat", 5, random.Random(1))
+    cap = "a small red circle to the left of a large blue square"
+    typed = set(typed_swap_negatives(cap).values())
+    every = binding_negatives(cap, 40, rng, share=1.0)
+    assert set(every) == typed  # only binding negatives, every kind drawn
+    mixed = binding_negatives(cap, 200, rng, share=0.5)
+    share = sum(n in typed for n in mixed) / len(mixed)
+    assert 0.35 < share < 0.8  # the generic swaps sometimes land on a typed one too
+    # negatives_for_batch: generic by default (the old behaviour, same draws)
+    caps = [cap, "a cat sitting on a mat"]
+    assert negatives_for_batch(caps, 3, random.Random(2)) == _generic(caps, 3, random.Random(2))
+    assert all(len(row) == 3 for row in negatives_for_batch(caps, 3, rng, binding=0.67))
+
+
+def _generic(caps, k, rng):
+    return [swapped_word_negatives(c, k, rng) for c in caps]
+
+
+COLOUR_IDS = ["red", "orange", "yellow", "green", "blue", "purple"]
+
+
+class _OrderTok:
+    """Caption -> one-hot of its first and second colour, in left-to-right order
+    of the things ("X to the right of Y" puts Y first); shapes and sizes unread."""
+
+    def encode_batch(self, caps):
+        rows = []
+        for cap in caps:
+            words = cap.split()
+            cols = [w for w in words if w in COLOUR_IDS]
+            if "right" in words or "below" in words:
+                cols.reverse()
+            v = torch.zeros(12)
+            v[COLOUR_IDS.index(cols[0])] = 1
+            v[6 + COLOUR_IDS.index(cols[1])] = 1
+            rows.append(v)
+        return torch.stack(rows)
+
+
+class _FeatureModel:
+    """Image 'pixels' are the features themselves."""
+
+    def image_features(self, x):
+        return F.normalize(x.flatten(1), dim=-1)
+
+    def text_features(self, t):
+        return F.normalize(t, dim=-1)
+
+
+def test_attribute_binding_against_a_hand_count():
+    caps = ["a red square to the left of a blue circle",  # colour, shape, relation
+            "a small green square to the right of a large red square"]  # colour, size, relation
+    images = _OrderTok().encode_batch(caps).view(2, 12, 1, 1)  # what each image shows
+    f = retrieval_figures(_FeatureModel(), _OrderTok(), images, caps)
+    # colours and relation are bound (wins), shapes and sizes are not read (ties, 1/2)
+    assert f["attribute_binding"] == pytest.approx((1 + 0.5 + 1 + 1 + 0.5 + 1) / 6)
+    assert f["retrieval_image_to_text"] == 1.0
+    by_kind = attribute_binding_by_kind(_FeatureModel(), _OrderTok(), images, caps)
+    assert by_kind == {"attribute_binding_colour": 1.0, "attribute_binding_colour_n": 2,
+                       "attribute_binding_size": 0.5, "attribute_binding_size_n": 1,
+                       "attribute_binding_shape": 0.5, "attribute_binding_shape_n": 1,
+                       "attribute_binding_relation": 1.0, "attribute_binding_relation_n": 2}
+    # a bag of colours: every binding negative ties
+    class Bag(_FeatureModel):
+        def text_features(self, t):
+            return F.normalize(t[:, :6] + t[:, 6:], dim=-1).repeat(1, 2)
+    assert retrieval_figures(Bag(), _OrderTok(), images, caps)["attribute_binding"] == pytest.approx(0.5)
+
+
+def test_mirrored_pairs_flip_the_image_and_reverse_the_relation():
+    assert mirrored_caption("a red circle to the left of a blue square") == \
+        ("horizontal", "a red circle to the right of a blue square")
+    assert mirrored_caption("a red circle above a blue square") == ("vertical", "a red circle below a blue square")
+    assert mirrored_caption("a red circle") is None
+    images = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).view(2, 3, 2, 2)
+    caps = ["a red circle above a blue square", "a red circle"]
+    x, c = with_mirrored_pairs(images, caps)
+    assert c == caps + ["a red circle below a blue square"]
+    assert torch.equal(x[:2], images) and torch.equal(x[2], images[0].flip(1))  # upside down
+    x, c = with_mirrored_pairs(images, caps, limit=0)
+    assert c == caps and torch.equal(x, images)
+
+
+def test_training_batch_is_what_the_config_says():
+    """The batch the reranker asset (and bench/reranker.py) trains on: mirrored pairs
+    appended, K negatives per caption (mirrored ones included), every caption encoded
+    with BPE dropout, the same batch for the same rng."""
+    caps = ["a small red circle to the left of a large blue square", "a green triangle above a red circle"] * 2
+    tok = train_bpe_tokenizer(caps * 50, get_profile("tiny").text)
+    images = torch.rand(4, 3, 8, 8)
+    cfg = TINY.replace(hard_negatives=2, mirrored_pairs=3, binding_negatives=1.0)
+    x, text, negs = training_batch(images, caps, tok, cfg, random.Random(0))
+    assert x.shape[0] == text.shape[0] == negs.shape[0] == 4 + 3 and negs.shape[1] == 2
+    again = training_batch(images, caps, tok, cfg, random.Random(0))
+    assert all(torch.equal(a, b) for a, b in zip((x, text, negs), again))
+    # no negatives, no mirrors: the plain in-batch batch
+    x0, text0 = training_batch(images, caps, tok, TINY.replace(hard_negatives=0), random.Random(0))
+    assert torch.equal(x0, images) and text0.shape[0] == 4
+    with pytest.raises(ValueError, match="mirrored_pairs"):
+        TINY.replace(mirrored_pairs=-1)

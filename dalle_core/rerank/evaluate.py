@@ -2,9 +2,13 @@
 
 `retrieval_figures`: on held-out (image, caption) pairs, how often the model
 finds an image's own caption among all held-out captions (and back), and how
-often it scores the true caption above the same caption with two content words
-swapped (the binding that reranking needs: "red circle, blue square" vs "blue
-circle, red square").
+often it scores the true caption above the same caption with words swapped:
+``swap_binding`` swaps two random content words (often a meaningless swap,
+"picture" <-> "red"); ``attribute_binding`` swaps two attribute words of one
+kind or reverses the relation (`negatives.typed_swap_negatives`: "red circle,
+blue square" vs "blue circle, red square"), the binding that reranking needs.
+`attribute_binding_by_kind` splits the latter by kind (colour, size, shape,
+relation).
 
 `caption_match_rates`: for generated images and a checker (the demo world's
 `check_image`, or any image x caption -> bool), the share of images that match
@@ -22,20 +26,47 @@ import torch
 
 from dalle_core.data.loader import image_to_tensor
 
-from .negatives import swapped_word_negatives
+from .negatives import BINDING_KINDS, swapped_word_negatives, typed_swap_negatives
+
+
+def _as_tensor(images: Sequence) -> torch.Tensor:
+    return images if isinstance(images, torch.Tensor) else torch.stack(
+        [image_to_tensor(im, im.size[0], name=f"held-out image {i}") for i, im in enumerate(images)])
+
+
+def _wins(s_true: torch.Tensor, s_neg: torch.Tensor) -> torch.Tensor:
+    """1 where the true caption scores higher, 1/2 on a tie, 0 below."""
+    return (s_true > s_neg).float() + 0.5 * (s_true == s_neg).float()
+
+
+def _typed_wins(model, tokenizer, img: torch.Tensor, s_true: torch.Tensor,
+                captions: Sequence[str]) -> tuple[list[str], torch.Tensor]:
+    """(kind, win) for every binding negative of every caption (`typed_swap_negatives`)."""
+    rows, kinds, negs = [], [], []
+    for i, c in enumerate(captions):
+        for kind, neg in typed_swap_negatives(c).items():
+            rows.append(i)
+            kinds.append(kind)
+            negs.append(neg)
+    if not negs:
+        return [], torch.zeros(0)
+    idx = torch.tensor(rows)
+    s_neg = (img[idx] * model.text_features(tokenizer.encode_batch(negs))).sum(-1)
+    return kinds, _wins(s_true[idx], s_neg)
 
 
 @torch.no_grad()
 def retrieval_figures(model, tokenizer, images: Sequence, captions: Sequence[str],
                       rng: random.Random | None = None) -> dict[str, float]:
-    """{"retrieval_image_to_text", "retrieval_text_to_image", "swap_binding"} on
-    held-out pairs (PIL images or float [N, 3, H, W]); chance levels are 1/N
-    and 1/2 (a swap identical to its caption counts as a tie, 1/2)."""
+    """{"retrieval_image_to_text", "retrieval_text_to_image", "swap_binding",
+    "attribute_binding"} on held-out pairs (PIL images or float [N, 3, H, W]);
+    chance levels are 1/N and 1/2 (a swap identical to its caption counts as a
+    tie, 1/2). ``attribute_binding`` is the mean over every binding negative of
+    every caption (one per kind the caption allows); 1/2 when no caption has any."""
     rng = rng or random.Random(0)
     if len(images) != len(captions) or len(captions) < 2:
         raise ValueError(f"need >= 2 image-caption pairs of equal count, got {len(images)} and {len(captions)}")
-    x = images if isinstance(images, torch.Tensor) else torch.stack(
-        [image_to_tensor(im, im.size[0], name=f"held-out image {i}") for i, im in enumerate(images)])
+    x = _as_tensor(images)
     text = tokenizer.encode_batch(list(captions))
     img = model.image_features(x)
     txt = model.text_features(text)
@@ -44,12 +75,29 @@ def retrieval_figures(model, tokenizer, images: Sequence, captions: Sequence[str
     swapped = tokenizer.encode_batch([swapped_word_negatives(c, 1, rng)[0] for c in captions])
     s_true = (img * txt).sum(-1)
     s_swap = (img * model.text_features(swapped)).sum(-1)
-    binding = ((s_true > s_swap).float() + 0.5 * (s_true == s_swap).float()).mean()
+    _, typed = _typed_wins(model, tokenizer, img, s_true, captions)
     return {
         "retrieval_image_to_text": float((sim.argmax(1) == target).float().mean()),
         "retrieval_text_to_image": float((sim.argmax(0) == target).float().mean()),
-        "swap_binding": float(binding),
+        "swap_binding": float(_wins(s_true, s_swap).mean()),
+        "attribute_binding": float(typed.mean()) if len(typed) else 0.5,
     }
+
+
+@torch.no_grad()
+def attribute_binding_by_kind(model, tokenizer, images: Sequence, captions: Sequence[str]) -> dict[str, float]:
+    """``attribute_binding_<kind>`` for each kind of `negatives.BINDING_KINDS` that
+    some caption allows (colour, size, shape, relation), and ``..._n`` the count."""
+    img = model.image_features(_as_tensor(images))
+    s_true = (img * model.text_features(tokenizer.encode_batch(list(captions)))).sum(-1)
+    kinds, wins = _typed_wins(model, tokenizer, img, s_true, captions)
+    out: dict[str, float] = {}
+    for kind in BINDING_KINDS:
+        sel = [i for i, k in enumerate(kinds) if k == kind]
+        if sel:
+            out[f"attribute_binding_{kind}"] = float(wins[sel].mean())
+            out[f"attribute_binding_{kind}_n"] = len(sel)
+    return out
 
 
 def _derangement(n: int, seed: int = 0) -> list[int]:
@@ -99,4 +147,4 @@ def caption_match_rates(reranked: torch.Tensor, unranked: torch.Tensor, captions
     return out
 
 
-__all__ = ["caption_match_rates", "retrieval_figures"]
+__all__ = ["attribute_binding_by_kind", "caption_match_rates", "retrieval_figures"]

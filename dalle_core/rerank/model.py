@@ -18,14 +18,33 @@ image encoder  pixels in [0, 1] (resized to ``image_size`` if needed), centred;
 text encoder   BPE ids of `dalle_core.text.bpe.DalleTokenizer` (``text_len``
                positions, the per-position pads ``>= text_vocab_size``):
                token + position embeddings, ``text_layers`` pre-LN transformer
-               blocks in which no position attends to a pad, the mean of the
-               non-pad positions, a projection to ``embed_dim``. Pads are
-               ignored entirely: a caption's features do not depend on which
-               pad ids fill its tail.
+               blocks in which no position attends to a pad, a pooling to one
+               vector (``text_pool``, below), a projection to ``embed_dim``.
+               Pads are ignored entirely: a caption's features do not depend
+               on which pad ids fill its tail (nor on the other captions of
+               its batch: positions that are pads in every caption of a batch
+               are dropped before the blocks, which only saves time).
+text pooling   ``"mean"``: the mean of the non-pad positions (the first
+               design: with two layers it is close to a bag of words, "red
+               circle ... blue square" and "blue circle ... red square" come
+               out alike); ``"cls"``: a learned summary token in front of the
+               caption (its own position embedding), read at the top, so the
+               last layer can gather which word goes with which;
+               ``"attention"``: a learned query attends over the non-pad
+               positions. Files written before ``text_pool`` existed are
+               ``"mean"`` (`RerankerConfig.from_dict`).
 shared space   both projections L2-normalised; ``logits = exp(logit_scale) *
                img @ txt.T`` with a learnable temperature (init 1/0.07, the
                scale clamped at 100 as in CLIP); the loss is the symmetric
-               InfoNCE (cross-entropy image->text and text->image, averaged).
+               InfoNCE (cross-entropy image->text and text->image, averaged),
+               with optional hard-negative captions per image (NegCLIP) as
+               extra image->text columns, plus ``hard_negative_weight`` times
+               a cross-entropy of the true caption against its own hard
+               negatives only (``loss_hard``).
+precision      ``amp_dtype`` "bf16" trains under ``torch.autocast`` in
+               bfloat16 where the device has fast bf16 (CUDA with bf16, a CPU
+               with AVX-512 BF16 or AMX: `dalle_core.precision.device`), in fp32 elsewhere;
+               features for reranking and evaluation are always fp32.
 
 Use
 ---
@@ -52,13 +71,20 @@ import torch.nn.functional as F
 
 from dalle_core.dvae.model import validate_images
 from dalle_core.io import atomic_torch_save, load_torch_file
+from dalle_core.precision.device import fast_low_precision
 
 RERANKER_FORMAT = "dalle-reranker-v1"
 CHECKPOINT_FORMAT = "dalle-reranker-checkpoint-v1"  # training checkpoints (rerank/train.py)
 
 # The fields that determine the parameter layout.
 SHAPE_FIELDS = ("image_size", "image_stem", "image_widths", "text_vocab_size", "text_len", "text_width",
-                "text_layers", "text_heads", "embed_dim")
+                "text_layers", "text_heads", "embed_dim", "text_pool", "image_pool", "text_conv")
+# Shape fields added after the first files were written, with the value those files
+# were built with: a file without the field loads as it was trained.
+LEGACY_SHAPE = {"text_pool": "mean", "image_pool": "flatten", "text_conv": 0}
+TEXT_POOLS = ("mean", "cls", "attention")
+IMAGE_POOLS = ("flatten", "moments", "flatten+moments")
+AMP_DTYPES = ("fp32", "bf16", "auto")
 
 
 @dataclass(frozen=True)
@@ -67,12 +93,20 @@ class RerankerConfig:
     image_size: int = 32  # images are resized to this side before encoding
     image_stem: int = 16  # channels of the stem conv
     image_widths: tuple[int, ...] = (32, 64, 64)  # one stride-2 stage each
+    # "flatten", "moments" or "flatten+moments" (module docstring). "moments" (where each
+    # channel fires: its mean and x-/y-weighted means) binds positions: bench/reranker.py
+    image_pool: str = "flatten"
     # --- text encoder ----------------------------------------------------------------
     text_vocab_size: int = 512  # BPE vocabulary without the pads (TextConfig.vocab_size)
     text_len: int = 16  # text positions (TextConfig.text_len)
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
+    text_pool: str = "mean"  # "mean", "cls" or "attention" (module docstring)
+    # kernel of a convolution over the embedded words before the blocks (0: none): each word
+    # sees its neighbours ("red" next to "circle"), the binding mean pooling loses
+    text_conv: int = 0
+    token_init_std: float = 1.0  # initial spread of the token embeddings (positions: 0.02)
     # --- shared space ----------------------------------------------------------------
     embed_dim: int = 64
     init_temperature: float = 0.07
@@ -85,6 +119,13 @@ class RerankerConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip: float = 1.0
+    hard_negative_weight: float = 0.0  # weight of loss_hard (the true caption against its hard negatives)
+    hard_negatives: int = 3  # swapped-word captions per image (NegCLIP); 0: in-batch negatives only
+    binding_negatives: float = 0.0  # share of them that are typed attribute swaps (negatives.binding_negatives)
+    # mirror images added to each batch (negatives.with_mirrored_pairs): the same objects in
+    # opposite places with the relation reversed, so position must be read from the image
+    mirrored_pairs: int = 0
+    amp_dtype: str = "fp32"  # "bf16" | "auto": autocast where the device has fast bf16 (module docstring)
     batch_size: int = 64
     total_steps: int = 150
     log_every: int = 10
@@ -107,6 +148,20 @@ class RerankerConfig:
             raise ValueError(f"text_width {self.text_width} must be divisible by text_heads {self.text_heads}")
         if not 0 < self.init_temperature < 1 or self.max_logit_scale <= 1:
             raise ValueError("init_temperature must be in (0, 1) and max_logit_scale > 1")
+        if self.image_pool not in IMAGE_POOLS:
+            raise ValueError(f"RerankerConfig.image_pool must be one of {IMAGE_POOLS}, got {self.image_pool!r}")
+        if self.text_conv < 0 or (self.text_conv and self.text_conv % 2 == 0):
+            raise ValueError(f"RerankerConfig.text_conv must be 0 or an odd kernel size, got {self.text_conv}")
+        if self.text_pool not in TEXT_POOLS:
+            raise ValueError(f"RerankerConfig.text_pool must be one of {TEXT_POOLS}, got {self.text_pool!r}")
+        if self.amp_dtype not in AMP_DTYPES:
+            raise ValueError(f"RerankerConfig.amp_dtype must be one of {AMP_DTYPES}, got {self.amp_dtype!r}")
+        if self.hard_negatives < 0 or self.mirrored_pairs < 0 or not 0 <= self.binding_negatives <= 1:
+            raise ValueError("RerankerConfig.hard_negatives and mirrored_pairs must be >= 0, "
+                             f"binding_negatives in [0, 1], got {self.hard_negatives}, {self.mirrored_pairs}, "
+                             f"{self.binding_negatives}")
+        if self.hard_negative_weight < 0:
+            raise ValueError(f"RerankerConfig.hard_negative_weight must be >= 0, got {self.hard_negative_weight}")
         if self.lr <= 0 or self.batch_size < 2:
             raise ValueError("lr must be > 0 and batch_size >= 2 (contrastive batches need negatives)")
 
@@ -124,7 +179,9 @@ class RerankerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RerankerConfig":
         """From `to_dict` output: unknown keys are ignored, missing training keys
-        take today's defaults, the shape fields must all be present."""
+        take today's defaults, the shape fields must all be present (those added
+        later, `LEGACY_SHAPE`, take the value older files were built with)."""
+        d = {**LEGACY_SHAPE, **d}
         missing = [k for k in SHAPE_FIELDS if k not in d]
         if missing:
             raise ValueError(f"reranker config is missing shape fields {missing}")
@@ -169,12 +226,22 @@ class ImageEncoder(nn.Module):
         self.stem = _ConvUnit(3, config.image_stem)
         widths = (config.image_stem, *config.image_widths)
         self.stages = nn.Sequential(*(_Stage(a, b) for a, b in zip(widths[:-1], widths[1:])))
-        s = config.feature_size
-        self.proj = nn.Linear(widths[-1] * s * s, config.embed_dim)
+        s, c = config.feature_size, widths[-1]
+        self.pool = config.image_pool
+        n_in = {"flatten": c * s * s, "moments": 3 * c, "flatten+moments": c * s * s + 3 * c}[self.pool]
+        self.proj = nn.Linear(n_in, config.embed_dim)
+        if "moments" in self.pool:  # cell centres in [-1, 1]: x across, y down
+            t = (torch.arange(s, dtype=torch.float32) + 0.5) / s * 2 - 1
+            self.register_buffer("coords", torch.stack([t.expand(s, s), t.unsqueeze(1).expand(s, s)]),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.stem((x - 0.5) / 0.25))
-        return self.proj(x.flatten(1))
+        parts = [x.flatten(1)] if "flatten" in self.pool else []
+        if "moments" in self.pool:  # the mean, and the x- and y-weighted means, of each channel
+            c = self.coords.to(x.dtype)
+            parts += [x.mean((2, 3)), (x * c[0]).mean((2, 3)), (x * c[1]).mean((2, 3))]
+        return self.proj(torch.cat(parts, 1))
 
 
 # --- text encoder ----------------------------------------------------------------------------
@@ -202,25 +269,53 @@ class TextEncoder(nn.Module):
     def __init__(self, config: RerankerConfig):
         super().__init__()
         self.vocab = config.text_vocab_size
+        self.pool = config.text_pool
         w = config.text_width
         self.token = nn.Embedding(config.text_vocab_size + 1, w)  # + one row every pad maps to
+        nn.init.normal_(self.token.weight, std=config.token_init_std)
         self.position = nn.Parameter(torch.randn(config.text_len, w) * 0.02)
+        if config.text_conv:  # n-gram features: each word with its neighbours
+            self.conv = nn.Conv1d(w, w, config.text_conv, padding=config.text_conv // 2)
+        if self.pool == "cls":  # the summary token and its own position
+            self.cls = nn.Parameter(torch.randn(w) * 0.02)
+        elif self.pool == "attention":  # a learned query over the final states
+            self.query = nn.Parameter(torch.randn(w) * 0.02)
+            self.pool_kv = nn.Linear(w, 2 * w)
         self.blocks = nn.ModuleList(_TextBlock(w, config.text_heads) for _ in range(config.text_layers))
         self.ln = nn.LayerNorm(w)
         self.proj = nn.Linear(w, config.embed_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         real = ids < self.vocab  # [B, T]: not a pad
+        # positions after every caption's last word are pads in every row: never read, so
+        # not computed (captions of the demo world fill ~12 of 32 positions)
+        used = real.any(0).nonzero()
+        last = int(used.max()) + 1 if used.numel() else 1
+        ids, real = ids[:, :last], real[:, :last]
         x = self.token(ids.clamp(max=self.vocab)) + self.position[: ids.shape[1]]
-        T = ids.shape[1]
+        if hasattr(self, "conv"):  # pads count as zeros: their ids never matter
+            x = x * real.unsqueeze(-1).to(x.dtype)
+            x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+        if self.pool == "cls":
+            x = torch.cat([self.cls.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+            real = torch.cat([torch.ones_like(real[:, :1]), real], dim=1)
+        T = x.shape[1]
         eye = torch.eye(T, dtype=torch.bool, device=ids.device)
         # no query attends to a pad (a pad query sees itself only; its output is never used)
         mask = (real[:, None, None, :] | eye)
         for block in self.blocks:
             x = block(x, mask)
         x = self.ln(x)
-        w = real.unsqueeze(-1).to(x.dtype)
-        pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
+        if self.pool == "cls":
+            pooled = x[:, 0]
+        elif self.pool == "attention":
+            k, v = self.pool_kv(x).chunk(2, dim=-1)
+            att = (k @ self.query.to(k.dtype)) / math.sqrt(k.shape[-1])  # [B, T]
+            att = att.masked_fill(~real, float("-inf")).softmax(-1)
+            pooled = (att.unsqueeze(-1) * v).sum(1)
+        else:
+            w = real.unsqueeze(-1).to(x.dtype)
+            pooled = (x * w).sum(1) / w.sum(1).clamp(min=1.0)
         return self.proj(pooled)
 
 
@@ -321,7 +416,10 @@ class ContrastiveReranker(nn.Module):
         `negatives` [b, K, L] (or [b, L]): optional hard-negative captions per
         image (e.g. the caption with its two colours swapped), added to that
         image's candidates in the image -> text direction (as in NegCLIP); the
-        accuracies count them too."""
+        accuracies count them too. With them, ``loss_hard`` is the cross-entropy
+        of the true caption against only its own K negatives, and
+        ``acc_hard`` how often it scores above all of them; ``loss`` adds
+        ``hard_negative_weight * loss_hard``."""
         if images.shape[0] != text.shape[0]:
             raise ValueError(f"batch sizes differ: {images.shape[0]} images, {text.shape[0]} captions")
         if images.shape[0] < 2:
@@ -339,15 +437,26 @@ class ContrastiveReranker(nn.Module):
                 raise ValueError(f"negatives must be [{b}, K, L] caption ids, got {tuple(negatives.shape)}")
             K = negatives.shape[1]
             neg = F.normalize(self.encode_text(negatives.reshape(b * K, -1)), dim=-1).view(b, K, -1)
-            logits_i = torch.cat([logits, scale * torch.einsum("bd,bkd->bk", img, neg)], dim=1)
+            neg_logits = scale * torch.einsum("bd,bkd->bk", img, neg)
+            logits_i = torch.cat([logits, neg_logits], dim=1)
+        logits, logits_i = logits.float(), logits_i.float()
         target = torch.arange(b, device=logits.device)
         li = F.cross_entropy(logits_i, target)
         lt = F.cross_entropy(logits.t(), target)
         with torch.no_grad():
             acc_i = (logits_i.argmax(1) == target).float().mean()
             acc_t = (logits.argmax(0) == target).float().mean()
-        return {"loss": (li + lt) / 2, "loss_image": li, "loss_text": lt,
-                "acc": (acc_i + acc_t) / 2, "acc_image_to_text": acc_i, "acc_text_to_image": acc_t}
+        out = {"loss": (li + lt) / 2, "loss_image": li, "loss_text": lt,
+               "acc": (acc_i + acc_t) / 2, "acc_image_to_text": acc_i, "acc_text_to_image": acc_t}
+        if negatives is not None:
+            own = torch.cat([logits.diagonal().unsqueeze(1), neg_logits.float()], dim=1)  # [b, 1 + K]
+            zero = torch.zeros(b, dtype=torch.long, device=own.device)
+            out["loss_hard"] = F.cross_entropy(own, zero)
+            with torch.no_grad():
+                out["acc_hard"] = (own[:, 1:] < own[:, :1]).all(1).float().mean()
+            if self.config.hard_negative_weight > 0:
+                out["loss"] = out["loss"] + self.config.hard_negative_weight * out["loss_hard"]
+        return out
 
     # --- reranking ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -426,12 +535,24 @@ def load_reranker(path: str | Path, device: str | torch.device = "cpu") -> Contr
     own = model.state_dict()
     bad = sorted(set(own) ^ set(state)) + [k for k in own if k in state and own[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"{path}: weights do not match the pinned config ({bad[:10]})")
+        pool = [k for k in bad if k.startswith(("text_encoder.cls", "text_encoder.query", "text_encoder.pool_kv"))]
+        why = (f"; the text pooling differs: the config says text_pool={config.text_pool!r}"
+               f"{' (a file without text_pool is read as mean pooling)' if 'text_pool' not in blob['config'] else ''}"
+               if pool else "")
+        raise ValueError(f"{path}: weights do not match the pinned config ({bad[:10]}){why}")
     model.load_state_dict(state)
     return model.to(device).eval()
 
 
+def autocast_dtype(config: RerankerConfig, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The autocast dtype training uses for `config` on `device`: None for fp32."""
+    # bf16 only where it pays (dalle_core.precision.device): elsewhere it is emulated, slower than fp32
+    wants = config.amp_dtype in ("bf16", "auto")
+    return torch.bfloat16 if wants and fast_low_precision(device) == "bf16" else None
+
+
 __all__ = [
-    "CHECKPOINT_FORMAT", "RERANKER_FORMAT", "ContrastiveReranker", "ImageEncoder", "RerankerConfig",
-    "TextEncoder", "load_reranker", "read_reranker_file", "save_reranker",
+    "AMP_DTYPES", "CHECKPOINT_FORMAT", "LEGACY_SHAPE", "RERANKER_FORMAT", "TEXT_POOLS", "ContrastiveReranker",
+    "ImageEncoder", "RerankerConfig", "TextEncoder", "autocast_dtype", "load_reranker",
+    "read_reranker_file", "save_reranker",
 ]

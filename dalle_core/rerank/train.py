@@ -7,6 +7,10 @@ caption ids [b, text_len]), optionally with hard-negative captions
 ``pair_batches_fn(k)`` returns an iterator whose first batch is batch k (so a
 resumed run sees the data it would have seen).
 
+- precision: ``amp_dtype="bf16"`` runs the forward pass under
+  ``torch.autocast`` in bfloat16 where the device has fast bf16
+  (`dalle_core.precision.device`; "auto" likewise), else fp32; the ``start`` record says which
+  (``amp``); parameters, optimizer state and the loss stay fp32;
 - learning rate: linear warm-up over ``warmup_steps`` to ``lr``, then cosine
   decay to ``lr * lr_end_factor`` at ``total_steps``; weight decay on the
   matrices of the linears and convs only; gradient norm clipped at ``grad_clip``;
@@ -24,6 +28,7 @@ resumed run sees the data it would have seen).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -38,7 +43,14 @@ import torch.nn as nn
 from dalle_core.checkpointing import list_step_files, load_latest_step_file
 from dalle_core.io import atomic_torch_save
 
-from .model import CHECKPOINT_FORMAT, SHAPE_FIELDS, ContrastiveReranker, RerankerConfig, save_reranker
+from .model import (
+    CHECKPOINT_FORMAT,
+    SHAPE_FIELDS,
+    ContrastiveReranker,
+    RerankerConfig,
+    autocast_dtype,
+    save_reranker,
+)
 
 PairBatches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 CHECKPOINT_GLOB = "reranker-step-*.pt"
@@ -181,8 +193,9 @@ def train_reranker(
         last_ckpt = str(path)
         emit({"event": "checkpoint", "step": step, "path": str(path)})
 
+    amp = autocast_dtype(config, device)
     emit({"event": "start", "step": start, "total_steps": total, "resumed_from": resumed_from,
-          "n_params": model.num_parameters()})
+          "n_params": model.num_parameters(), "amp": "bf16" if amp is not None else "fp32"})
     model.train()
     step = start
     window_t, window_pairs = time.time(), 0
@@ -202,7 +215,8 @@ def train_reranker(
             lr = lr_at(config, step, total)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            out = model.loss(images, text, negatives)
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
+                out = model.loss(images, text, negatives)
             out["loss"].backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        config.grad_clip if config.grad_clip > 0 else float("inf"))
@@ -223,6 +237,7 @@ def train_reranker(
                       "acc_text_to_image": float(out["acc_text_to_image"]),
                       "temperature": float(1.0 / model.scale().detach()), "lr": lr,
                       "grad_norm": float(grad_norm), "batch_size": images.shape[0],
+                      **{k: float(out[k].detach()) for k in ("loss_hard", "acc_hard") if k in out},
                       "pairs_per_s": window_pairs / max(now - window_t, 1e-9)})
                 window_t, window_pairs = now, 0
             stopping = stop_after is not None and done >= stop_after
