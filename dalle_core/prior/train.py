@@ -77,7 +77,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from dalle_core.distributed.checkpoint import canonical_key, load_latest, read_latest_meta, save_checkpoint
+from dalle_core.distributed.checkpoint import (canonical_key, checkpoint_location, load_latest, read_latest_meta,
+                                               save_checkpoint)
 from dalle_core.distributed.mesh import (
     ParallelConfig,
     build_mesh,
@@ -245,7 +246,8 @@ def train_prior(
     log_every = int(log_every or training.log_every)
     checkpoint_every = int(checkpoint_every or training.checkpoint_every)
     seed = training.seed if seed is None else int(seed)
-    checkpoint_dir = Path(checkpoint_dir)
+    # a local directory, or a URL (s3://bucket/prefix, any fsspec URL): dalle_core.distributed.checkpoint
+    checkpoint_dir = checkpoint_location(checkpoint_dir)
     device = torch.device(device)
 
     # --- processes, mesh --------------------------------------------------------------------
@@ -281,7 +283,10 @@ def train_prior(
     ema = EMA(model, training.ema_decay, training.ema_every)
     schedule = LRSchedule.from_config(training, window=plateau_window)
     # the operator's control file (default CHECKPOINT_DIR/lr_control.json; False: none), read on rank 0
-    control_path = None if lr_control is False else Path(lr_control or checkpoint_dir / CONTROL_FILE)
+    # (none by default when the checkpoints live behind a URL: the file is read from a local directory)
+    remote_checkpoints = not isinstance(checkpoint_dir, Path)
+    control_path = (None if lr_control is False or (remote_checkpoints and not lr_control)
+                    else Path(lr_control or checkpoint_dir / CONTROL_FILE))
     control_storage = None
     if control_path is not None and rank == 0:
         from dalle_core.storage import LocalStorage
@@ -424,7 +429,10 @@ def train_prior(
     if save_final and step >= total:
         meta = {"steps": step, "precision": precision, "world_size": world,
                 "final_loss": losses[-1] if losses else None}
-        model_path = save_prior(checkpoint_dir / model_filename, model, config, ema.shadow, meta=meta)
+        if remote_checkpoints:
+            model_path = _save_prior_to_url(f"{checkpoint_dir}/{model_filename}", model, config, ema.shadow, meta)
+        else:
+            model_path = save_prior(checkpoint_dir / model_filename, model, config, ema.shadow, meta=meta)
     result = PriorTrainResult(
         steps=step, start_step=start, resumed_from=resumed_from, losses=losses,
         final_loss=losses[-1] if losses else None, history=history, checkpoint=last_ckpt,
@@ -434,6 +442,21 @@ def train_prior(
     emit({"event": "end", "step": step, "final_loss": result.final_loss, "elapsed_s": result.elapsed_s,
           "model_path": result.model_path, **({"compression": result.compression} if reducer else {})})
     return result
+
+
+def _save_prior_to_url(url: str, model: nn.Module, config: PriorConfig, ema: dict, meta: dict) -> str | None:
+    """save_prior into a local temporary file, uploaded by rank 0 (collective, like save_prior)."""
+    import tempfile
+
+    from dalle_core.distributed.objectstore import url_filesystem
+
+    with tempfile.TemporaryDirectory(prefix="dalle-prior-") as tmp:
+        local = save_prior(Path(tmp) / "prior.pt", model, config, ema, meta=meta)
+        if local is None:
+            return None
+        fs, path = url_filesystem(url)
+        fs.put_file(str(local), path)
+    return url
 
 
 # --- command line (torchrun entry point) -------------------------------------------------------------------
@@ -461,7 +484,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="a profile name (tiny, small, paper-1.3B, paper-12B), resolved against the codes' manifest")
     ap.add_argument("--codes", required=True, help="directory with the image-code manifest.json and shards "
                                                    "(or a storage root holding image_codes/)")
-    ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks)")
+    ap.add_argument("--out", required=True, help="checkpoint / output directory (shared by all ranks), or a URL: "
+                    "s3://bucket/prefix (then give --metrics)")
     ap.add_argument("--steps", type=int, default=None, help="total updates (default: the profile's)")
     ap.add_argument("--batch-size", type=int, default=None, help="global batch (default: the profile's)")
     ap.add_argument("--precision", default=None, choices=(*PRECISIONS, "auto"))
@@ -547,11 +571,14 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
                             split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts,
                             tokenizer=tokenizer, bpe_dropout=training.bpe_dropout if tokenizer is not None else 0.0)
 
-    out = Path(args.out)
+    out = checkpoint_location(args.out)  # a local directory or a URL (s3://bucket/prefix)
+    if not isinstance(out, Path) and not args.metrics:
+        raise SystemExit(f"--out {args.out} is a URL: give --metrics, a local file for the metrics")
     metrics_path = Path(args.metrics) if args.metrics else out / "metrics.jsonl"
     metrics_file = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        if isinstance(out, Path):
+            out.mkdir(parents=True, exist_ok=True)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
         metrics_file = open(metrics_path, "a")
 
