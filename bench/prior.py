@@ -11,6 +11,15 @@ same dtype; MFU is also given against the GPU's datasheet peak when on CUDA.
     .venv/bin/python bench/prior.py --profile reference --precisions fp32 bf16 \\
         --baseline dalle-pytorch                                           # vs DALLE-pytorch 1.6.6
 
+`--attention sdpa flex` times each precision once per attention path in the same run
+(PriorConfig.attention: SDPA with the boolean mask vs FlexAttention skipping the empty
+tiles, dalle_core.prior.flex) and adds the ratios flex / sdpa of the training step and
+of a no-grad forward. On the CPU flex has no backward (its training run records the
+error) and only the forward is compared.
+
+    .venv/bin/python bench/prior.py --profile gpu-1B --device cuda --precisions bf16 \
+        --batch 8 --steps 12 --attention sdpa flex                        # the attention check
+
 `--profile reference` is the equal-size shape of issue 15 (d 256, 8 layers, a 16x16
 grid of 512 codes, 64 text positions, batch 8); `--baseline dalle-pytorch` times
 DALLE-pytorch 1.6.6's training step at the same shape in the same run (its own venv,
@@ -38,7 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_venv import ensure_venv  # noqa: E402
 
-from dalle_core.prior.config import PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
+from dalle_core.prior import DalleTransformer  # noqa: E402
+from dalle_core.prior.config import ATTENTION_CHOICES, PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
+from dalle_core.prior.flex import resolve_attention, tiles_kept  # noqa: E402
 from dalle_core.prior.train import train_prior  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
 
@@ -56,15 +67,20 @@ GPU_1B = dict(n_layer=20, n_head=16, d_head=128, text_vocab_size=16384, text_len
 REFERENCE = dict(n_layer=8, n_head=8, d_head=32, text_vocab_size=1024, text_len=64, image_vocab_size=512,
                  image_grid=16)
 REFERENCE_BATCH = 8
+# The paper's 1280-token stream (256 text + 32x32 image) at small width, for the SDPA vs
+# flex comparison on a CPU, where the mask's empty tiles are what differs (row, column,
+# row, conv layers: the paper's pattern for 4 layers).
+SEQ1280 = dict(n_layer=4, n_head=4, d_head=32, text_vocab_size=1024, text_len=256, image_vocab_size=512,
+               image_grid=32)
 BENCH_DIR = Path(__file__).resolve().parent
 
 
 def config_for(name: str) -> tuple[PriorConfig, PriorTrainingConfig]:
     """The prior's shape and training settings of a profile (gpu-1B: paper-1.3B's, reshaped;
-    reference: small's, reshaped)."""
-    base = {"gpu-1B": "paper-1.3B", "reference": "small"}.get(name, name)
+    reference and seq1280: small's, reshaped)."""
+    base = {"gpu-1B": "paper-1.3B", "reference": "small", "seq1280": "small"}.get(name, name)
     profile = get_profile(base)
-    shape = {"gpu-1B": GPU_1B, "reference": REFERENCE}.get(name)
+    shape = {"gpu-1B": GPU_1B, "reference": REFERENCE, "seq1280": SEQ1280}.get(name)
     cfg = profile.prior.replace(**shape) if shape else profile.prior
     training = profile.prior_training.replace(batch_size=REFERENCE_BATCH) if name == "reference" else profile.prior_training
     return cfg, training
@@ -144,9 +160,63 @@ def measure(cfg: PriorConfig, training: PriorTrainingConfig, precision: str, dev
     }
 
 
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16-per-resblock": torch.float16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_forward(cfg: PriorConfig, precision: str, device: torch.device, batch: int, repeats: int = 3) -> dict:
+    """Seconds of a no-grad forward (median of `repeats`, after one first call that
+    includes compiling flex) of a fresh model in the precision's autocast dtype."""
+    torch.manual_seed(0)
+    model = DalleTransformer(cfg).to(device).eval()
+    text, image = (t.to(device) for t in next(random_batches(cfg, batch, device)(0)))
+    dtype = AUTOCAST.get(precision)
+    times = []
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for _ in range(repeats + 1):
+            _sync(device)
+            t = time.perf_counter()
+            model(text, image)
+            _sync(device)
+            times.append(time.perf_counter() - t)
+    return {"forward_first_s": round(times[0], 4), "forward_s": round(sorted(times[1:])[len(times[1:]) // 2], 4)}
+
+
+def measure_attention(cfg: PriorConfig, training: PriorTrainingConfig, precision: str, attention: str,
+                      device: torch.device, batch: int, steps: int) -> dict:
+    """One run of `measure` with `PriorConfig.attention = attention`, plus a forward
+    timing; a training run that cannot run (flex on the CPU: no backward) records why."""
+    cfg = cfg.replace(attention=attention)
+    try:
+        run = measure(cfg, training, precision, device, batch, steps)
+    except NotImplementedError as e:
+        run = {"precision": precision, "tokens_per_s": None, "step_s": None, "achieved_tflops": None,
+               "training_error": str(e).splitlines()[0][:300]}
+    run["attention"] = attention
+    run["attention_resolved"] = resolve_attention(attention, device, cfg.dropout)
+    run.update(measure_forward(cfg, precision, device, batch))
+    return run
+
+
+def attention_ratios(runs: list[dict]) -> dict:
+    """{precision: {"step_s": flex / sdpa, "forward_s": flex / sdpa}} (None where missing)."""
+    out = {}
+    for prec in dict.fromkeys(r["precision"] for r in runs):
+        by = {r["attention"]: r for r in runs if r["precision"] == prec}
+        if "sdpa" in by and "flex" in by:
+            out[prec] = {k: (round(by["flex"][k] / by["sdpa"][k], 3) if by["flex"].get(k) and by["sdpa"].get(k)
+                             else None) for k in ("step_s", "forward_s")}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--profile", default="small", help="profile whose prior to time, or gpu-1B (~1B params, paper sequence)")
+    p.add_argument("--profile", default="small", help="profile whose prior to time, or gpu-1B (~1B params, paper sequence), "
+                   "reference (issue 15's equal size), seq1280 (small width, paper sequence)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precisions", nargs="+", default=None, help="fp32 | bf16 | fp16-per-resblock")
     p.add_argument("--batch", type=int, default=None)
@@ -154,18 +224,26 @@ def main() -> None:
     p.add_argument("--baseline", choices=("matmul", "dalle-pytorch"), default="matmul",
                    help="dalle-pytorch: also time DALLE-pytorch 1.6.6 at the same shape (its own venv)")
     p.add_argument("--no-install", action="store_true", help="do not create/update the DALLE-pytorch venv")
+    p.add_argument("--attention", nargs="+", choices=ATTENTION_CHOICES, default=None,
+                   help="time each attention path (sdpa | flex | auto) in the same run, with the ratio flex / sdpa")
     args = p.parse_args()
 
     device = torch.device(args.device)
     cfg, training = config_for(args.profile)
     batch = args.batch or training.batch_size
     precisions = args.precisions or (["fp32"] if device.type == "cpu" else ["fp16-per-resblock", "bf16"])
-    runs = [measure(cfg, training, prec, device, batch, args.steps) for prec in precisions]
+    if args.attention:
+        runs = [measure_attention(cfg, training, prec, att, device, batch, args.steps)
+                for prec in precisions for att in args.attention]
+    else:
+        runs = [measure(cfg, training, prec, device, batch, args.steps) for prec in precisions]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     baseline = matmul_rate(device, dtype)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
     for r in runs:
+        if r["achieved_tflops"] is None:
+            continue
         r["fraction_of_matmul_rate"] = round(r["achieved_tflops"] * 1e12 / baseline, 4)
         if peak:
             r["mfu"] = round(r["achieved_tflops"] * 1e12 / peak, 4)
@@ -179,6 +257,12 @@ def main() -> None:
                                "parameters": b["parameters"], "precision": "fp32"}
             for r in runs:
                 r[f"speedup_vs_{name}"] = round(b["step_s"] / r["step_s"], 3)
+    attention = {}
+    if args.attention:
+        attention = {"ratio_flex_over_sdpa": attention_ratios(runs),
+                     "tiles_kept": {k: round(tiles_kept(k, cfg.text_len, cfg.image_grid, cfg.conv_kernel,
+                                                        cfg.conv_wraparound), 4) for k in sorted(set(cfg.layer_kinds()))},
+                     "flex_compiled": os.environ.get("DALLE_FLEX_COMPILE", "1") != "0"}
     print(json.dumps({
         "benchmark": "prior",
         "profile": args.profile,
@@ -191,6 +275,7 @@ def main() -> None:
         "datasheet_peak_tflops": peak / 1e12 if peak else None,
         "runs": runs,
         "baselines": baselines,
+        **({"attention": attention} if attention else {}),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

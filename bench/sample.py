@@ -6,6 +6,10 @@ weights) and, for the whole chain, the dVAE decoder. The baseline, measured in
 the same run, is uncached sampling (every step recomputes the whole stream): the
 figure is the cache's speed-up. Cached and uncached tokens are compared too.
 
+No --attention option: sampling runs SDPA whatever `PriorConfig.attention` says (a
+decode step is one query row; only the whole stream uses FlexAttention:
+dalle_core/prior/sampling.py), so SDPA vs flex is timed by bench/prior.py.
+
     .venv/bin/python bench/sample.py                       # small (16x16) and the 32x32 grid, CPU
     .venv/bin/python bench/sample.py --device cuda --rows 64 --grids 16 32
 """

@@ -33,6 +33,7 @@ SHAPE_FIELDS = ("n_layer", "n_head", "d_head", "mlp_ratio", "bias", "text_vocab_
                 "text_len", "image_vocab_size", "image_grid")
 
 ATTENTION_KINDS = ("row", "column", "conv")
+ATTENTION_CHOICES = ("sdpa", "flex", "auto")  # PriorConfig.attention
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,15 @@ class PriorConfig:
     attention_kinds: tuple[str, ...] | None = None
     dropout: float = 0.0
     init_std: float = 0.02
+    # How attention is computed (not what: both give the same outputs, tested):
+    # "sdpa" = scaled_dot_product_attention with the boolean mask (computes every
+    # score); "flex" = FlexAttention with a block mask built from the same tensor,
+    # skipping fully masked 128 x 128 tiles (dalle_core.prior.flex; needs a GPU to
+    # train: no CPU backward in torch 2.13); "auto" = flex on CUDA, sdpa elsewhere
+    # (on the CPU flex cannot train and is not faster: docs/benchmarks.md).
+    # Left out of `to_dict` while "sdpa", so checkpoints and run-folder digests
+    # written before the field existed are unchanged; old dicts load as "sdpa".
+    attention: str = "sdpa"
 
     # --- loss ------------------------------------------------------------------
     text_loss_weight: float = 1 / 8
@@ -86,6 +96,10 @@ class PriorConfig:
             object.__setattr__(self, "attention_kinds", kinds)
         if self.text_loss_weight < 0 or self.image_loss_weight < 0:
             raise ValueError("loss weights must be >= 0")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}")
+        if self.attention == "flex" and self.dropout > 0:
+            raise ValueError("attention='flex' has no attention dropout: use 'sdpa' or 'auto' with dropout > 0")
 
     # --- derived sizes ---------------------------------------------------------------
     @property
@@ -127,6 +141,8 @@ class PriorConfig:
         d = asdict(self)
         if self.attention_kinds is not None:
             d["attention_kinds"] = list(self.attention_kinds)
+        if d["attention"] == "sdpa":  # the default is implied (see the field's comment)
+            del d["attention"]
         return d
 
     @classmethod

@@ -59,6 +59,7 @@ from dalle_core.distributed.checkpoint import canonical_key
 from dalle_core.distributed.mesh import get_rank
 from dalle_core.io import atomic_torch_save, load_torch_file
 
+from . import flex
 from .config import PriorConfig, PriorTrainingConfig, count_parameters
 from .masks import build_attention_mask
 
@@ -111,7 +112,8 @@ class KVCache:
 
 class SelfAttention(nn.Module):
     """Multi-head attention under a boolean [S, S] mask (True = may attend), with
-    `torch.nn.functional.scaled_dot_product_attention`."""
+    `torch.nn.functional.scaled_dot_product_attention`, or with FlexAttention when
+    given `block_mask` (the same mask as a BlockMask: dalle_core.prior.flex)."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -123,14 +125,17 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, layer: int = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, block_mask=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        if block_mask is not None:
+            y = flex.flex_attention(q, k, v, block_mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -158,6 +163,7 @@ class AttentionResblock(nn.Module):
         self.layer_index, self.kind = layer_index, kind
         self.text_len, self.grid = config.text_len, config.image_grid
         self.kernel, self.wraparound = config.conv_kernel, config.conv_wraparound
+        self.attention, self.dropout = config.attention, config.dropout
         self.ln = FP32LayerNorm(config.n_embd)
         self.attn = SelfAttention(config)
 
@@ -170,9 +176,21 @@ class AttentionResblock(nn.Module):
             return full
         return full[start:end, :end]
 
+    def block_mask(self, device: torch.device, start: int, length: int):
+        """This layer's mask as a FlexAttention BlockMask when flex computes it, else
+        None (SDPA). Flex runs on the whole stream only (training, scoring): the
+        sampler's steps are one query row, or a caption-long prefill (sampling.py)."""
+        if start != 0 or length != self.text_len + self.grid**2:
+            return None
+        if flex.resolve_attention(self.attention, device, self.dropout) != "flex":
+            return None
+        return flex.block_mask(self.kind, self.text_len, self.grid, length, device,
+                               kernel=self.kernel, wraparound=self.wraparound)
+
     def branch(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         mask = self.mask(x.device, start, x.shape[1])
-        return self.attn(self.ln(x), mask, layer=self.layer_index, cache=cache)
+        block_mask = self.block_mask(x.device, start, x.shape[1])
+        return self.attn(self.ln(x), mask, layer=self.layer_index, cache=cache, block_mask=block_mask)
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         return x + self.branch(x, start=start, cache=cache).to(x.dtype)

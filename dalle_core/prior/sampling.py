@@ -36,6 +36,12 @@ pattern of the paper), and its key and value are appended. With
 ``use_cache=False`` every step recomputes the whole stream so far (the
 reference the cached path is tested against, and the speed baseline).
 
+Sampling keeps SDPA whatever `PriorConfig.attention` says: a decode step is one
+query row against the cached keys (no empty tiles to skip), and the prefill is
+the caption (causal text, no image masks). FlexAttention (dalle_core.prior.flex)
+only runs on the whole stream (`AttentionResblock.block_mask`): training, scoring,
+and the last step of the uncached path.
+
 Image-to-image prompting
 ------------------------
 ``prompt_codes`` [B, r] are the first r tokens of an image's code grid in raster
