@@ -67,8 +67,18 @@ def _json(d):
 
 
 def test_the_profiles():
-    assert profile_names() == ["tiny", "small", "paper-1.3B", "paper-12B"]
-    assert sorted(profile_names()) == sorted(BEFORE)
+    assert profile_names() == ["tiny", "small", "medium", "paper-1.3B", "paper-12B"]
+    assert sorted(set(profile_names()) - {"medium"}) == sorted(BEFORE)  # medium: added in issue 15
+
+
+def test_medium_is_the_small_lineage_run_longer():
+    """Same world, data, dVAE, shapes and codes as small (a small run's codes serve it);
+    only the prior's and the reranker's training budgets (and the prior's rate) differ."""
+    s, m = get_profile("small"), get_profile("medium")
+    assert (m.data, m.text, m.dvae, m.prior) == (s.data, s.text, s.dvae, s.prior)
+    assert code_sizes(m) == code_sizes(s)
+    assert _json(m.prior_training.to_dict()) == {**_json(s.prior_training.to_dict()), "lr": 2e-3, "total_steps": 4400}
+    assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 600}
 
 
 def _expected(name: str, stage: str) -> dict:
@@ -131,13 +141,13 @@ def test_the_prior_asset_run_digest_is_unchanged():
 
 def test_unknown_profile_is_one_error_listing_the_choices():
     with pytest.raises(UnknownProfileError, match="unknown profile 'huge': choose one of tiny, small, "
-                                                  "paper-1.3B, paper-12B"):
+                                                  "medium, paper-1.3B, paper-12B"):
         get_profile("huge")
 
 
-def _medium() -> Profile:
+def _wide() -> Profile:
     small = get_profile("small")
-    return build_profile("medium", data=small.data.replace(image_size=128),
+    return build_profile("wide", data=small.data.replace(image_size=128),
                          text=TextConfig(vocab_size=2048, text_len=64),
                          dvae=dict(group_count=4, n_hid=64, n_blk_per_group=1, vocab_size=1024),
                          prior=dict(n_layer=8, n_head=8, d_head=32, conv_kernel=9),
@@ -147,15 +157,15 @@ def _medium() -> Profile:
 
 def test_adding_a_profile_is_one_builder_entry(monkeypatch):
     monkeypatch.setattr("dalle_core.profiles.PROFILE_BUILDERS", dict(PROFILE_BUILDERS))
-    profile_builder("medium")(_medium)
-    assert profile_names()[-1] == "medium"
-    m = get_profile("medium")
+    profile_builder("wide")(_wide)
+    assert profile_names()[-1] == "wide"
+    m = get_profile("wide")
     # the derived values follow the sources: 128 px / 2^3 = 16x16 grid of 1024 codes, 64 x 2048 text
     assert (m.dvae.image_size, m.prior.image_grid, m.prior.image_vocab_size) == (128, 16, 1024)
     assert (m.prior.text_len, m.prior.text_vocab_size, m.reranker.text_len, m.reranker.image_size) == \
         (64, 2048, 64, 128)
     with pytest.raises(ProfileError, match="defined twice"):
-        profile_builder("medium")(_medium)
+        profile_builder("wide")(_wide)
 
 
 def test_a_builder_may_not_set_a_derived_value():
