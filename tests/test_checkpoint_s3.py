@@ -3,12 +3,15 @@ S3 (moto's S3-protocol server, tests/services.py) directly.
 
 - one process: a checkpoint saved to s3://bucket/prefix loads back bitwise
   (model, optimizer, extra state, meta, per-rank state); `keep` prunes old ones;
+  the same through another fsspec URL (memory://);
 - a checkpoint without DCP's .metadata (or without meta.json) is incomplete and
   ignored on resume, on S3 and in a local directory, and the next save removes it;
 - two gloo processes (torchrun, FSDP over 2 ranks) train the tiny prior with
   --out s3://...; one rank is killed hard after the checkpoint of update 6; the
   run resumed from the S3 URL ends with the weights of a run never interrupted
-  (bitwise) and uploads prior.pt there.
+  (bitwise) and uploads prior.pt there;
+- the end-of-training prior file (export.save_prior_rank0): rank 1 holds no full
+  copy of the weights or the EMA, and the file equals model.save_prior's.
 """
 
 from __future__ import annotations
@@ -120,6 +123,20 @@ def test_s3_checkpoint_without_its_markers_is_ignored(s3_env, s3_bucket, marker)
     assert load_latest(url, fresh, fresh_opt, got) == 3 and got["meta"] == {"seed": 4}
 
 
+def test_any_fsspec_url():
+    # an fsspec URL other than s3:// goes through fsspec itself (here its in-memory file system)
+    url = "memory://dalle-ckpt-test/run"
+    model, opt = _model(0)
+    for step in (1, 2):
+        save_checkpoint(url, step, model, opt, _extra(step), keep=1)
+    assert [s for s, _ in list_checkpoints(url)] == [2]
+    fresh, fresh_opt = _model(9)
+    got: dict = {"state": {"ema": {"w": torch.zeros(5, 6)}}}
+    assert load_latest(url, fresh, fresh_opt, got) == 2 and got["meta"] == {"seed": 2}
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_local_checkpoint_without_dcp_metadata_is_ignored(tmp_path):
     model, opt = _model(0)
     save_checkpoint(tmp_path, 1, model, opt, _extra(1))
@@ -213,3 +230,29 @@ def test_killed_rank_resumes_from_s3_to_the_same_weights(s3_env, s3_bucket, tmp_
     assert set(got) == set(range(1, STEPS + 1))
     for step, loss in got.items():
         assert loss == ref_losses[step], step
+
+
+# --- the end-of-training prior file: full copies on rank 0 only -----------------------------------
+
+@pytest.mark.timeout(120)
+def test_prior_file_is_gathered_to_rank0_only(tmp_path):
+    from dalle_core.prior.model import read_prior_file
+
+    _check(_torchrun([str(ROOT / "tests" / "export_worker.py"), str(tmp_path)]))
+    r0, r1 = (json.loads((tmp_path / f"rank-{i}.json").read_text()) for i in (0, 1))
+    assert r0["ema_is_dtensor"] and r1["ema_is_dtensor"]
+    assert r0["path"] == str(tmp_path / "rank0.pt") and r1["path"] is None
+    # rank 1 held no full tensor, of the weights or of the EMA; rank 0 all of them
+    assert r1["held"] == {"state_dict": 0, "ema_state_dict": 0}
+    assert r0["held"]["state_dict"] > 0 and r0["held"]["ema_state_dict"] == r0["held"]["state_dict"]
+    # ... and the file is model.save_prior's, tensor for tensor
+    a, b = read_prior_file(tmp_path / "rank0.pt"), read_prior_file(tmp_path / "old.pt")
+    assert a.keys() == b.keys()
+    for key in ("format", "config", "meta"):
+        assert a[key] == b[key], key
+    for key in ("state_dict", "ema_state_dict"):
+        assert list(a[key]) == list(b[key])
+        for k in b[key]:
+            assert a[key][k].dtype == b[key][k].dtype and torch.equal(a[key][k], b[key][k]), (key, k)
+    assert not torch.equal(a["state_dict"][next(iter(a["state_dict"]))],
+                           a["ema_state_dict"][next(iter(a["ema_state_dict"]))])

@@ -43,8 +43,9 @@ What each step does
   resumes from its latest checkpoint to the same result as a run never
   interrupted (tested, single process and 4 ranks).
 
-At the end the model is written with `model.save_prior` (one file, config pinned
-inside, weights and EMA weights); `model.load_prior` reads it back into a
+At the end the model is written in `model.save_prior`'s format (one file, config
+pinned inside, weights and EMA weights; `export.save_prior_rank0`: full copies
+gathered to rank 0 only); `model.load_prior` reads it back into a
 `DalleTransformer` of the pinned shape whatever today's defaults are.
 
 Launch (one machine, 4 processes as 2 "machines" x 2 "GPUs" on CPU):
@@ -95,7 +96,8 @@ from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_r
 from .config import SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
 from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
-from .model import DalleTransformer, build_optimizer, save_prior
+from .export import save_prior_rank0
+from .model import DalleTransformer, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -429,10 +431,11 @@ def train_prior(
     if save_final and step >= total:
         meta = {"steps": step, "precision": precision, "world_size": world,
                 "final_loss": losses[-1] if losses else None}
+        # model.save_prior's file, but the full weights and EMA are gathered to rank 0 only
         if remote_checkpoints:
             model_path = _save_prior_to_url(f"{checkpoint_dir}/{model_filename}", model, config, ema.shadow, meta)
         else:
-            model_path = save_prior(checkpoint_dir / model_filename, model, config, ema.shadow, meta=meta)
+            model_path = save_prior_rank0(checkpoint_dir / model_filename, model, config, ema.shadow, meta=meta)[0]
     result = PriorTrainResult(
         steps=step, start_step=start, resumed_from=resumed_from, losses=losses,
         final_loss=losses[-1] if losses else None, history=history, checkpoint=last_ckpt,
@@ -451,7 +454,7 @@ def _save_prior_to_url(url: str, model: nn.Module, config: PriorConfig, ema: dic
     from dalle_core.distributed.objectstore import url_filesystem
 
     with tempfile.TemporaryDirectory(prefix="dalle-prior-") as tmp:
-        local = save_prior(Path(tmp) / "prior.pt", model, config, ema, meta=meta)
+        local = save_prior_rank0(Path(tmp) / "prior.pt", model, config, ema, meta=meta)[0]
         if local is None:
             return None
         fs, path = url_filesystem(url)
