@@ -63,6 +63,16 @@ class DVAEConfig:
     # (losses.pixel_mse: makes short runs draw object edges); 0 = the paper's ELB
     pixel_mse_weight: float = 0.0
 
+    # --- training-time augmentation (augment.py) -------------------------------
+    # The paper's dVAE preprocessing (appendix A, Listing 1): a random crop, zoomed
+    # back to image_size (the crop covers 1/zoom of the side, zoom ~ U[9/8, 12/8]),
+    # mirrored left-right half of the time. Drawn per image from (seed, step, index
+    # in the global batch): resume and any split over ranks crop alike. On in the
+    # paper presets; off by default (the demo's profiles train on the images as they are).
+    random_crop: bool = False
+    random_crop_zoom: tuple[float, float] = (9 / 8, 12 / 8)
+    random_crop_flip: bool = True
+
     # --- EMA of the weights (what is exported and evaluated) -----------------
     ema_decay: float = 0.999
 
@@ -91,6 +101,9 @@ class DVAEConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.temperature_end <= 0 or self.temperature_start <= 0:
             raise ValueError("temperatures must be > 0")
+        lo, hi = self.random_crop_zoom
+        if not 1.0 <= lo <= hi:
+            raise ValueError(f"random_crop_zoom must be (lo, hi) with 1 <= lo <= hi, got {self.random_crop_zoom}")
         if self.codebook_init not in ("random", "kmeans"):
             raise ValueError(f"codebook_init must be 'random' or 'kmeans', got {self.codebook_init!r}")
 
@@ -113,6 +126,7 @@ class DVAEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["random_crop_zoom"] = list(self.random_crop_zoom)
         return d
 
     @classmethod
@@ -125,8 +139,9 @@ class DVAEConfig:
             raise ValueError(f"dVAE config is missing shape fields {missing}")
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in known}
-        if "betas" in kw:
-            kw["betas"] = tuple(kw["betas"])
+        for k in ("betas", "random_crop_zoom"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
         return cls(**kw)
 
     def replace(self, **changes: Any) -> "DVAEConfig":

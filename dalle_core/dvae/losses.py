@@ -64,7 +64,7 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * logp).sum(dim=1) + math.log(logits.shape[1])
 
 
-def marginal_kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+def marginal_kl_to_uniform(logits: torch.Tensor, reduce=None) -> torch.Tensor:
     """KL(q_bar || uniform) of the batch's *average* code distribution (a scalar).
 
     q_bar = mean over images and positions of softmax(logits). Unlike the
@@ -75,6 +75,8 @@ def marginal_kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     Baevski et al. 2020). Not in the paper; off (weight 0) in its presets.
     """
     q_bar = F.softmax(logits.float(), dim=1).mean(dim=(0, 2, 3))
+    if reduce is not None:  # data parallel: this rank's share -> the global batch's average (train.py)
+        q_bar = reduce(q_bar)
     return (q_bar * q_bar.clamp_min(1e-12).log()).sum() + math.log(logits.shape[1])
 
 
@@ -96,7 +98,8 @@ def pixel_mse(images: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_softmax_relaxation(logits: torch.Tensor, temperature: float, dim: int = 1,
-                              generator: torch.Generator | None = None) -> torch.Tensor:
+                              generator: torch.Generator | None = None,
+                              uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """A relaxed one-hot sample: softmax((logits + g) / temperature), g ~ Gumbel(0, 1).
 
     The same computation as torch.nn.functional.gumbel_softmax(hard=False),
@@ -114,14 +117,17 @@ def gumbel_softmax_relaxation(logits: torch.Tensor, temperature: float, dim: int
     # rather than F.gumbel_softmax's Exp(1) draws: on a CPU exponential_ is 5x
     # slower than rand and was 14% of a small dVAE training step (measured).
     tiny = torch.finfo(torch.float32).tiny
-    u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(tiny, 1.0 - 2**-24)
+    # `uniforms`: U(0, 1) draws of the logits' shape made by the caller (the data-parallel
+    # trainer draws them per image, so any split of the batch over ranks draws the same)
+    u = uniforms.float().clamp(tiny, 1.0 - 2**-24) if uniforms is not None else \
+        torch.rand(logits.shape, generator=generator, device=logits.device).clamp_(tiny, 1.0 - 2**-24)
     gumbels = -(-u.log()).log()
     return F.softmax((logits + gumbels) / temperature, dim=dim)
 
 
 def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tensor,
              kl_weight: float, marginal_kl_weight: float = 0.0,
-             pixel_mse_weight: float = 0.0) -> dict[str, torch.Tensor]:
+             pixel_mse_weight: float = 0.0, marginal_reduce=None) -> dict[str, torch.Tensor]:
     """The ELB loss of a batch, normalised per pixel value (see the module docstring).
 
     images: targets in [0, 1], [B, C, H, W] (mapped here with map_pixels);
@@ -129,6 +135,8 @@ def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tens
     Returns {"total", "recon", "kl"}: scalars, each in nats per pixel value,
     averaged over the batch; total = recon + kl_weight * kl (+ the optional
     marginal KL and pixel MSE terms, also returned, with their weights).
+    `marginal_reduce` (data parallel): maps this batch's average code distribution
+    to the global batch's, so the marginal KL is that of the whole global batch.
     """
     b, c, h, w = images.shape
     if decoder_out.shape != (b, 2 * c, h, w):
@@ -144,7 +152,7 @@ def elb_loss(images: torch.Tensor, logits: torch.Tensor, decoder_out: torch.Tens
     if marginal_kl_weight:
         # per pixel value like the KL: the marginal KL counts once per code position
         positions = logits.shape[2] * logits.shape[3]
-        out["marginal_kl"] = marginal_kl_to_uniform(logits) * positions / n_values
+        out["marginal_kl"] = marginal_kl_to_uniform(logits, marginal_reduce) * positions / n_values
         out["total"] = out["total"] + marginal_kl_weight * out["marginal_kl"]
     if pixel_mse_weight:
         out["pixel_mse"] = pixel_mse(images, mu)

@@ -25,6 +25,23 @@ Data: `batches` is either
     whose __iter__ replays the same order): it is cycled epoch after epoch, and
     on resume the first `start_step` batches are read and skipped.
 Each batch is a float32 tensor [B, C, H, W] with values in [0, 1].
+
+Data parallel (paper: 64 GPUs at batch 512): when torch.distributed is
+initialised (torchrun; orchestration/dvae_entry.py), `config.batch_size` is the
+*global* batch, split evenly over the ranks. Each rank's source yields either its
+own share (batch_size / world images: rank r holds images r*b .. r*b+b-1 of the
+step's global batch, what `rank_image_batches` reads) or the whole global batch,
+of which the rank keeps its share. The models are wrapped in
+DistributedDataParallel (gradients averaged: the update is the one-process update
+on the global batch); what is a statistic of the batch is made global: the
+marginal KL's average code distribution (all-reduced), the logged losses
+(averaged over ranks) and the k-means codebook init (on rank 0 from the gathered
+first global batches, then broadcast). Under torch.distributed the gumbel noise
+and the random crops are drawn per image from (seed, step, index in the global
+batch), so 1 or N ranks, resumed or not, train alike; without it the noise comes
+from one generator stream, as before. Rank 0 alone writes checkpoints and the
+model file (checkpoint_dir must be shared by the ranks for a resume) and calls
+`on_log`; usage / perplexity in the log are rank 0's share of the batch.
 """
 
 from __future__ import annotations
@@ -39,12 +56,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from dalle_core.checkpointing import list_step_files, load_latest_step_file
 from dalle_core.io import atomic_torch_save
 from dalle_core.precision.device import cpu_has_fast_bf16
 
+from .augment import random_crop_resize, sample_seed
 from .codebook_init import kmeans_codebook_init
 from .config import SHAPE_FIELDS, DVAEConfig
 from .losses import code_stats, elb_loss, gumbel_softmax_relaxation
@@ -110,6 +129,99 @@ class EMA:
 
 
 # -----------------------------------------------------------------------------
+# Data parallel
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """This process's place in the data-parallel group (world 1 without torch.distributed)."""
+
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False
+    global_batch: int = 1
+
+    @property
+    def local_batch(self) -> int:
+        return self.global_batch // self.world
+
+    @property
+    def first_index(self) -> int:  # of this rank's images in the step's global batch
+        return self.rank * self.local_batch
+
+    @classmethod
+    def current(cls, config: DVAEConfig) -> "_Shard":
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls(global_batch=config.batch_size)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if config.batch_size % world:
+            raise ValueError(f"the global batch {config.batch_size} does not split evenly over {world} ranks")
+        return cls(rank=rank, world=world, distributed=True, global_batch=config.batch_size)
+
+    def take(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """This rank's share of a batch the source yielded (its share, or the whole global batch)."""
+        if self.world == 1 or len(images) == self.local_batch:
+            return images
+        if len(images) == self.global_batch:
+            return images[self.first_index : self.first_index + self.local_batch]
+        raise ValueError(f"batch for step {step} holds {len(images)} images: rank {self.rank} of {self.world} "
+                         f"expects its share ({self.local_batch}) or the global batch ({self.global_batch})")
+
+    def gather(self, images: torch.Tensor) -> torch.Tensor:
+        """The global batch from every rank's share, in rank order (all ranks get it)."""
+        if not self.distributed or self.world == 1:
+            return images
+        parts = [torch.empty_like(images) for _ in range(self.world)]
+        dist.all_gather(parts, images.contiguous())
+        return torch.cat(parts)
+
+    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed and self.world > 1:
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def global_marginal(self, q: torch.Tensor) -> torch.Tensor:
+        """The global batch's average code distribution, valued as the all-reduced mean,
+        with the gradient flowing to this rank's share. DDP then averages the ranks'
+        gradients: (1/W) sum_r dm/dq_bar . dq_r/dtheta, exactly the one-process gradient of
+        m(q_bar) with q_bar = (1/W) sum_r q_r."""
+        g = self.mean_(q.detach().clone())
+        return q + (g - q.detach())
+
+    def uniforms(self, shape: torch.Size, device: torch.device, seed: int, step: int) -> torch.Tensor:
+        """U(0, 1) noise for the gumbel relaxation, image by image from (seed, step, global index)."""
+        out = torch.empty(shape, device=device)
+        g = torch.Generator(device=device)
+        for i in range(shape[0]):
+            g.manual_seed(sample_seed(seed, step, self.first_index + i, "gumbel"))
+            out[i] = torch.rand(shape[1:], generator=g, device=device)
+        return out
+
+
+def rank_image_batches(paths: list, global_batch: int, image_size: int, seed: int = 0, start_step: int = 0,
+                       rank: int = 0, world: int = 1, shuffle_buffer: int = 1000) -> Iterator[torch.Tensor]:
+    """This rank's share of each global batch that `dalle_core.data.loader.image_batches`
+    yields (same order, same epochs), decoding only the rank's images: rank r gets
+    images r*b .. r*b+b-1 of every global batch of `global_batch`, b = global_batch / world."""
+    from dalle_core.data.loader import image_to_tensor, iter_samples
+
+    if global_batch % world:
+        raise ValueError(f"the global batch {global_batch} does not split evenly over {world} ranks")
+    b = global_batch // world
+    lo, hi = rank * b, rank * b + b
+    images, n, step = [], 0, 0
+    for key, image, _ in iter_samples(paths, seed, shuffle_buffer):
+        if step >= start_step and lo <= n < hi:
+            images.append(image_to_tensor(image, image_size, name=f"sample {key}"))
+        n += 1
+        if n == global_batch:
+            if step >= start_step:
+                yield torch.stack(images)
+            images, n, step = [], 0, step + 1
+
+
+# -----------------------------------------------------------------------------
 # Data
 
 
@@ -137,23 +249,42 @@ def _open_batches(batches: BatchSource, start_step: int) -> Iterator[torch.Tenso
 
 
 def _kmeans_init_from(batches: BatchSource, encoder: Encoder, config: DVAEConfig,
-                      device: torch.device) -> dict[str, float]:
+                      device: torch.device, shard: _Shard | None = None) -> dict[str, float] | None:
     """k-means codebook init on the first training batches (the same ones step 0
-    on reads: the init is part of the run, so a rerun repeats it exactly)."""
+    on reads: the init is part of the run, so a rerun repeats it exactly). Data
+    parallel: on rank 0, from the ranks' shares gathered into the global batches;
+    the result is broadcast to every rank (rank 0 returns the stats, others None)."""
+    shard = shard or _Shard(global_batch=config.batch_size)
     it, seen = _open_batches(batches, 0), []
-    while sum(len(b) for b in seen) < config.codebook_init_images:
+    while sum(len(b) for b in seen) * shard.world < config.codebook_init_images:
         try:
             batch = next(it)
         except StopIteration:
             break
         # the same check and wording as the training loop: these are the batches its steps read
         validate_images(batch, config.image_size, config.input_channels, what=f"batch for step {len(seen)}")
-        seen.append(batch)
+        seen.append(shard.take(batch, len(seen)))
     if not seen:
         raise ValueError("codebook_init='kmeans' needs training images, the batch source is empty")
-    images = torch.cat(seen)[: config.codebook_init_images]
-    return kmeans_codebook_init(encoder, images.to(device), logit_std=config.codebook_init_logit_std,
-                                seed=config.seed)
+    images = torch.cat([shard.gather(b) for b in seen])[: config.codebook_init_images]
+    stats = None
+    if shard.rank == 0:
+        stats = kmeans_codebook_init(encoder, images.to(device), logit_std=config.codebook_init_logit_std,
+                                     seed=config.seed)
+    if shard.distributed:
+        _broadcast_module(encoder)
+    return stats
+
+
+def _broadcast_module(module: nn.Module) -> None:
+    with torch.no_grad():
+        for t in itertools.chain(module.parameters(), module.buffers()):
+            if t.is_contiguous():
+                dist.broadcast(t.data, 0)
+            else:  # channels_last parameters: broadcast a contiguous copy
+                buf = t.data.contiguous()
+                dist.broadcast(buf, 0)
+                t.data.copy_(buf)
 
 
 # -----------------------------------------------------------------------------
@@ -199,6 +330,8 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     """
     device = torch.device(device)
     checkpoint_dir = Path(checkpoint_dir)
+    shard = _Shard.current(config)
+    writer = shard.rank == 0  # rank 0 alone writes checkpoints and the model, and reports
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
 
     on_cuda = device.type == "cuda"
@@ -219,7 +352,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     decoder.to(device, memory_format=torch.channels_last).train()
     init_stats = None
     if config.codebook_init == "kmeans" and not (resume and _list_checkpoints(checkpoint_dir)):
-        init_stats = _kmeans_init_from(batches, encoder, config, device)
+        init_stats = _kmeans_init_from(batches, encoder, config, device, shard)
     ema_enc, ema_dec = EMA(encoder, config.ema_decay), EMA(decoder, config.ema_decay)
 
     params = list(encoder.parameters()) + list(decoder.parameters())
@@ -250,13 +383,25 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
                 torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
             step = resumed_from = int(ckpt["step"])
             history = list(ckpt.get("history", []))
-    else:
+    elif writer:
         for _, p in _list_checkpoints(checkpoint_dir):
             p.unlink()
-    for tmp in checkpoint_dir.glob("*.pt.tmp-*"):  # left by a run killed while writing
-        tmp.unlink(missing_ok=True)
+    if writer:
+        for tmp in checkpoint_dir.glob("*.pt.tmp-*"):  # left by a run killed while writing
+            tmp.unlink(missing_ok=True)
+    enc_fwd, dec_fwd = encoder, decoder
+    if shard.distributed:
+        dist.barrier()  # every rank has read the checkpoint before rank 0 writes the next
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if on_cuda else None
+        # DDP broadcasts rank 0's parameters and buffers, then averages the gradients
+        enc_fwd, dec_fwd = DDP(encoder, device_ids=ids), DDP(decoder, device_ids=ids)
 
     def save_checkpoint() -> Path:
+        path = checkpoint_dir / checkpoint_name(step)
+        if not writer:
+            return path
         obj = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
@@ -275,7 +420,6 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             },
             "history": history,
         }
-        path = checkpoint_dir / checkpoint_name(step)
         atomic_torch_save(obj, path)
         for _, old in _list_checkpoints(checkpoint_dir)[: -config.keep_checkpoints]:
             old.unlink(missing_ok=True)
@@ -290,6 +434,10 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
             raise ValueError(f"batches ran out at step {step} of {config.total_steps}; the source "
                              f"must yield one batch per step (cycle your data)") from None
         validate_images(images, config.image_size, config.input_channels, what=f"batch for step {step}")
+        images = shard.take(images, step)
+        if config.random_crop:  # the paper's crop + resize, image by image (augment.py)
+            images = random_crop_resize(images, config.seed, step, shard.first_index, config.random_crop_zoom,
+                                        config.random_crop_flip)
         images = images.to(device, non_blocking=True, memory_format=torch.channels_last)
 
         # schedules for this update
@@ -299,14 +447,21 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
 
         # forward: encoder logits -> relaxed one-hot sample -> decoder (mu, ln b)
         with torch.autocast(device.type, dtype=amp_dtype) if use_amp else contextlib.nullcontext():
-            logits = encoder(map_pixels(images))
-            z = gumbel_softmax_relaxation(logits, tau, generator=noise_gen)
-            stats = decoder(z)
+            logits = enc_fwd(map_pixels(images))
+            u = shard.uniforms(logits.shape, device, config.seed + 1, step) if shard.distributed else None
+            z = gumbel_softmax_relaxation(logits, tau, generator=noise_gen, uniforms=u)
+            stats = dec_fwd(z)
         losses = elb_loss(images, logits.float(), stats.float(), beta, config.marginal_kl_weight,
-                          config.pixel_mse_weight)
+                          config.pixel_mse_weight,
+                          marginal_reduce=shard.global_marginal if shard.distributed else None)
         loss = losses["total"]
         losses = {k: v.detach() for k, v in losses.items()}
-        if not torch.isfinite(loss) and not use_scaler:
+        finite = torch.isfinite(loss)
+        if shard.distributed:  # every rank stops together (one rank alone would leave the others waiting)
+            flag = finite.float().reshape(1).cpu()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = bool(flag.item())
+        if not finite and not use_scaler:
             raise FloatingPointError(
                 f"non-finite dVAE loss at step {step} (recon {float(losses['recon'])}, kl "
                 f"{float(losses['kl'])}); last checkpoint: {last_ckpt}")
@@ -329,6 +484,10 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
 
         log_now = step % config.log_every == 0 or step == config.total_steps
         if log_now:
+            if shard.distributed:  # the global batch's losses: the mean of the ranks' (equal) shares
+                keys = sorted(losses)
+                avg = shard.mean_(torch.stack([losses[k].float() for k in keys]))
+                losses = dict(zip(keys, avg))
             now = time.perf_counter()
             metrics = {
                 "step": step,
@@ -348,7 +507,7 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
         # checkpoint before reporting, so a failing logger never loses the step
         if step % config.checkpoint_every == 0 or step == config.total_steps:
             last_ckpt = save_checkpoint()
-        if log_now and on_log is not None:
+        if log_now and on_log is not None and writer:
             on_log(step, history[-1])
 
     if last_ckpt is None:  # total_steps already reached and nothing on disk (cannot happen normally)
@@ -356,7 +515,11 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     ema_enc.module.requires_grad = ema_dec.module.requires_grad = False
     for m in (encoder, decoder, ema_enc.module, ema_dec.module):  # back to the layout load_dvae builds
         m.to(memory_format=torch.contiguous_format)
-    model_path = save_dvae(checkpoint_dir / "dvae.pt", ema_enc.module, ema_dec.module, config)
+    model_path = checkpoint_dir / "dvae.pt"
+    if writer:
+        model_path = save_dvae(model_path, ema_enc.module, ema_dec.module, config)
+    if shard.distributed:
+        dist.barrier()  # the files exist when any rank returns
     return TrainResult(
         encoder=ema_enc.module, decoder=ema_dec.module, config=config, step=step, history=history,
         checkpoint_path=last_ckpt, model_path=model_path, resumed_from=resumed_from,
@@ -364,4 +527,4 @@ def train_dvae(config: DVAEConfig, batches: BatchSource, checkpoint_dir: str | P
     )
 
 
-__all__ = ["TrainResult", "EMA", "BatchSource", "train_dvae", "checkpoint_name"]
+__all__ = ["TrainResult", "EMA", "BatchSource", "train_dvae", "checkpoint_name", "rank_image_batches"]
