@@ -3,6 +3,8 @@
 
 import hashlib
 import json
+import os
+import sys
 from typing import Dict
 
 import dagster as dg
@@ -20,7 +22,7 @@ from dalle_core.demo.checker import check_image
 from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import evaluate_reconstructions
 from dalle_core.dvae.model import encode_to_codes, load_dvae, save_dvae
-from dalle_core.dvae.train import train_dvae
+from dalle_core.dvae.train import TrainResult, train_dvae
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
 
@@ -43,6 +45,10 @@ def demo_check(image, caption: str) -> bool:
 class DVAERunConfig(dg.Config):
     # champion / challenger: the new dVAE replaces the champion only if it beats it on all of these
     promote_on: Dict[str, str] = {"recon_mse": "lower"}
+    # data-parallel processes (GPUs on a machine; gloo CPU processes here): above 1 the
+    # training runs under torchrun (orchestration/dvae_entry.py) through Dagster Pipes, the
+    # profile's batch_size split over the ranks; 1 trains in this process, as the demo does
+    nproc_per_node: int = 1
 
 
 @dg.asset(
@@ -54,14 +60,17 @@ class DVAERunConfig(dg.Config):
 )
 def dvae(
     context: dg.AssetExecutionContext, config: DVAERunConfig, storage: StorageResource, profile: ProfileResource,
-    mlflow: MlflowResource,
+    mlflow: MlflowResource, pipes_subprocess_client: dg.PipesSubprocessClient,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     require_passing_shards(store)  # the dVAE (and so the weekly retrain) never trains on shards that failed their suite
     cfg = prof.dvae
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
     # one checkpoint folder per config: a rerun resumes, a changed config starts afresh
-    checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(cfg.to_dict())}")
+    world = config.nproc_per_node
+    # (a data-parallel run draws its gumbel noise per image: its own folder, resumable at any world size)
+    checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(cfg.to_dict())}"
+                                  + ("-dp" if world > 1 else ""))
 
     def batches(start_step: int):
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)
@@ -75,7 +84,12 @@ def dvae(
                 context.log.info(f"dvae step {step}/{cfg.total_steps}: " + ", ".join(
                     f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
-        result = train_dvae(cfg, batches, checkpoints, on_log=on_log, device=training_device())
+        reported = None
+        if world > 1:
+            result, reported = train_dvae_torchrun(context, pipes_subprocess_client, cfg, paths, checkpoints, world,
+                                                   mlflow.tracking_uri, run.info.run_id)
+        else:
+            result = train_dvae(cfg, batches, checkpoints, on_log=on_log, device=training_device())
         encoder, decoder = result.encoder.cpu(), result.decoder.cpu()
 
         eval_set = load_eval_images(store, cfg.image_size, storage.scratch("eval-cache"))
@@ -99,7 +113,9 @@ def dvae(
                **report.metrics()}
     context.log.info(f"dvae: {json.dumps({k: round(float(v), 4) for k, v in figures.items()})}")
     meta = {
+        **(dict(reported.metadata or {}) if reported is not None else {}),
         "steps": result.step,
+        "world_size": world,
         "resumed_from": result.resumed_from if result.resumed_from is not None else "none",
         "figures": md(md_table(["metric", "value"], [(k, f"{float(v):.4g}") for k, v in figures.items()])),
         "reconstructions": md(md_image(png_bytes(grid), "originals and reconstructions, side by side")),
@@ -112,6 +128,31 @@ def dvae(
         if k in figures:
             meta[k] = round(float(figures[k]), 4)
     return dg.MaterializeResult(metadata=meta)
+
+
+def train_dvae_torchrun(context, pipes_client: dg.PipesSubprocessClient, cfg, paths, out, world: int,
+                        tracking_uri: str, run_id: str):
+    """Data-parallel training: `world` processes under torchrun (orchestration/dvae_entry.py),
+    rank 0 streaming each logged step to this run and to MLflow through Dagster Pipes.
+    Returns (TrainResult of the EMA weights rank 0 wrote, the Pipes-reported materialization)."""
+    (out / "dvae-config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "shards.json").write_text(json.dumps([str(p) for p in paths]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "orchestration.dvae_entry", "--config-json", str(out / "dvae-config.json"),
+           "--shards-json", str(out / "shards.json"), "--out", str(out)]
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id,
+           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+    context.log.info(f"launching: {' '.join(cmd)}")
+    reported = pipes_client.run(command=cmd, context=context, env=env).get_materialize_result()
+    summary_file, model_file = out / "result.json", out / "dvae.pt"
+    if not (summary_file.exists() and model_file.exists()):
+        raise dg.Failure(f"dVAE training ended without {summary_file} / {model_file}; see the run's logs")
+    summary = json.loads(summary_file.read_text())
+    encoder, decoder, _ = load_dvae(model_file)
+    result = TrainResult(encoder=encoder, decoder=decoder, config=cfg, step=summary["step"],
+                         history=summary["history"], model_path=model_file,
+                         resumed_from=summary["resumed_from"], codebook_init=summary.get("codebook_init"))
+    return result, reported
 
 
 @dg.asset(
