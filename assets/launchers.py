@@ -66,6 +66,28 @@ class TorchrunLauncher(dg.ConfigurableResource):
     k8s_service_account: Optional[str] = None
     k8s_config_map: Optional[str] = "dalle-settings"  # envFrom (MLFLOW_TRACKING_URI, ...)
 
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "TorchrunLauncher":
+        """The platform's launcher (`orchestration.definitions`): local unless DALLE_TORCHRUN_BACKEND
+        says slurm or k8s; DALLE_SLURM_PARTITION, DALLE_SLURM_GPUS_PER_NODE, DALLE_SLURM_TIME,
+        DALLE_K8S_NAMESPACE, DALLE_K8S_IMAGE, DALLE_K8S_GPUS_PER_POD, DALLE_K8S_VOLUME_CLAIM,
+        DALLE_K8S_MOUNT_PATH, DALLE_VENV_PYTHON (the nodes' interpreter) fill in the rest. A run's
+        resource config (resources: torchrun: config: ...) overrides any of them."""
+        e = os.environ if environ is None else environ
+        kw: dict[str, Any] = {"backend": e.get("DALLE_TORCHRUN_BACKEND", "local") or "local"}
+        for var, field, kind in (("DALLE_SLURM_PARTITION", "slurm_partition", str),
+                                 ("DALLE_SLURM_GPUS_PER_NODE", "slurm_gpus_per_node", int),
+                                 ("DALLE_SLURM_TIME", "slurm_time", str),
+                                 ("DALLE_K8S_NAMESPACE", "k8s_namespace", str),
+                                 ("DALLE_K8S_IMAGE", "k8s_image", str),
+                                 ("DALLE_K8S_GPUS_PER_POD", "k8s_gpus_per_pod", int),
+                                 ("DALLE_K8S_VOLUME_CLAIM", "k8s_volume_claim", str),
+                                 ("DALLE_K8S_MOUNT_PATH", "k8s_mount_path", str),
+                                 ("DALLE_VENV_PYTHON", "python", str)):
+            if e.get(var):
+                kw[field] = kind(e[var])
+        return cls(**kw)
+
     # ------------------------------------------------------------------ the one entry point
     def launch(self, context, *, module: str, args: Sequence[str], run_dir: Path | str, nnodes: int = 1,
                nproc_per_node: int = 1, env: Optional[Mapping[str, str]] = None, name: str = "dalle-train",
