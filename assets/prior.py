@@ -1,15 +1,18 @@
 """Stage two of the paper: the transformer prior, trained with torchrun through
-Dagster Pipes (rank 0 streams metrics to the run and to MLflow)."""
+Dagster Pipes (rank 0 streams metrics to the run and to MLflow). Where torchrun runs is the
+`torchrun` resource's choice (`assets.launchers.TorchrunLauncher`): this machine (the demo),
+a SLURM job or a Kubernetes indexed Job, the same Pipes report from each."""
 
 import json
+import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Optional
 
 import dagster as dg
 
 from assets.dvae import CODES, config_digest, image_codes_manifest
+from assets.launchers import TorchrunLauncher
 from assets.metadata import md, md_table
 from assets.model_registry import CHALLENGER, DEFAULT_ALIAS, PriorModel
 from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
@@ -27,7 +30,8 @@ class PriorRunConfig(dg.Config):
     """How to launch the training: processes per machine and the logical machine count."""
 
     nproc_per_node: int = 1  # GPUs per machine on a cluster; CPU processes here (gloo)
-    nodes: int = 1  # machines in the mesh (4 processes as nodes=2 x 2 on one box in tests)
+    nodes: int = 1  # machines in the mesh (local backend: 4 processes as nodes=2 x 2 on one box in tests;
+    # slurm / k8s backends: real machines, one torchrun each)
     powersgd_rank: Optional[int] = None  # compress cross-machine gradients (None: plain all-reduce)
     steps: Optional[int] = None  # default: the profile's
     activation_checkpointing: bool = False
@@ -61,7 +65,7 @@ def prior(
     storage: StorageResource,
     profile: ProfileResource,
     mlflow: MlflowResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    torchrun: TorchrunLauncher,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     data = codes_dir(storage, store)
@@ -85,26 +89,28 @@ def prior(
     baseline = unigram_baseline(p for s in manifest["shards"] for p in iter_code_shard(data / s["name"]))
 
     world = config.nproc_per_node * config.nodes
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "orchestration.prior_entry", "--profile-json", str(out / "profile.json"),
-           "--codes", str(data), "--out", str(out), "--quiet"]
+    args = ["--profile-json", str(out / "profile.json"), "--codes", str(data), "--out", str(out), "--quiet"]
     if world > 1:
-        cmd += ["--nodes", str(config.nodes), "--gpus-per-node", str(config.nproc_per_node)]
+        args += ["--nodes", str(config.nodes), "--gpus-per-node", str(config.nproc_per_node)]
     for flag, value in (("--steps", config.steps), ("--powersgd-rank", config.powersgd_rank),
                         ("--precision", config.precision)):
         if value is not None:
-            cmd += [flag, str(value)]
+            args += [flag, str(value)]
     if config.activation_checkpointing:
-        cmd.append("--activation-checkpointing")
+        args.append("--activation-checkpointing")
 
     with mlflow.start_run("prior", tags={"stage": "prior", "profile": prof.name}, data_version=data_version(store)) as run:
         mlflow.log_params({**{k: v for k, v in cfg.items() if not isinstance(v, (list, dict))},
                            "world_size": world, "nodes": config.nodes, "powersgd_rank": config.powersgd_rank})
         mlflow.log_metrics({f"unigram_{k}": v for k, v in baseline.items()})
-        env = {"MLFLOW_TRACKING_URI": mlflow.tracking_uri, "MLFLOW_RUN_ID": run.info.run_id,
-               "OMP_NUM_THREADS": str(max(1, (__import__("os").cpu_count() or 1) // world))}
-        context.log.info(f"launching: {' '.join(cmd)}")
-        reported = pipes_subprocess_client.run(command=cmd, context=context, env=env).get_materialize_result()
+        env = {"MLFLOW_TRACKING_URI": mlflow.tracking_uri, "MLFLOW_RUN_ID": run.info.run_id}
+        if torchrun.backend == "local":  # this machine's cores shared by its processes (a cluster sets its own)
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // world))
+        # local: every process here (--standalone); slurm / k8s: `nodes` machines x nproc_per_node, the run
+        # folder (on the shared filesystem) holds the job's script/manifests, log and Pipes files
+        reported = torchrun.launch(context, module="orchestration.prior_entry", args=args, run_dir=out,
+                                   nnodes=config.nodes, nproc_per_node=config.nproc_per_node, env=env,
+                                   name="dalle-prior").get_materialize_result()
         model_file = out / "prior.pt"
         if not model_file.exists():
             raise dg.Failure(f"training ended without {model_file}; see the run's logs")

@@ -7,6 +7,7 @@ import dagster as dg
 from assets.asset_checks import data_checks
 from assets.data import coco_eval_set, filtered_pairs, raw_pairs, shards_asset
 from assets.dvae import dvae, image_codes, image_codes_manifest
+from assets.launchers import TorchrunLauncher
 from assets.evaluation import coco_zero_shot_report
 from assets.generation import reranker, samples
 from assets.human_eval import human_eval_complete_sensor, human_eval_report
@@ -29,6 +30,8 @@ def build_resources(settings: Settings) -> dict:
         "profile": ProfileResource(name=settings.profile),
         "mlflow": MlflowResource.from_settings(settings),
         "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        # where torchrun trainings run: local (the demo) | slurm | k8s (DALLE_TORCHRUN_BACKEND)
+        "torchrun": TorchrunLauncher.from_env(),
         "crawl_source": CrawlSourceResource(
             url_list_dir=settings.url_list_dir,
             demo_world=settings.demo_world,
