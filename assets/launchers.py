@@ -104,6 +104,11 @@ class TorchrunLauncher(dg.ConfigurableResource):
                                                   cwd=self.workdir or None)
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        mount = self.k8s_mount_path.rstrip("/") or "/"
+        if self.backend == "k8s" and not run_dir.resolve().is_relative_to(mount):
+            # the pods see only the shared volume: the Pipes files and the model must be on it
+            raise dg.Failure(f"k8s backend: the run folder {run_dir} is not on the shared volume mounted at "
+                             f"{mount} (set the storage's scratch_dir under it, or k8s_mount_path)")
         injector = dg.PipesFileContextInjector(str(run_dir / "pipes-context.json"))
         reader = dg.PipesFileMessageReader(str(run_dir / "pipes-messages.jsonl"))
         with dg.open_pipes_session(context=context, context_injector=injector, message_reader=reader,

@@ -185,8 +185,8 @@ def test_k8s_backend_through_stand_in_api(tmp_path, monkeypatch, fail):
                                name="dalle-prior").get_materialize_result()
 
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize([trained], resources={"torchrun": TorchrunLauncher(backend="k8s", poll_seconds=0.01)},
-                            instance=instance, raise_on_error=False)
+    lr = TorchrunLauncher(backend="k8s", poll_seconds=0.01, k8s_mount_path=str(tmp_path.parent))
+    result = dg.materialize([trained], resources={"torchrun": lr}, instance=instance, raise_on_error=False)
     (ns, svc), = core.services
     assert ns == "default" and svc["kind"] == "Service" and core.deleted == ["dalle-prior"]
     assert batch.created[0][1]["spec"]["completions"] == 2
@@ -197,3 +197,13 @@ def test_k8s_backend_through_stand_in_api(tmp_path, monkeypatch, fail):
     assert result.success and batch.deleted == []
     assert result.asset_materializations_for_node("trained")[0].metadata["train_step"].value == 1
     assert any('"loss": 2.5' in (r.user_message or "") for r in instance.all_logs(result.run_id))
+
+
+def test_k8s_backend_wants_the_run_folder_on_the_shared_volume(tmp_path):
+    @dg.asset
+    def trained(context: dg.AssetExecutionContext, torchrun: TorchrunLauncher) -> None:
+        torchrun.launch(context, module="orchestration.prior_entry", args=[], run_dir=tmp_path, nnodes=2)
+
+    result = dg.materialize([trained], resources={"torchrun": TorchrunLauncher(backend="k8s")},
+                            raise_on_error=False)
+    assert "not on the shared volume mounted at /data" in str(result.get_step_failure_events()[0].step_failure_data.error)
