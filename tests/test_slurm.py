@@ -1,4 +1,4 @@
-"""The SLURM backend of `TorchrunLauncher`, end to end against a real one-machine cluster
+"""The SLURM backend of `TorchrunLauncher` (and the `prior` asset on it), end to end against a real one-machine cluster
 (scripts/slurm-test-cluster.sh: munged + slurmctld + slurmd on 127.0.0.1, stopped after).
 
 The prior's torchrun entry (orchestration.prior_entry) runs as a 2-machine job: sbatch, one
@@ -143,3 +143,45 @@ def test_a_failed_job_names_its_id_and_log(slurm_cluster, tmp_path):
     assert re.search(r"SLURM job \d+ ended FAILED .*slurm-\d+\.out", str(error), re.S) or \
         re.search(r"SLURM job \d+ ended FAILED", message), message
     assert "orchestration.no_such_entry" in str(error)  # the log's tail comes with it
+
+
+@pytest.mark.timeout(600)
+def test_prior_asset_with_the_slurm_backend(slurm_cluster, tmp_path):
+    """The `prior` asset itself, its torchrun resource set to slurm: 2 machines x 1 process as one
+    SLURM job, rank 0's report in the materialization, the model registered in MLflow."""
+    from assets.dvae import CODES
+    from assets.prior import prior
+    from assets.resources import MlflowResource, ProfileResource, StorageResource
+    from assets.text import TOKENIZER_KEY
+    from dalle_core.text.bpe import train_bpe_tokenizer
+
+    root = tmp_path / "store"
+    write_synthetic_code_shards(LocalStorage(root), CODES, TINY, n_shards=2, per_shard=20, seed=4)
+    captions = [f"a {c} {s} {w} a {c2} {s2}" for c in ("red", "blue", "green") for s in ("cube", "ball", "cone")
+                for w in ("left of", "above", "below") for c2 in ("red", "blue") for s2 in ("cube", "ball")]
+    (root / TOKENIZER_KEY).parent.mkdir(parents=True, exist_ok=True)
+    train_bpe_tokenizer(captions * 4, get_profile("tiny").text).save(root / TOKENIZER_KEY)
+    resources = {
+        "storage": StorageResource(root=str(root), scratch_dir=str(tmp_path / "scratch")),
+        "profile": ProfileResource(name="tiny"),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                 artifact_root=str(tmp_path / "artifacts")),
+        "torchrun": launcher(),
+    }
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(ROOT)  # the job's tasks import orchestration.prior_entry from the checkout
+    try:
+        result = dg.materialize([prior], resources=resources, instance=dg.DagsterInstance.ephemeral(),
+                                run_config={"ops": {"prior": {"config": {"nodes": 2, "nproc_per_node": 1,
+                                                                         "steps": 4}}}})
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH")
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert result.success
+    meta = result.asset_materializations_for_node("prior")[0].metadata
+    assert meta["train_step"].value == 4 and meta["world_size"].value == 2
+    assert meta["model_version"].value.startswith("prior v1")
+    run_dir, = (tmp_path / "scratch" / "prior-runs").iterdir()
+    assert "2 torchruns x 1, rendezvous 127.0.0.1" in next(run_dir.glob("slurm-*.out")).read_text()
