@@ -206,4 +206,5 @@ def test_k8s_backend_wants_the_run_folder_on_the_shared_volume(tmp_path):
 
     result = dg.materialize([trained], resources={"torchrun": TorchrunLauncher(backend="k8s")},
                             raise_on_error=False)
-    assert "not on the shared volume mounted at /data" in str(result.get_step_failure_events()[0].step_failure_data.error)
+    error = result.get_step_failure_events()[0].step_failure_data.error
+    assert "not on the shared volume mounted at /data" in str(error)

@@ -1,5 +1,6 @@
-"""The SLURM backend of `TorchrunLauncher` (and the `prior` asset on it), end to end against a real one-machine cluster
-(scripts/slurm-test-cluster.sh: munged + slurmctld + slurmd on 127.0.0.1, stopped after).
+"""The SLURM backend of `TorchrunLauncher` (and the `prior` asset on it), end to end against a
+real one-machine cluster (scripts/slurm-test-cluster.sh: munged + slurmctld + slurmd on
+127.0.0.1, stopped after).
 
 The prior's torchrun entry (orchestration.prior_entry) runs as a 2-machine job: sbatch, one
 srun task per logical machine, each a `torchrun --nnodes 2` meeting at a c10d rendezvous on
