@@ -4,12 +4,12 @@
 import hashlib
 import json
 import os
-import sys
 from typing import Dict
 
 import dagster as dg
 import torch
 
+from assets.launchers import TorchrunLauncher
 from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, require_passing_shards, shards_asset
 from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER, DVAEModel
@@ -45,10 +45,12 @@ def demo_check(image, caption: str) -> bool:
 class DVAERunConfig(dg.Config):
     # champion / challenger: the new dVAE replaces the champion only if it beats it on all of these
     promote_on: Dict[str, str] = {"recon_mse": "lower"}
-    # data-parallel processes (GPUs on a machine; gloo CPU processes here): above 1 the
-    # training runs under torchrun (orchestration/dvae_entry.py) through Dagster Pipes, the
-    # profile's batch_size split over the ranks; 1 trains in this process, as the demo does
+    # data-parallel processes (GPUs on a machine; gloo CPU processes here) x machines: above 1
+    # (or on a cluster backend of the `torchrun` resource) the training runs under torchrun
+    # (orchestration/dvae_entry.py) through Dagster Pipes, the profile's batch_size split over
+    # the ranks (the paper: 64 GPUs, batch 512); 1 process trains here, as the demo does
     nproc_per_node: int = 1
+    nodes: int = 1
 
 
 @dg.asset(
@@ -60,17 +62,18 @@ class DVAERunConfig(dg.Config):
 )
 def dvae(
     context: dg.AssetExecutionContext, config: DVAERunConfig, storage: StorageResource, profile: ProfileResource,
-    mlflow: MlflowResource, pipes_subprocess_client: dg.PipesSubprocessClient,
+    mlflow: MlflowResource, torchrun: TorchrunLauncher,
 ) -> dg.MaterializeResult:
     store, prof = storage.get(), profile.get()
     require_passing_shards(store)  # the dVAE (and so the weekly retrain) never trains on shards that failed their suite
     cfg = prof.dvae
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
     # one checkpoint folder per config: a rerun resumes, a changed config starts afresh
-    world = config.nproc_per_node
+    world = config.nodes * config.nproc_per_node
+    distributed = world > 1 or torchrun.backend != "local"
     # (a data-parallel run draws its gumbel noise per image: its own folder, resumable at any world size)
     checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(cfg.to_dict())}"
-                                  + ("-dp" if world > 1 else ""))
+                                  + ("-dp" if distributed else ""))
 
     def batches(start_step: int):
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)
@@ -85,9 +88,9 @@ def dvae(
                     f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
 
         reported = None
-        if world > 1:
-            result, reported = train_dvae_torchrun(context, pipes_subprocess_client, cfg, paths, checkpoints, world,
-                                                   mlflow.tracking_uri, run.info.run_id)
+        if distributed:
+            result, reported = train_dvae_torchrun(context, torchrun, cfg, paths, checkpoints, config.nodes,
+                                                   config.nproc_per_node, mlflow.tracking_uri, run.info.run_id)
         else:
             result = train_dvae(cfg, batches, checkpoints, on_log=on_log, device=training_device())
         encoder, decoder = result.encoder.cpu(), result.decoder.cpu()
@@ -130,20 +133,22 @@ def dvae(
     return dg.MaterializeResult(metadata=meta)
 
 
-def train_dvae_torchrun(context, pipes_client: dg.PipesSubprocessClient, cfg, paths, out, world: int,
+def train_dvae_torchrun(context, torchrun: TorchrunLauncher, cfg, paths, out, nodes: int, nproc_per_node: int,
                         tracking_uri: str, run_id: str):
-    """Data-parallel training: `world` processes under torchrun (orchestration/dvae_entry.py),
-    rank 0 streaming each logged step to this run and to MLflow through Dagster Pipes.
+    """Data-parallel training: `nodes` x `nproc_per_node` processes under torchrun
+    (orchestration/dvae_entry.py) where the `torchrun` resource runs them (this machine, SLURM,
+    Kubernetes; `out` on the filesystem they share), rank 0 streaming each logged step to this
+    run and to MLflow through Dagster Pipes.
     Returns (TrainResult of the EMA weights rank 0 wrote, the Pipes-reported materialization)."""
     (out / "dvae-config.json").write_text(json.dumps(cfg.to_dict()))
     (out / "shards.json").write_text(json.dumps([str(p) for p in paths]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           "-m", "orchestration.dvae_entry", "--config-json", str(out / "dvae-config.json"),
-           "--shards-json", str(out / "shards.json"), "--out", str(out)]
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id,
-           "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
-    context.log.info(f"launching: {' '.join(cmd)}")
-    reported = pipes_client.run(command=cmd, context=context, env=env).get_materialize_result()
+    args = ["--config-json", str(out / "dvae-config.json"), "--shards-json", str(out / "shards.json"),
+            "--out", str(out)]
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run_id}
+    if torchrun.backend == "local":  # this machine's cores shared by its processes (a cluster sets its own)
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (nodes * nproc_per_node)))
+    reported = torchrun.launch(context, module="orchestration.dvae_entry", args=args, run_dir=out, nnodes=nodes,
+                               nproc_per_node=nproc_per_node, env=env, name="dalle-dvae").get_materialize_result()
     summary_file, model_file = out / "result.json", out / "dvae.pt"
     if not (summary_file.exists() and model_file.exists()):
         raise dg.Failure(f"dVAE training ended without {summary_file} / {model_file}; see the run's logs")

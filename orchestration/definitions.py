@@ -29,8 +29,8 @@ def build_resources(settings: Settings) -> dict:
         ),
         "profile": ProfileResource(name=settings.profile),
         "mlflow": MlflowResource.from_settings(settings),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
-        # where torchrun trainings run: local (the demo) | slurm | k8s (DALLE_TORCHRUN_BACKEND)
+        # where torchrun trainings (prior, data-parallel dVAE) run: local (the demo) | slurm | k8s
+        # (DALLE_TORCHRUN_BACKEND)
         "torchrun": TorchrunLauncher.from_env(),
         "crawl_source": CrawlSourceResource(
             url_list_dir=settings.url_list_dir,

@@ -82,24 +82,26 @@ def test_two_rank_entry_writes_what_the_asset_reads(shard_paths, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_the_asset_launch_reports_through_pipes(shard_paths, tmp_path, monkeypatch):
-    """assets.dvae.train_dvae_torchrun (the dvae asset with nproc_per_node > 1) inside a
+    """assets.dvae.train_dvae_torchrun (the dvae asset with nproc_per_node > 1, through the
+    `torchrun` resource's local backend) inside a
     Dagster run: rank 0's figures arrive as the materialization's metadata, the EMA
     weights come back as a TrainResult."""
     from assets.dvae import train_dvae_torchrun
+    from assets.launchers import TorchrunLauncher
 
     cfg = get_profile("tiny").dvae.replace(total_steps=2, log_every=1, checkpoint_every=2, codebook_init_images=16)
     seen = {}
 
     @dg.asset
-    def launched(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient):
-        result, reported = train_dvae_torchrun(context, pipes_subprocess_client, cfg, shard_paths, tmp_path, 2,
+    def launched(context: dg.AssetExecutionContext, torchrun: TorchrunLauncher):
+        result, reported = train_dvae_torchrun(context, torchrun, cfg, shard_paths, tmp_path, 1, 2,
                                                tracking_uri="", run_id="")  # no MLflow run: rank 0 skips it
         seen.update(step=result.step, metadata=dict(reported.metadata), final=result.final_metrics,
                     enc=type(result.encoder).__name__)
         return dg.MaterializeResult(metadata=reported.metadata)
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    res = dg.materialize([launched], resources={"pipes_subprocess_client": dg.PipesSubprocessClient(cwd=str(ROOT))})
+    res = dg.materialize([launched], resources={"torchrun": TorchrunLauncher(workdir=str(ROOT))})
     assert res.success
     assert seen["step"] == 2 and seen["enc"] == "Encoder" and "recon" in seen["final"]
     meta = seen["metadata"]
