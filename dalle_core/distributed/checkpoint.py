@@ -270,12 +270,7 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
         tmp.mkdir(parents=True)
     barrier()
 
-    msd, osd = _state_dicts(model, optimizer)
-    state: dict[str, Any] = {"model": _canon_model(msd)[0]}
-    if osd is not None:
-        state["optim"] = _canon_optim(osd)[0]
-    if extra.get("state"):
-        state["extra"] = extra["state"]
+    state, osd = _checkpoint_state(model, optimizer, extra)
     with _quiet_single_process():
         dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
     if extra.get("rank") is not None:
@@ -303,6 +298,19 @@ def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
     return final
 
 
+def _checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                      extra: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """(what DCP writes: canonical model, optimizer and extra state; the optimizer state
+    dict or None), the same for a local folder and an object store."""
+    msd, osd = _state_dicts(model, optimizer)
+    state: dict[str, Any] = {"model": _canon_model(msd)[0]}
+    if osd is not None:
+        state["optim"] = _canon_optim(osd)[0]
+    if extra.get("state"):
+        state["extra"] = extra["state"]
+    return state, osd
+
+
 def _meta(step: int, world: int, osd: Any, extra: dict[str, Any]) -> dict[str, Any]:
     return {"format": FORMAT, "step": int(step), "world_size": world,
             "has_optimizer": osd is not None, "meta": extra.get("meta") or {}}
@@ -324,12 +332,7 @@ def _save_remote(url: str, step: int, model: torch.nn.Module, optimizer: torch.o
         fs.makedirs(final, exist_ok=True)
     barrier()
 
-    msd, osd = _state_dicts(model, optimizer)
-    state: dict[str, Any] = {"model": _canon_model(msd)[0]}
-    if osd is not None:
-        state["optim"] = _canon_optim(osd)[0]
-    if extra.get("state"):
-        state["extra"] = extra["state"]
+    state, osd = _checkpoint_state(model, optimizer, extra)
     with _quiet_single_process():
         dcp.save(state, storage_writer=dcp_writer(fs, final), no_dist=not is_distributed())
     if extra.get("rank") is not None:
