@@ -11,11 +11,12 @@ same dtype; MFU is also given against the GPU's datasheet peak when on CUDA.
     .venv/bin/python bench/prior.py --profile reference --precisions fp32 bf16 \\
         --baseline dalle-pytorch                                           # vs DALLE-pytorch 1.6.6
 
-`--attention sdpa flex` times each precision once per attention path in the same run
-(PriorConfig.attention: SDPA with the boolean mask vs FlexAttention skipping the empty
-tiles, dalle_core.prior.flex) and adds the ratios flex / sdpa of the training step and
-of a no-grad forward. On the CPU flex has no backward (its training run records the
-error) and only the forward is compared.
+`--attention sdpa flex block` times each precision once per attention path in the same
+run (PriorConfig.attention: SDPA with the boolean mask, FlexAttention skipping the empty
+tiles, dalle_core.prior.flex, or the block-sparse CPU path, dalle_core.prior.block_sparse)
+and adds the ratios flex / sdpa and block / sdpa of the training step and of a no-grad
+forward. On the CPU flex has no backward (its training run records the error) and only
+the forward is compared.
 
     .venv/bin/python bench/prior.py --profile gpu-1B --device cuda --precisions bf16 \
         --batch 8 --steps 12 --attention sdpa flex                        # the attention check
@@ -49,6 +50,7 @@ from bench_venv import ensure_venv  # noqa: E402
 
 from dalle_core.prior import DalleTransformer  # noqa: E402
 from dalle_core.prior.config import ATTENTION_CHOICES, PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
+from dalle_core.prior.block_sparse import layer_layout  # noqa: E402
 from dalle_core.prior.flex import resolve_attention, tiles_kept  # noqa: E402
 from dalle_core.prior.train import train_prior  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
@@ -202,13 +204,13 @@ def measure_attention(cfg: PriorConfig, training: PriorTrainingConfig, precision
     return run
 
 
-def attention_ratios(runs: list[dict]) -> dict:
-    """{precision: {"step_s": flex / sdpa, "forward_s": flex / sdpa}} (None where missing)."""
+def attention_ratios(runs: list[dict], how: str) -> dict:
+    """{precision: {"step_s": how / sdpa, "forward_s": how / sdpa}} (None where missing)."""
     out = {}
     for prec in dict.fromkeys(r["precision"] for r in runs):
         by = {r["attention"]: r for r in runs if r["precision"] == prec}
-        if "sdpa" in by and "flex" in by:
-            out[prec] = {k: (round(by["flex"][k] / by["sdpa"][k], 3) if by["flex"].get(k) and by["sdpa"].get(k)
+        if "sdpa" in by and how in by:
+            out[prec] = {k: (round(by[how][k] / by["sdpa"][k], 3) if by[how].get(k) and by["sdpa"].get(k)
                              else None) for k in ("step_s", "forward_s")}
     return out
 
@@ -259,7 +261,11 @@ def main() -> None:
                 r[f"speedup_vs_{name}"] = round(b["step_s"] / r["step_s"], 3)
     attention = {}
     if args.attention:
-        attention = {"ratio_flex_over_sdpa": attention_ratios(runs),
+        attention = {**{f"ratio_{how}_over_sdpa": attention_ratios(runs, how) for how in args.attention
+                        if how not in ("sdpa", "auto")},
+                     "block_sparse_kept": {k: round(layer_layout(k, cfg.text_len, cfg.image_grid, "cpu", cfg.conv_kernel,
+                                                                 cfg.conv_wraparound).kept, 4)
+                                           for k in sorted(set(cfg.layer_kinds()))},
                      "tiles_kept": {k: round(tiles_kept(k, cfg.text_len, cfg.image_grid, cfg.conv_kernel,
                                                         cfg.conv_wraparound), 4) for k in sorted(set(cfg.layer_kinds()))},
                      "flex_compiled": os.environ.get("DALLE_FLEX_COMPILE", "1") != "0"}

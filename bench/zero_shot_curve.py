@@ -76,6 +76,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--attention", default=None, help="sdpa | block | auto (default: the profile's)")
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
     p.add_argument("--candidates", type=int, default=8)
@@ -87,7 +88,8 @@ def main() -> None:
     _, decoder, _ = load_dvae(storage / "dvae" / "dvae.pt")
     held, train = heldout_captions(storage, args.captions), training_captions(args.train_captions)
     extra = [a for k, v in (("--precision", args.precision), ("--lr", args.lr), ("--batch-size", args.batch_size),
-                            ("--warmup-steps", args.warmup_steps)) if v is not None for a in (k, str(v))]
+                            ("--warmup-steps", args.warmup_steps),
+                            ("--attention", args.attention)) if v is not None for a in (k, str(v))]
     points, train_s = [], 0.0
     for steps in sorted(args.points):
         t = time.perf_counter()
@@ -103,7 +105,7 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
-                      "lr": args.lr, "batch_size": args.batch_size, "captions": args.captions,
+                      "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "captions": args.captions,
                       "candidates": args.candidates, "points": points, "threads": torch.get_num_threads(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
 

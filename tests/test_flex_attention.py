@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dalle_core.prior import DalleTransformer, PriorConfig
-from dalle_core.prior import flex
+from dalle_core.prior import block_sparse, flex
 from dalle_core.prior.config import SHAPE_FIELDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -103,13 +103,16 @@ def test_cpu_training_with_flex_says_what_to_do():
         f.loss(*batch(cfg))["total"].backward()
 
 
-def test_auto_is_sdpa_on_cpu_and_flex_on_cuda():
+def test_auto_is_block_sparse_on_cpu_and_flex_on_cuda():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert flex.resolve_attention("auto", cpu) == "sdpa"
+    assert flex.resolve_attention("auto", cpu) == "block"
     assert flex.resolve_attention("auto", cuda) == "flex"
     assert flex.resolve_attention("auto", cuda, dropout=0.1) == "sdpa"  # flex has no dropout
     assert flex.resolve_attention("sdpa", cuda) == "sdpa" and flex.resolve_attention("flex", cpu) == "flex"
     cfg = tiny("row", attention="auto")
+    assert isinstance(DalleTransformer(cfg).blocks[0].attn.block_mask(cpu, 0, cfg.seq_len),
+                      block_sparse.BlockSparseLayout)
+    cfg = tiny("row", attention="sdpa")
     assert DalleTransformer(cfg).blocks[0].attn.block_mask(cpu, 0, cfg.seq_len) is None
 
 
@@ -127,7 +130,7 @@ def test_config_field_roundtrips_and_old_dicts_load_as_sdpa():
     cfg = tiny("row")
     assert cfg.attention == "sdpa"
     assert "attention" not in cfg.to_dict()  # the default is implied: old digests unchanged
-    for choice in ("flex", "auto"):
+    for choice in ("flex", "block", "auto"):
         c = cfg.replace(attention=choice)
         assert c.to_dict()["attention"] == choice and PriorConfig.from_dict(c.to_dict()) == c
     old = {k: v for k, v in cfg.to_dict().items() if k != "attention"}

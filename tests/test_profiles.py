@@ -50,7 +50,9 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            ("paper-1.3B", "dvae", "random_crop"): (False, True),
            ("paper-12B", "dvae", "random_crop"): (False, True),
            # the small dVAE in bf16 where the CPU has it: same validation score, 1.52x (issue 15)
-           ("small", "dvae", "cpu_bf16"): (False, True)}
+           ("small", "dvae", "cpu_bf16"): (False, True),
+           # how the small prior's attention is computed: block-sparse on CPUs (same outputs, issue 15)
+           ("small", "prior", "attention"): ("sdpa", "auto")}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
 # (dVAE bf16 autocast on CPUs with bf16 instructions: issue 15, off unless a profile turns it on).
 # The reranker's layout and training choices (issue 15): their defaults are the first design.
@@ -136,9 +138,10 @@ def test_the_prior_asset_run_digest_is_unchanged():
         return config_digest({"model": cfg, "steps": None, "world": 1, "powersgd_rank": None, "codes": "abc"})
 
     assert digest(get_profile("tiny")) == "85f867d6cc68"  # the old tiny prior sized to its codes
-    # small: "9ded11ada0c0" before its amp_dtype / total_steps changed on purpose (CHANGED):
-    # a new run folder, as it should be for other training settings
-    assert digest(get_profile("small")) == "eefcee00e4c7"
+    # small: "9ded11ada0c0" before its amp_dtype / total_steps changed on purpose (CHANGED),
+    # "eefcee00e4c7" before its attention became "auto": a new run folder, as it should be
+    # for other training settings
+    assert digest(get_profile("small")) == "0b80adc9de4c"
 
 
 def test_unknown_profile_is_one_error_listing_the_choices():

@@ -33,7 +33,7 @@ SHAPE_FIELDS = ("n_layer", "n_head", "d_head", "mlp_ratio", "bias", "text_vocab_
                 "text_len", "image_vocab_size", "image_grid")
 
 ATTENTION_KINDS = ("row", "column", "conv")
-ATTENTION_CHOICES = ("sdpa", "flex", "auto")  # PriorConfig.attention
+ATTENTION_CHOICES = ("sdpa", "flex", "block", "auto")  # PriorConfig.attention
 
 
 @dataclass(frozen=True)
@@ -63,12 +63,14 @@ class PriorConfig:
     attention_kinds: tuple[str, ...] | None = None
     dropout: float = 0.0
     init_std: float = 0.02
-    # How attention is computed (not what: both give the same outputs, tested):
+    # How attention is computed (not what: all give the same outputs, tested):
     # "sdpa" = scaled_dot_product_attention with the boolean mask (computes every
     # score); "flex" = FlexAttention with a block mask built from the same tensor,
     # skipping fully masked 128 x 128 tiles (dalle_core.prior.flex; needs a GPU to
-    # train: no CPU backward in torch 2.13); "auto" = flex on CUDA, sdpa elsewhere
-    # (on the CPU flex cannot train and is not faster: docs/benchmarks.md).
+    # train: no CPU backward in torch 2.13); "block" = block-sparse attention over
+    # the keys each block of two image rows (columns) may see, written out in
+    # matmuls (dalle_core.prior.block_sparse; the CPU path); "auto" = flex on CUDA,
+    # block elsewhere (docs/benchmarks.md).
     # Left out of `to_dict` while "sdpa", so checkpoints and run-folder digests
     # written before the field existed are unchanged; old dicts load as "sdpa".
     attention: str = "sdpa"

@@ -41,16 +41,19 @@ from .masks import build_attention_mask
 
 
 def resolve_attention(choice: str, device: torch.device, dropout: float = 0.0) -> str:
-    """"sdpa" or "flex" for `choice` on `device`. "auto" = flex on CUDA, where fused
-    Triton kernels skip the empty tiles forward and backward (the expected win; the
-    GPU check's `prior_attention` part measures it, still to run), and SDPA elsewhere:
-    on the CPU flex has no backward, and even compiled its forward is not faster
-    (1.03-1.14x SDPA's time at 288 and 1280 positions: docs/benchmarks.md). SDPA too
-    with dropout > 0, which flex does not implement."""
+    """"sdpa", "flex" or "block" for `choice` on `device`. "auto" = flex on CUDA, where
+    fused Triton kernels skip the empty tiles forward and backward (the expected win;
+    the GPU check's `prior_attention` part measures it, still to run), and the
+    block-sparse path elsewhere (block_sparse.py): on the CPU flex has no backward and
+    even compiled its forward is not faster than SDPA (1.03-1.14x SDPA's time at 288
+    and 1280 positions), while the block-sparse step is faster (docs/benchmarks.md).
+    With dropout > 0 on CUDA, SDPA (flex does not implement attention dropout)."""
     if choice not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
     if choice == "auto":
-        return "flex" if device.type == "cuda" and dropout == 0.0 else "sdpa"
+        if device.type == "cuda":
+            return "flex" if dropout == 0.0 else "sdpa"
+        return "block"
     return choice
 
 

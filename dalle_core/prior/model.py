@@ -59,7 +59,7 @@ from dalle_core.distributed.checkpoint import canonical_key
 from dalle_core.distributed.mesh import get_rank
 from dalle_core.io import atomic_torch_save, load_torch_file
 
-from . import flex
+from . import block_sparse, flex
 from .config import PriorConfig, PriorTrainingConfig, count_parameters
 from .masks import build_attention_mask
 
@@ -112,8 +112,9 @@ class KVCache:
 
 class SelfAttention(nn.Module):
     """Multi-head attention under a boolean [S, S] mask (True = may attend), with
-    `torch.nn.functional.scaled_dot_product_attention`, or with FlexAttention when
-    given `block_mask` (the same mask as a BlockMask: dalle_core.prior.flex)."""
+    `torch.nn.functional.scaled_dot_product_attention`; or, given `block_mask`, the
+    same mask computed sparsely: a FlexAttention BlockMask (dalle_core.prior.flex)
+    or a block-sparse layout (dalle_core.prior.block_sparse)."""
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -131,7 +132,10 @@ class SelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if block_mask is not None:
+        if isinstance(block_mask, block_sparse.BlockSparseLayout):
+            y = block_sparse.block_sparse_attention(q, k, v, block_mask,
+                                                    dropout_p=self.dropout if self.training else 0.0)
+        elif block_mask is not None:
             y = flex.flex_attention(q, k, v, block_mask)
         else:
             y = F.scaled_dot_product_attention(
@@ -177,15 +181,20 @@ class AttentionResblock(nn.Module):
         return full[start:end, :end]
 
     def block_mask(self, device: torch.device, start: int, length: int):
-        """This layer's mask as a FlexAttention BlockMask when flex computes it, else
-        None (SDPA). Flex runs on the whole stream only (training, scoring): the
-        sampler's steps are one query row, or a caption-long prefill (sampling.py)."""
+        """This layer's mask in the sparse form the resolved `attention` computes
+        (a FlexAttention BlockMask, a block-sparse layout), or None for SDPA. Both
+        run on the whole stream only (training, scoring): the sampler's steps are
+        one query row, or a caption-long prefill (sampling.py)."""
         if start != 0 or length != self.text_len + self.grid**2:
             return None
-        if flex.resolve_attention(self.attention, device, self.dropout) != "flex":
-            return None
-        return flex.block_mask(self.kind, self.text_len, self.grid, length, device,
-                               kernel=self.kernel, wraparound=self.wraparound)
+        how = flex.resolve_attention(self.attention, device, self.dropout)
+        if how == "flex":
+            return flex.block_mask(self.kind, self.text_len, self.grid, length, device,
+                                   kernel=self.kernel, wraparound=self.wraparound)
+        if how == "block":
+            return block_sparse.layer_layout(self.kind, self.text_len, self.grid, device,
+                                             kernel=self.kernel, wraparound=self.wraparound)
+        return None
 
     def branch(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
         mask = self.mask(x.device, start, x.shape[1])

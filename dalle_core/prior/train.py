@@ -93,7 +93,7 @@ from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
 from dalle_core.precision.device import resolve_amp_dtype
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
-from .config import SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
+from .config import ATTENTION_CHOICES, SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
 from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .export import save_prior_rank0
@@ -499,6 +499,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-checkpoints", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup-steps", type=int, default=None)
+    ap.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
+                    help="how attention is computed (same outputs; default: the profile's): PriorConfig.attention")
     ap.add_argument("--data-split", default="auto", choices=("auto", "sample", "shard"))
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
     ap.add_argument("--tokenizer", default=None,
@@ -540,6 +542,8 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
                                  "warmup_steps": args.warmup_steps}.items() if v is not None}
     if changes:
         training = training.replace(**changes)
+    if args.attention is not None:
+        config = config.replace(attention=args.attention)
 
     env_world = int(os.environ.get("WORLD_SIZE", "1"))
     parallel = None
