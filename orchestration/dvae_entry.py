@@ -19,13 +19,11 @@ torchrun) it runs the same.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
-from orchestration.prior_entry import _mlflow_logger
+from orchestration.rank0_report import rank0_reporter
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,31 +68,21 @@ def run(args: argparse.Namespace, on_log=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    pipes_ctx = contextlib.nullcontext(None)
-    if rank == 0 and os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        from dagster_pipes import open_dagster_pipes
-
-        pipes_ctx = open_dagster_pipes()
-    with pipes_ctx as pipes:
-        to_mlflow = _mlflow_logger() if rank == 0 else None
+    with rank0_reporter() as report:
         metrics_file = Path(args.out) / "metrics.jsonl"
 
         def forward(step: int, metrics: dict) -> None:  # called on rank 0 only (train_dvae)
             record = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
-            if to_mlflow is not None:
-                to_mlflow(record)
-            if pipes is not None:
-                pipes.log.info(json.dumps(record, default=float))
+            report.log(record)
 
-        summary = run(args, on_log=forward if rank == 0 else None)
-        if pipes is not None:
+        summary = run(args, on_log=forward if report.is_rank0 else None)
+        if report.is_rank0:
             last = summary["history"][-1] if summary.get("history") else {}
             meta = {f"train_{k}": v for k, v in last.items() if isinstance(v, (int, float)) and k != "step"}
             meta.update(train_steps=summary["step"], world_size=summary["world_size"])
-            pipes.report_asset_materialization(metadata=meta)
+            report.materialize(meta)
     return 0
 
 

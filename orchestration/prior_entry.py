@@ -14,62 +14,25 @@ runs the same.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import sys
 
-
-def _mlflow_logger():
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return None
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-
-    def log(record: dict) -> None:
-        step = int(record.get("step", 0))
-        metrics = {k: float(v) for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
-        if metrics:
-            client.log_batch(run_id, metrics=[_metric(k, v, step) for k, v in metrics.items()])
-
-    return log
-
-
-def _metric(key, value, step):
-    import time
-
-    from mlflow.entities import Metric
-
-    return Metric(key=key.replace("/", "_"), value=value, timestamp=int(time.time() * 1000), step=step)
+from orchestration.rank0_report import rank0_reporter
 
 
 def main(argv: list[str] | None = None) -> int:
     from dalle_core.prior.train import main as train_main
 
-    rank = int(os.environ.get("RANK", "0"))
-    pipes_ctx = contextlib.nullcontext(None)
-    if rank == 0 and os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        from dagster_pipes import open_dagster_pipes
-
-        pipes_ctx = open_dagster_pipes()
-    with pipes_ctx as pipes:
-        to_mlflow = _mlflow_logger() if rank == 0 else None
+    with rank0_reporter() as report:
         last: dict = {}
 
         def forward(record: dict) -> None:
-            if to_mlflow is not None and record.get("event") != "end":
-                to_mlflow(record)
-            if pipes is not None:
-                pipes.log.info(json.dumps(record, default=str))
+            report.log(record, mlflow=record.get("event") != "end")
             last.clear()
             last.update(record)
 
-        code = train_main(argv, extra_on_log=forward if rank == 0 else None)
-        if pipes is not None:
-            end = {k: v for k, v in last.items() if isinstance(v, (int, float, str)) and v is not None}
-            pipes.report_asset_materialization(metadata={f"train_{k}": v for k, v in end.items() if k != "event"})
+        code = train_main(argv, extra_on_log=forward if report.is_rank0 else None)
+        end = {k: v for k, v in last.items() if isinstance(v, (int, float, str)) and v is not None}
+        report.materialize({f"train_{k}": v for k, v in end.items() if k != "event"})
         return code
 
 

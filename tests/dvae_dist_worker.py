@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle_core.distributed.mesh import init_distributed  # noqa: E402
 from dalle_core.dvae.train import train_dvae  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
+from synthetic_images import make_batch  # noqa: E402
 
 GLOBAL_BATCH = 8
 EPS = float(__import__("os").environ.get("DVAE_TEST_EPS", "1e-3"))
@@ -35,15 +36,6 @@ def config(total_steps: int):
         random_crop=True, eps=EPS, lr=5e-4, lr_end=5e-5, kl_warmup_steps=4, temp_anneal_steps=6, lr_decay_steps=6)
 
 
-def make_batch(step: int, b: int = GLOBAL_BATCH, size: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.rand(b, 3, 1, 1, generator=g).expand(b, 3, size, size).clone()
-    for i in range(b):
-        r0, c0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
-        x[i, :, r0:r0 + size // 3, c0:c0 + size // 3] = torch.rand(3, 1, 1, generator=g)
-    return x
-
-
 def main() -> None:
     out, steps, source = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(1)
@@ -53,7 +45,7 @@ def main() -> None:
     def batches(start_step: int):
         step = start_step
         while True:
-            x = make_batch(step)
+            x = make_batch(step, GLOBAL_BATCH)
             yield x[info.rank * b:(info.rank + 1) * b] if source == "share" else x
             step += 1
 

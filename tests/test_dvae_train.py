@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dalle_core.dvae import build_dvae, elb_loss, load_dvae, map_pixels, train_dvae
 from dalle_core.dvae.train import _list_checkpoints, checkpoint_name
 from dalle_core.profiles import get_profile
+from synthetic_images import make_batch
 
 TINY = get_profile("tiny").dvae
 
@@ -23,16 +24,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def make_batch(step: int, b: int = 8, size: int = 32) -> torch.Tensor:
-    """A deterministic batch per step: plain backgrounds with a coloured square."""
-    g = torch.Generator().manual_seed(1000 + step)
-    x = torch.rand(b, 3, 1, 1, generator=g).expand(b, 3, size, size).clone()
-    for i in range(b):
-        r0, c0 = torch.randint(0, size // 2, (2,), generator=g).tolist()
-        x[i, :, r0:r0 + size // 3, c0:c0 + size // 3] = torch.rand(3, 1, 1, generator=g)
-    return x
 
 
 def batch_source(start_step: int):

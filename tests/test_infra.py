@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from k8s_schema import roundtrip_equal
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 K8S = INFRA / "k8s"
@@ -74,34 +76,14 @@ def test_manifest_kinds_and_api_versions():
             assert d["metadata"]["name"], name
 
 
-def _roundtrip_equal(doc: dict) -> bool:
-    """Deserialize into the kubernetes client's typed model and back: a misspelt or
-    misplaced field is dropped on the way, so the two differ."""
-    from kubernetes import client
-
-    class Response:
-        data = json.dumps(doc)
-
-    version = doc["apiVersion"].split("/")[-1].capitalize()
-    api = client.ApiClient()
-    back = api.sanitize_for_serialization(api.deserialize(Response, f"{version}{doc['kind']}"))
-
-    def norm(x):
-        if isinstance(x, dict):
-            return {k: norm(v) for k, v in x.items() if v is not None}
-        return [norm(v) for v in x] if isinstance(x, list) else str(x)
-
-    return norm(back) == norm(doc)
-
-
 def test_manifests_match_the_kubernetes_object_schemas():
     pytest.importorskip("kubernetes", reason="the kubernetes client comes with dagster-k8s")
     for f in K8S.glob("*.yaml"):
         for d in docs(f):
-            assert _roundtrip_equal(d), f"{f.name}: {d['kind']} has a field the Kubernetes schema does not know"
+            assert roundtrip_equal(d), f"{f.name}: {d['kind']} has a field the Kubernetes schema does not know"
     job = by_kind(JOB)["Job"]
     job["spec"]["completionsMode"] = job["spec"].pop("completionMode")  # the check catches a typo
-    assert not _roundtrip_equal(job)
+    assert not roundtrip_equal(job)
 
 
 def test_containers_have_image_and_command():

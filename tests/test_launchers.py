@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from assets.launchers import K8sJob, SlurmJob, TorchrunLauncher, local_command
+from k8s_schema import roundtrip_equal
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--profile-json", "/shared/run/profile.json", "--codes", "/shared/codes", "--out", "/shared/run",
@@ -92,28 +93,10 @@ def k8s(**kw) -> tuple[dict, dict]:
     return K8sJob(lr, "dalle-prior").manifests("orchestration.prior_entry", ARGS, 4, 8, ENV)
 
 
-def _schema_roundtrip(doc: dict) -> bool:
-    from kubernetes import client
-
-    class Response:
-        data = json.dumps(doc)
-
-    version = doc["apiVersion"].split("/")[-1].capitalize()
-    api = client.ApiClient()
-    back = api.sanitize_for_serialization(api.deserialize(Response, f"{version}{doc['kind']}"))
-
-    def norm(x):
-        if isinstance(x, dict):
-            return {k: norm(v) for k, v in x.items() if v is not None}
-        return [norm(v) for v in x] if isinstance(x, list) else str(x)
-
-    return norm(back) == norm(doc)
-
-
 def test_k8s_manifests_indexed_job_and_headless_service():
     pytest.importorskip("kubernetes", reason="the kubernetes client comes with dagster-k8s")
     service, job = k8s()
-    assert _schema_roundtrip(service) and _schema_roundtrip(job)
+    assert roundtrip_equal(service) and roundtrip_equal(job)
     name = service["metadata"]["name"]
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["selector"] == {
         "batch.kubernetes.io/job-name": job["metadata"]["name"]}
