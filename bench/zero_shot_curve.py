@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--lr-cooldown-steps", type=int, default=None,
+                   help="linear decay to 0 over the last N updates of each segment (use with one point)")
     p.add_argument("--attention", default=None, help="sdpa | block | auto (default: the profile's)")
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
@@ -89,7 +91,7 @@ def main() -> None:
     held, train = heldout_captions(storage, args.captions), training_captions(args.train_captions)
     extra = [a for k, v in (("--precision", args.precision), ("--lr", args.lr), ("--batch-size", args.batch_size),
                             ("--warmup-steps", args.warmup_steps),
-                            ("--attention", args.attention)) if v is not None for a in (k, str(v))]
+                            ("--attention", args.attention), ("--lr-cooldown-steps", args.lr_cooldown_steps)) if v is not None for a in (k, str(v))]
     points, train_s = [], 0.0
     for steps in sorted(args.points):
         t = time.perf_counter()
@@ -105,7 +107,7 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
-                      "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "captions": args.captions,
+                      "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps, "captions": args.captions,
                       "candidates": args.candidates, "points": points, "threads": torch.get_num_threads(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
 

@@ -214,3 +214,26 @@ def test_cli_lr_refuses_a_missing_run_dir(tmp_path, capsys):
     assert main(["lr", "decay", "--run-dir", str(tmp_path / "nope")]) == 2
     assert "run directory not found" in capsys.readouterr().err
     assert not (tmp_path / "nope").exists()
+
+
+def test_cooldown_falls_linearly_over_the_last_updates_and_is_off_by_default():
+    """lr_cooldown_steps (not the paper's): the last N updates of the run take lr x N/(N+1),
+    ..., 1/(N+1); before them, and with N = 0, the paper's schedule as it was."""
+    from dalle_core.prior.config import PriorTrainingConfig
+
+    cfg = PriorTrainingConfig(lr=1.0, warmup_steps=2, total_steps=10, lr_cooldown_steps=4)
+    s = LRSchedule.from_config(cfg)
+    assert [round(s.lr_at(i), 6) for i in range(10)] == [0.5, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2]
+    # the trainer's own total (e.g. --steps) is where it ends
+    s = LRSchedule.from_config(cfg, total_steps=8)
+    assert [round(s.lr_at(i), 6) for i in range(4, 8)] == [0.8, 0.6, 0.4, 0.2]
+    plain = LRSchedule.from_config(cfg.replace(lr_cooldown_steps=0))
+    assert [plain.lr_at(i) for i in range(2, 10)] == [1.0] * 8
+    # a plateau halving multiplies the cooled rate
+    s.decays = 1
+    assert s.lr_at(7) == pytest.approx(0.1)
+    # left out of the dict while off: digests of runs without it do not change
+    assert "lr_cooldown_steps" not in cfg.replace(lr_cooldown_steps=0).to_dict()
+    assert PriorTrainingConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="lr_cooldown_steps must be in"):
+        cfg.replace(lr_cooldown_steps=11)

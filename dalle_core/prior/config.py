@@ -196,6 +196,11 @@ class PriorTrainingConfig:
     lr_plateau_noise_z: float = 2.0
     lr_plateau_patience: int = 5
     lr_plateau_min_gap: int = 20_000
+    # Not the paper's (0 = off, its schedule): over the last `lr_cooldown_steps` updates of
+    # the run (`total_steps`) the rate falls linearly to 0, for short runs that end before
+    # the loss plateaus (the demo profiles; figures where a profile sets it). Left out of
+    # `to_dict` while 0, so digests of runs without it are unchanged.
+    lr_cooldown_steps: int = 0
     betas: tuple[float, float] = (0.9, 0.96)
     eps: float = 1e-8
     weight_decay: float = 4.5e-2
@@ -231,11 +236,16 @@ class PriorTrainingConfig:
             raise ValueError(f"amp_dtype must be 'fp16', 'bf16', 'fp32' or 'auto', got {self.amp_dtype!r}")
         if self.powersgd_variant not in ("paper", "torch"):
             raise ValueError(f"powersgd_variant must be 'paper' or 'torch', got {self.powersgd_variant!r}")
+        if not 0 <= self.lr_cooldown_steps <= self.total_steps:
+            raise ValueError(f"lr_cooldown_steps must be in [0, total_steps={self.total_steps}], "
+                             f"got {self.lr_cooldown_steps}")
         object.__setattr__(self, "betas", tuple(self.betas))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        if d["lr_cooldown_steps"] == 0:  # the default is implied (see the field's comment)
+            del d["lr_cooldown_steps"]
         return d
 
     @classmethod

@@ -80,8 +80,10 @@ class WarmupThenHalveOnPlateau:
 
     def __init__(self, lr: float, warmup_steps: int, factor: float = 0.5, max_decays: int = 5,
                  window: int = 1000, threshold: float = 0.01, *, lookback: float = 0.0,
-                 patience: int = 1, min_gap: int = 0, noise_z: float = 0.0):
+                 patience: int = 1, min_gap: int = 0, noise_z: float = 0.0,
+                 total_steps: int = 0, cooldown_steps: int = 0):
         self.lr, self.warmup_steps = float(lr), int(warmup_steps)
+        self.total_steps, self.cooldown_steps = int(total_steps), int(cooldown_steps)
         self.factor, self.max_decays = float(factor), int(max_decays)
         self.window, self.threshold = max(1, int(window)), float(threshold)
         self.lookback, self.patience = max(0.0, float(lookback)), max(1, int(patience))
@@ -97,17 +99,25 @@ class WarmupThenHalveOnPlateau:
         self.decisions: list[dict[str, Any]] = []
 
     @classmethod
-    def from_config(cls, config: PriorTrainingConfig, window: int | None = None) -> WarmupThenHalveOnPlateau:
+    def from_config(cls, config: PriorTrainingConfig, window: int | None = None,
+                    total_steps: int | None = None) -> WarmupThenHalveOnPlateau:
+        """The schedule of `config`; `total_steps` (default the config's) is where a
+        cooldown (`lr_cooldown_steps`) ends."""
         return cls(config.lr, config.warmup_steps, config.lr_plateau_factor, config.lr_max_decays,
                    window=window or config.lr_plateau_window, threshold=config.lr_plateau_threshold,
                    lookback=config.lr_plateau_lookback, patience=config.lr_plateau_patience,
-                   min_gap=config.lr_plateau_min_gap, noise_z=config.lr_plateau_noise_z)
+                   min_gap=config.lr_plateau_min_gap, noise_z=config.lr_plateau_noise_z,
+                   total_steps=config.total_steps if total_steps is None else total_steps,
+                   cooldown_steps=config.lr_cooldown_steps)
 
     # --- the rate -----------------------------------------------------------------------------
 
     def lr_at(self, step: int) -> float:
         """Learning rate of update number `step` + 1 (step = updates done before it)."""
         base = self.lr * (step + 1) / self.warmup_steps if step < self.warmup_steps else self.lr
+        if self.cooldown_steps:  # not the paper's: linear to 0 over the run's last updates (config)
+            left = self.total_steps - step  # updates left, this one included
+            base *= min(1.0, max(0.0, left / (self.cooldown_steps + 1)))
         return base * self.factor**self.decays
 
     # --- the detector -----------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def train_prior(
     optimizer = build_optimizer(model, training)
     params = [p for p in model.parameters() if p.requires_grad]
     ema = EMA(model, training.ema_decay, training.ema_every)
-    schedule = LRSchedule.from_config(training, window=plateau_window)
+    schedule = LRSchedule.from_config(training, window=plateau_window, total_steps=total)
     # the operator's control file (default CHECKPOINT_DIR/lr_control.json; False: none), read on rank 0
     # (none by default when the checkpoints live behind a URL: the file is read from a local directory)
     remote_checkpoints = not isinstance(checkpoint_dir, Path)
@@ -499,6 +499,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-checkpoints", type=int, default=3)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--warmup-steps", type=int, default=None)
+    ap.add_argument("--lr-cooldown-steps", type=int, default=None,
+                    help="the rate falls linearly to 0 over the run's last N updates (not the paper's; default: the profile's)")
     ap.add_argument("--attention", default=None, choices=ATTENTION_CHOICES,
                     help="how attention is computed (same outputs; default: the profile's): PriorConfig.attention")
     ap.add_argument("--data-split", default="auto", choices=("auto", "sample", "shard"))
@@ -539,7 +541,8 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
     check_profile_against_codes(profile, Manifest.load(storage, prefix), storage.uri(f"{prefix}/manifest.json"))
     config, training = profile.prior, profile.prior_training
     changes = {k: v for k, v in {"batch_size": args.batch_size, "lr": args.lr,
-                                 "warmup_steps": args.warmup_steps}.items() if v is not None}
+                                 "warmup_steps": args.warmup_steps,
+                                 "lr_cooldown_steps": args.lr_cooldown_steps}.items() if v is not None}
     if changes:
         training = training.replace(**changes)
     if args.attention is not None:
