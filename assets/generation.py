@@ -148,7 +148,7 @@ def rescore_reranker(mlflow: MlflowResource, version: str, tok, images, captions
 
 class SamplesConfig(dg.Config):
     captions: int = 16  # evaluation captions (held-out compositions on the demo world)
-    candidates: int = 32  # samples drawn per caption (the paper: 512)
+    candidates: int = 16  # samples drawn per caption (the paper: 512; 16 x 16 captions: ~7 s of the demo)
     keep: int = 4  # kept after reranking (the paper: 1..32)
     temperature: float = 1.0
     top_k: Optional[int] = None

@@ -60,7 +60,7 @@ def test_report_without_inception_weights(demo_run):
     assert run.data.tags["dalle.profile"] == "tiny" and run.data.tags.get("dalle.data_version")
 
     # the caption-match diagnoses, on held-out and on training captions, under stable names
-    assert meta["train_captions"].value == 64 and meta["candidates"].value == 8
+    assert meta["train_captions"].value == 32 and meta["candidates"].value == 8
     for split in ("heldout", "train"):
         for k in FIGURES:
             name = f"{split}/{k}"
