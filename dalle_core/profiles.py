@@ -284,12 +284,13 @@ def small() -> Profile:
         prior=dict(n_layer=4, n_head=4, d_head=32, conv_kernel=7, attention="auto"),
         # amp_dtype "auto": bf16 on a CPU with AVX-512 BF16 (1.29x the fp32 step; over 250
         # updates on the demo's codes the loss matches fp32 within 0.0005, 2026-12-01), fp32
-        # elsewhere. 1,000 updates: what the 10-minute demo has room for beside the fp32 dVAE
-        # (~0.165 s an update with block-sparse attention in the demo; caption following is
-        # on the steep part of its curve: any-of-8 0.10-0.11 at 1,000 and 0.16-0.20 at 1,100
-        # on the demo's codes, docs/benchmarks.md, so every update the budget allows pays).
+        # elsewhere. 900 updates: what the 10-minute demo has room for beside the fp32 dVAE
+        # (~0.18 s an update with block-sparse attention inside the demo; with 1,000 the demo
+        # took 600 s, 2026-12-01). Caption following is on the steep part of its curve
+        # (any-of-8 0.10-0.11 at 1,000 and 0.16-0.20 at 1,100 on the demo's codes,
+        # docs/benchmarks.md): every update the budget allows pays.
         prior_training=dict(lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
-                            batch_size=16, total_steps=1000, log_every=50, checkpoint_every=250,
+                            batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
         # Sized so the demo trains it in about a minute on 2 CPU cores (200 updates: the 300 below
