@@ -14,6 +14,8 @@ from dalle_core.prior import DalleTransformer, PriorConfig
 from dalle_core.prior import block_sparse
 from dalle_core.prior.masks import build_attention_mask
 
+from attention_pair import sdpa_and
+
 KINDS = ["row", "column", "conv"]
 # (text_len, grid): S = 32 (blocks of 10: padded), 13, 150, and the demo's 288
 SIZES = [(7, 5), (4, 3), (6, 12), (32, 16)]
@@ -59,11 +61,7 @@ def test_outputs_and_gradients_equal_sdpa(kind, sizes):
 
 
 def _pair(cfg: PriorConfig) -> tuple[DalleTransformer, DalleTransformer]:
-    torch.manual_seed(0)
-    sdpa = DalleTransformer(cfg)
-    blk = DalleTransformer(cfg.replace(attention="block"))
-    blk.load_state_dict(sdpa.state_dict())
-    return sdpa, blk
+    return sdpa_and(cfg, "block")
 
 
 def _cfg(**kw) -> PriorConfig:

@@ -17,6 +17,8 @@ from dalle_core.prior import DalleTransformer, PriorConfig
 from dalle_core.prior import block_sparse, flex
 from dalle_core.prior.config import SHAPE_FIELDS
 
+from attention_pair import sdpa_and
+
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
@@ -40,11 +42,7 @@ def batch(cfg: PriorConfig, B: int = 2, seed: int = 0):
 
 
 def pair(cfg: PriorConfig) -> tuple[DalleTransformer, DalleTransformer]:
-    torch.manual_seed(0)
-    sdpa = DalleTransformer(cfg)
-    f = DalleTransformer(cfg.replace(attention="flex"))
-    f.load_state_dict(sdpa.state_dict())
-    return sdpa, f
+    return sdpa_and(cfg, "flex")
 
 
 KINDS = ["row", "column", "conv"]
