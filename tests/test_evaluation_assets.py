@@ -70,7 +70,7 @@ def test_report_without_inception_weights(demo_run):
         assert all(0 <= f[k] <= 1 for k in FIGURES if k != "size_captions")
         assert f["caption_match_reranked"] <= f["caption_match_any"] and f["caption_match_first_draw"] <= f["caption_match_any"]
         assert f["picked_colour_rate"] >= f["caption_match_reranked"]  # a match has both colours
-    assert run.data.metrics["train/num_captions"] == 64
+    assert run.data.metrics["train/num_captions"] == 32
     # the old names stay: the held-out reranked figures
     assert run.data.metrics["caption_match"] == pytest.approx(run.data.metrics["heldout/caption_match_reranked"])
     assert run.data.metrics["colour_match"] == pytest.approx(run.data.metrics["heldout/picked_colour_rate"])
