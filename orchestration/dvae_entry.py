@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             record = {"step": step, **{k: v for k, v in metrics.items() if k != "step"}}
             with metrics_file.open("a") as f:
                 f.write(json.dumps(record, default=float) + "\n")
-            report.log(record)
+            report.log(record, default=float)
 
         summary = run(args, on_log=forward if report.is_rank0 else None)
         if report.is_rank0:

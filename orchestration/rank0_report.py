@@ -46,12 +46,13 @@ class Reporter:
     def __init__(self, is_rank0: bool, pipes=None, to_mlflow: Callable[[dict], None] | None = None):
         self.is_rank0, self.pipes, self.to_mlflow = is_rank0, pipes, to_mlflow
 
-    def log(self, record: dict, mlflow: bool = True) -> None:
-        """One metrics record to MLflow (unless `mlflow` is False) and to the Dagster run."""
+    def log(self, record: dict, mlflow: bool = True, default: Callable = str) -> None:
+        """One metrics record to MLflow (unless `mlflow` is False) and to the Dagster run
+        (a JSON line; `default` turns what JSON cannot hold into something it can)."""
         if mlflow and self.to_mlflow is not None:
             self.to_mlflow(record)
         if self.pipes is not None:
-            self.pipes.log.info(json.dumps(record, default=str))
+            self.pipes.log.info(json.dumps(record, default=default))
 
     def materialize(self, metadata: dict) -> None:
         """The asset's materialization metadata, when launched through Pipes."""

@@ -140,3 +140,17 @@ def test_training_losses_equal_sdpa(tmp_path):
         losses[how] = [h["loss"] for h in r.history if h.get("event") == "log"]
     assert len(losses["sdpa"]) == 10
     torch.testing.assert_close(torch.tensor(losses["block"]), torch.tensor(losses["sdpa"]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["small", "medium"])
+def test_the_demo_profiles_train_with_block_sparse_attention_on_the_cpu(name):
+    """What the prior asset hands the trainer (the profile as JSON, --profile-json) keeps
+    attention "auto", and the model built from it computes every layer block-sparse on
+    the CPU (the demo's path; masked SDPA only with attention "sdpa")."""
+    from dalle_core.profiles import Profile, get_profile
+
+    cfg = Profile.from_dict(get_profile(name).to_dict()).prior
+    assert cfg.attention == "auto"
+    model = DalleTransformer(cfg)
+    cpu = torch.device("cpu")
+    assert all(isinstance(b.attn.block_mask(cpu, 0, cfg.seq_len), block_sparse.BlockSparseLayout) for b in model.blocks)

@@ -11,7 +11,7 @@ prior's training step, masked SDPA is half the time (profile, 2026-12-01:
 How: the queries are cut into blocks of `block` consecutive positions in a
 per-kind order, and each block attends only to the union of the keys its queries
 may see (padded to the longest union; padding and the rest of the union are masked
-with the same boolean mask). One dense SDPA then runs over [blocks, block, keys]:
+with the same boolean mask); the scores are then dense over [blocks, block, keys]:
 
 - row layers, raster order: a block is two image rows; it sees the text, image
   position 0, its own rows and the row before (81 of 288 keys at the demo's size);
