@@ -28,8 +28,8 @@ Stages and formulas (P parameters; G GPUs; F peak FLOP/s; u MFU):
               downloaded * FILTER ms; pod-hours = CPU hours / cores per pod; wall
               hours = CPU hours / (pods * cores per pod). Shards = ceil(pairs /
               shard_size). Bytes: each WebDataset member is a 512-byte tar header
-              + its data padded to 512 + 1 KiB of PAX header (`TAR_PAX_BYTES`:
-              our writers' float mtime): image shards (jpg, txt, json), the crawl's
+              + its data padded to 512 (no PAX header: our writers' mtime is an
+              int, `TAR_MTIME`): image shards (jpg, txt, json), the crawl's
               raw parts the same for every downloaded pair, code shards
               (codes.npy int16 grid^2, text.npy int32 text_len, txt, json).
     encode    pairs * encoder FLOPs / (G * F * u); loader CPU = pairs * DECODE ms
@@ -105,15 +105,16 @@ GPUS = {
 }
 
 
-# Our tar writers (crawl parts, image shards, code shards) pass webdataset's TarWriter a float
-# mtime (0.0), so Python's tarfile (PAX format) adds an extended header to every member: one
-# more 512-byte header and one 512-byte block holding "mtime=0.0". An int mtime would not.
+# A tar member with a float mtime (0.0, what our writers passed until 2026-12-01) gets a PAX
+# extended header from Python's tarfile: one more 512-byte header and one 512-byte block
+# holding "mtime=0.0". Our writers now pass an int (`dalle_core.data.shards.TAR_MTIME`); the
+# figure stays so that shards written before can be sized (pax=True).
 TAR_PAX_BYTES = 1024
 
 
-def tar_member_bytes(size: int, pax: bool = True) -> int:
+def tar_member_bytes(size: int, pax: bool = False) -> int:
     """Bytes one file of `size` takes in a tar: a 512-byte header + the data padded to 512
-    (+ `TAR_PAX_BYTES` for the PAX header our writers' float mtime adds)."""
+    (+ `TAR_PAX_BYTES` with pax=True: a member written with a float mtime)."""
     return 512 + (TAR_PAX_BYTES if pax else 0) + -(-int(size) // 512) * 512
 
 
@@ -260,7 +261,7 @@ class StagePlan:
         return "\n".join(f"{k.ljust(w)}  {v}" for k, v in rows)
 
 
-def plan_data(data_config, text_len: int, image_grid: int, pairs: int = PAPER_PAIRS, *, pax: bool = True,
+def plan_data(data_config, text_len: int, image_grid: int, pairs: int = PAPER_PAIRS, *, pax: bool = False,
               fetch_success: float = FETCH_SUCCESS, filter_keep: float = FILTER_KEEP,
               crawl_cpu_ms_per_pair: float = CRAWL_CPU_MS_PER_PAIR,
               filter_cpu_ms_per_pair: float = FILTER_CPU_MS_PER_PAIR, pods: int = 16,

@@ -170,24 +170,24 @@ def test_data_stage_by_hand(tmp_path):
     assert d["crawl_pod_hours"] == pytest.approx(5 / 3600 / 4)
     assert d["crawl_wall_s"] == pytest.approx(5 / 8) and d["filter_wall_s"] == pytest.approx(1.625 / 8)
     assert d["shards"] == 1  # 10,000 pairs a shard
-    # tar members: 512-byte header + 1 KiB PAX header (our writers' float mtime) + data padded to 512.
-    # Image shards: jpg 1000 -> 2560, caption 60 -> 2048, json 300 -> 2048. Codes: codes.npy 128-byte
-    # header + 32 x 32 int16 = 2176 -> 4096, text.npy 128 + 256 int32 = 1152 -> 3072, caption, json 2048
-    assert d["shard_bytes_per_pair"] == 2560 + 2048 + 2048 == 6656
-    assert d["code_bytes_per_pair"] == 4096 + 3072 + 2048 + 2048 == 11264
-    assert d["shard_bytes"] == 1000 * 6656 and d["raw_bytes"] == 1250 * 6656
-    assert d["code_bytes"] == 1000 * 11264
-    assert d["total_bytes"] == 1000 * 6656 + 1250 * 6656 + 1000 * 11264
-    # without the PAX headers (an int mtime) codes would take 7168 bytes a pair, 36% less
-    assert plan_data(PAPER.data, 256, 32, 1000, pax=False, caption_bytes=60, meta_bytes=300)[
-        "code_bytes_per_pair"] == 3072 + 2048 + 1024 + 1024 == 7168
-    # ... and a code shard written by the encoder's writer has exactly that size per pair (+ the tar's end:
-    # two zero blocks, the file padded to 20-block records)
+    # tar members: 512-byte header + data padded to 512 (no PAX header: our writers' mtime is an int).
+    # Image shards: jpg 1000 -> 1536, caption 60 -> 1024, json 300 -> 1024. Codes: codes.npy 128-byte
+    # header + 32 x 32 int16 = 2176 -> 3072, text.npy 128 + 256 int32 = 1152 -> 2048, caption, json 1024
+    assert d["shard_bytes_per_pair"] == 1536 + 1024 + 1024 == 3584
+    assert d["code_bytes_per_pair"] == 3072 + 2048 + 1024 + 1024 == 7168
+    assert d["shard_bytes"] == 1000 * 3584 and d["raw_bytes"] == 1250 * 3584
+    assert d["code_bytes"] == 1000 * 7168
+    assert d["total_bytes"] == 1000 * 3584 + 1250 * 3584 + 1000 * 7168
+    # members written with a float mtime (before 2026-12-01) carry a 1 KiB PAX header each: 11264 a pair
+    assert plan_data(PAPER.data, 256, 32, 1000, pax=True, caption_bytes=60, meta_bytes=300)[
+        "code_bytes_per_pair"] == 4096 + 3072 + 2048 + 2048 == 11264
+    # ... and a code shard written by the encoder's writer has exactly the planned size per pair (+ the
+    # tar's end: two zero blocks, the file padded to 20-block records): no PAX headers
     n = 10
     pairs = [CodedPair(key=f"k{i:03d}", caption="x" * 60, text=np.zeros(256, np.int32),
                        codes=np.zeros((32, 32), np.int16), meta={"i": i, "pad": "y" * 250}) for i in range(n)]
     info = write_code_shard(pairs, LocalStorage(tmp_path), "codes/000000.tar")
-    assert info.bytes == -(-(n * 11264 + 1024) // 10240) * 10240
+    assert info.bytes == -(-(n * 7168 + 1024) // 10240) * 10240
 
 
 def test_paper_data_stage():
@@ -196,7 +196,7 @@ def test_paper_data_stage():
     d = plan_data(PAPER.data, 256, 32)  # the defaults: 250M pairs, measured rates, stated assumptions
     assert d["shards"] == 25_000 and d["downloaded"] == 312_500_000
     assert d["crawl_core_hours"] == pytest.approx(312.5e6 * 4e-3 / 3600)  # 347 core-hours
-    assert d["code_bytes"] == 250_000_000 * 11264  # 2.82 TB of codes (1.79 TB without PAX headers)
+    assert d["code_bytes"] == 250_000_000 * 7168  # 1.79 TB of codes (2.82 TB with the PAX headers of before)
 
 
 def test_dvae_flops_by_hand(paper_dvae_cost):

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from dalle_core.data.shards import Manifest, ShardInfo, file_sha256
+from dalle_core.data.shards import TAR_MTIME, Manifest, ShardInfo, file_sha256
 from dalle_core.storage import Storage
 
 
@@ -53,7 +53,7 @@ def write_code_shard(pairs: Iterable[CodedPair], storage: Storage, key: str) -> 
     with tempfile.TemporaryDirectory(prefix="dalle-codes-") as tmp:
         path = Path(tmp) / Path(key).name
         n = 0
-        with wds.TarWriter(str(path), mtime=0.0) as sink:
+        with wds.TarWriter(str(path), mtime=TAR_MTIME) as sink:
             for p in pairs:
                 sink.write({
                     "__key__": p.key,

@@ -34,9 +34,8 @@ from typing import Iterator
 from .config import DataConfig
 from ..storage import LocalStorage, Storage
 from .image_decode import IMAGE_EXT, RESIZE_FILTER
+from .shards import TAR_MTIME
 from .urllist import UrlRow
-
-TAR_MTIME = 0.0  # fixed tar member mtime: the same rows give byte-identical tars
 
 
 def part_name(index: int) -> str:
