@@ -2,12 +2,16 @@
 image codes the prior reads, and the `dalle dvae` command."""
 
 import json
+import os
+from pathlib import Path
 
 import dagster as dg
 import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _store(settings):
@@ -83,7 +87,6 @@ def _files(root):
 
 
 def test_a_shard_partition_encodes_only_that_shard_and_resumes(demo_run):
-    from pathlib import Path
 
     from orchestration.demo import prepare_instance
 
@@ -164,3 +167,39 @@ def test_dvae_cli_encode_decode_and_bad_input(demo_run, tmp_path, capsys):
     assert "notes.png: not a readable image" in capsys.readouterr().err
     assert main(["dvae", "encode", str(img), "--out", str(codes), "--model", "@nope", "--resize", *run]) == 2
     assert "not found in the MLflow registry" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_dvae_job_trains_data_parallel_on_two_processes(demo_run, tmp_path, monkeypatch):
+    """The platform's own `dvae_job` with `nproc_per_node: 2` (on a copy of the demo run's
+    storage, so the other tests keep their dVAE): the dVAE trains under torchrun on 2 gloo
+    processes, rank 0's report arrives in the materialization, the model is saved and
+    registered like a single-process one and encodes the demo's images."""
+    import shutil
+
+    import mlflow
+
+    from dalle_core.dvae.model import load_dvae
+    from dalle_core.profiles import get_profile
+    from orchestration.definitions import build_definitions
+    from orchestration.demo import prepare_instance
+    from orchestration.settings import Settings
+
+    settings, _, _ = demo_run
+    shutil.copytree(settings.storage_root, tmp_path / "storage")
+    copy = Settings(run_dir=tmp_path, profile="tiny", demo_port=settings.demo_port)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("DALLE_TORCHRUN_BACKEND", "local")
+    result = build_definitions(copy).resolve_job_def("dvae_job").execute_in_process(
+        instance=prepare_instance(copy), run_config={"ops": {"dvae": {"config": {"nproc_per_node": 2}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("dvae")[0].metadata
+    assert meta["world_size"].value == 2 and meta["steps"].value == 60
+    assert meta["train_steps"].value == 60 and meta["train_recon"].value < 0  # rank 0's own figures
+    assert 0 < meta["eval_codebook_usage"].value <= 1
+    assert meta["model_version"].value.startswith("dvae v1")  # a fresh registry: the copy's
+    encoder, _, cfg = load_dvae(tmp_path / "storage" / "dvae" / "dvae.pt")
+    assert cfg.shape_dict() == get_profile("tiny").dvae.shape_dict()
+    mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
+    run = mlflow.get_run(mlflow.MlflowClient().get_model_version("dvae", "1").run_id)
+    assert run.data.params["total_steps"] == "60" and "caption_match_reconstruction" in run.data.metrics
