@@ -23,7 +23,7 @@ from dalle_core.data import shards as shard_io
 from dalle_core.demo.checker import check_image
 from dalle_core.demo.scenes import parse_caption, split_of
 from dalle_core.eval import FeatureCache, InceptionMetrics, render_report, zero_shot_metrics
-from dalle_core.eval.caption_match import DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
+from dalle_core.eval.caption_match import COUNTS as CAPTION_MATCH_COUNTS, DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
 from dalle_core.eval.caption_match import caption_match_figures, diagnose
 from dalle_core.eval.fairness import comparison_table, digest_texts, fingerprint_id, make_fingerprint
 from dalle_core.eval.generated import generate_judged, weights_digest
@@ -194,7 +194,7 @@ def caption_match_table(figures: dict[str, dict[str, float]]) -> tuple[list[str]
 
     def cell(split: str, name: str) -> str:
         v = figures[split].get(name)
-        return "-" if v is None else f"{v:.0f}" if name == "size_captions" else f"{v:.3f}"
+        return "-" if v is None else f"{v:.0f}" if name in CAPTION_MATCH_COUNTS else f"{v:.3f}"
 
     return header, [[k] + [cell(s, k) for s in splits] for k in names]
 

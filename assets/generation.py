@@ -27,7 +27,7 @@ from dalle_core.rerank import load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, retrieval_figures
 from dalle_core.rerank.negatives import training_batch
 from dalle_core.text.bpe import DalleTokenizer
-from dalle_core.eval.caption_match import DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
+from dalle_core.eval.caption_match import COUNTS as CAPTION_MATCH_COUNTS, DESCRIPTIONS as CAPTION_MATCH_DESCRIPTIONS
 from dalle_core.eval.caption_match import caption_match_figures, diagnose
 from dalle_core.eval.fairness import digest_texts, make_fingerprint
 from dalle_core.eval.generated import judge_candidates
@@ -277,7 +277,7 @@ def samples(
         meta.update({k: round(v, 4) for k, v in rates.items()})
     if diagnostics:
         meta["caption_match_diagnosis"] = md(md_table(["figure", "held-out captions", "what it measures"], [
-            (k, f"{v:.0f}" if k == "size_captions" else f"{v:.3f}", CAPTION_MATCH_DESCRIPTIONS[k])
+            (k, f"{v:.0f}" if k in CAPTION_MATCH_COUNTS else f"{v:.3f}", CAPTION_MATCH_DESCRIPTIONS[k])
             for k, v in figures.items()]) + f"\n\n**Diagnosis** (no training captions here): {diagnosis}")
         meta["diagnosis"] = diagnosis
         meta.update({k: round(v, 4) for k, v in diagnostics.items()})

@@ -117,5 +117,29 @@ def test_diagnose_names_what_falls_short():
     assert "training captions not measured" in diagnose(good)
 
 
+def test_generalisation_is_judged_against_sampling_noise():
+    """A held-out vs training gap counts as a generalisation shortfall only beyond two standard
+    errors of the difference of the two shares (the demo's 2026-12-01 run: 0.11 of 200 held-out
+    vs 0.22 of 32 training captions, a gap of 0.11 with a standard error of 0.076)."""
+    from dalle_core.eval.caption_match import share_difference_se
+
+    # the standard error against the binomial formula, by hand: sqrt(.11 .89 / 200 + .22 .78 / 32)
+    assert share_difference_se(0.11, 200, 0.22, 32) == pytest.approx(0.0765, abs=5e-4)
+    held, train = _figures(0.11, 0.04, 0.01), _figures(0.22, 0.12, 0.06)
+    held["captions"], train["captions"] = 200.0, 32.0
+    line = diagnose(held, train)
+    assert "generalisation (" not in line
+    assert "within sampling noise: 0.11 < 2 x 0.08 with 200 and 32 captions" in line
+    assert line.startswith("falls short: the prior") and "\n" not in line
+    # the same gap over 400 + 400 captions (standard error 0.026) is a shortfall
+    held["captions"], train["captions"] = 400.0, 400.0
+    assert "generalisation (any-of-N 0.11 held-out vs 0.22 on training captions)" in diagnose(held, train)
+    # a gap within noise and nothing else short: "nothing falls short", with the noise named
+    held, train = _figures(0.80, 0.75, 0.5), _figures(0.92, 0.85, 0.6)
+    held["captions"], train["captions"] = 100.0, 25.0
+    line = diagnose(held, train)
+    assert line.startswith("nothing falls short") and "within sampling noise" in line
+
+
 def test_figures_line():
     assert figures_line(_figures(0.5, 0.25, 0.125)) == "reranked 0.25, first draw 0.12, any-of-N 0.50"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 FIGURES = ("caption_match_reranked", "caption_match_first_draw", "caption_match_any", "caption_match_per_draw",
            "reranker_efficiency", "reranker_gap", "colour_rate", "shape_rate", "size_rate", "relation_rate",
-           "picked_colour_rate", "picked_shape_rate", "picked_size_rate", "picked_relation_rate", "size_captions")
+           "picked_colour_rate", "picked_shape_rate", "picked_size_rate", "picked_relation_rate", "size_captions", "captions")
 
 
 class _Text(HTMLParser):
@@ -67,7 +67,7 @@ def test_report_without_inception_weights(demo_run):
             assert name in run.data.metrics and name in meta, name
             assert run.data.metrics[name] == pytest.approx(meta[name].value, abs=1e-4), name
         f = {k: run.data.metrics[f"{split}/{k}"] for k in FIGURES}
-        assert all(0 <= f[k] <= 1 for k in FIGURES if k != "size_captions")
+        assert all(0 <= f[k] <= 1 for k in FIGURES if k not in ("size_captions", "captions"))
         assert f["caption_match_reranked"] <= f["caption_match_any"] and f["caption_match_first_draw"] <= f["caption_match_any"]
         assert f["picked_colour_rate"] >= f["caption_match_reranked"]  # a match has both colours
     assert run.data.metrics["train/num_captions"] == 32
