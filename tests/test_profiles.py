@@ -79,7 +79,7 @@ def test_medium_is_the_small_lineage_run_longer():
     assert (m.data, m.text, m.dvae, m.prior) == (s.data, s.text, s.dvae, s.prior)
     assert code_sizes(m) == code_sizes(s)
     assert _json(m.prior_training.to_dict()) == {**_json(s.prior_training.to_dict()), "lr": 2e-3, "total_steps": 4400}
-    assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 600}
+    assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 900}
 
 
 def _expected(name: str, stage: str) -> dict:
