@@ -53,9 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dalle_core.data.image_decode import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
 from dalle_core.demo.render import render  # noqa: E402
-from dalle_core.demo.scenes import (  # noqa: E402
-    COLOURS, OPPOSITE, SHAPES, SIZES, Scene, SceneObject, parse_caption,
-)
+from dalle_core.demo.scenes import parse_caption  # noqa: E402
+from dalle_core.demo.near_misses import asserts, near_miss_scenes  # noqa: E402
 from dalle_core.demo.world import DemoWorld  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
 from dalle_core.rerank import train_reranker  # noqa: E402
@@ -105,37 +104,6 @@ def _square(image, size: int) -> torch.Tensor:
     return image_to_tensor(resize_center_crop(image.convert("RGB"), size), size)
 
 
-def _asserts(spec, scene: Scene) -> bool:
-    """Whether `scene` shows what the caption `spec` says (read either way round)."""
-    def same(a: SceneObject, rel: str, b: SceneObject) -> bool:
-        return ((spec.colour_a, spec.shape_a, spec.relation, spec.colour_b, spec.shape_b)
-                == (a.colour, a.shape, rel, b.colour, b.shape)
-                and spec.size_a in (None, a.size) and spec.size_b in (None, b.size))
-    return same(scene.a, scene.relation, scene.b) or same(scene.b, OPPOSITE[scene.relation], scene.a)
-
-
-def perturbations(scene: Scene, spec) -> list[Scene]:
-    """Scenes that differ from `scene` in one binding (deterministic order), each
-    no longer matching the caption `spec`."""
-    a, b, rel, bg = scene.a, scene.b, scene.relation, scene.background
-    free = [c for c in COLOURS if c not in (a.colour, b.colour)]
-    other_shape = {s: [t for t in SHAPES if t != s] for s in SHAPES}
-    flip = {"small": "large", "large": "small"}
-    out = [
-        Scene(SceneObject(b.colour, a.shape, a.size), rel, SceneObject(a.colour, b.shape, b.size), bg),
-        Scene(SceneObject(a.colour, b.shape, a.size), rel, SceneObject(b.colour, a.shape, b.size), bg),
-        Scene(a, OPPOSITE[rel], b, bg),
-        Scene(SceneObject(free[0], a.shape, a.size), rel, b, bg),
-        Scene(a, rel, SceneObject(free[1], b.shape, b.size), bg),
-        Scene(SceneObject(a.colour, other_shape[a.shape][0], a.size), rel, b, bg),
-        Scene(a, rel, SceneObject(b.colour, other_shape[b.shape][1], b.size), bg),
-        Scene(SceneObject(a.colour, a.shape, b.size), rel, SceneObject(b.colour, b.shape, a.size), bg),
-        Scene(SceneObject(a.colour, a.shape, flip[a.size]), rel, b, bg),
-        Scene(SceneObject(free[2], a.shape, a.size), rel, SceneObject(free[3], b.shape, b.size), bg),
-    ]
-    return [s for s in out if not _asserts(spec, s)]
-
-
 def build_data(profile_name: str, cache: Path) -> dict:
     if cache.exists():
         log(f"data: {cache}")
@@ -154,13 +122,13 @@ def build_data(profile_name: str, cache: Path) -> dict:
     cands = []  # [N, 8, 3, S, S]: the true image first
     for n, item in enumerate(ev):
         spec = parse_caption(item.caption)
-        alts = perturbations(item.scene, spec)[:7]
+        alts = near_miss_scenes(item.scene, spec)[:7]
         imgs = [eval_x[n]] + [_square(render(s, item.width, item.height, np.random.default_rng(item.seed)), size)
                               for s in alts]
         k = 1
         while len(imgs) < 8:  # too few perturbations: other held-out images that do not match
             other = ev[(n + k) % len(ev)]
-            if not _asserts(spec, other.scene):
+            if not asserts(spec, other.scene):
                 imgs.append(eval_x[(n + k) % len(ev)])
             k += 1
         cands.append(torch.stack(imgs))

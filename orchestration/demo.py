@@ -147,7 +147,8 @@ def summarize(settings: Settings, instance) -> dict:
         ("image_codes", ("samples",)),
         ("image_codes_manifest", ("samples", "shards", "grid")),
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
-        ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "attribute_binding", "model_version")),
+        ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "attribute_binding", "near_miss_pick",
+                      "model_version")),
         ("samples", ("caption_match_reranked", "caption_match_random", "caption_match_shuffled",
                      "colour_match_reranked", "colour_match_random", "colour_match_shuffled",
                      "heldout/caption_match_first_draw", "heldout/caption_match_any")),
@@ -186,7 +187,9 @@ def caption_match_lines(instance) -> tuple[str | None, str | None]:
         parts.append(f"training captions: {figures('train')}")
     reranker = latest_metadata(instance, "reranker", None)
     if reranker and "swap_binding" in reranker[0]:
-        parts.append(f"reranker swap binding {reranker[0]['swap_binding'].value:.2f}")
+        parts.append(f"reranker swap binding {reranker[0]['swap_binding'].value:.2f}"
+                     + (f", near-miss pick {reranker[0]['near_miss_pick'].value:.2f}"
+                        if "near_miss_pick" in reranker[0] else ""))
     return f"{'caption match':15s} {'; '.join(parts)}", f"{'diagnosis':15s} {m.get('diagnosis', 'none')}"
 
 

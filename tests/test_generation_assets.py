@@ -42,6 +42,52 @@ def test_reranker_registered_with_held_out_figures(demo_run):
     assert model.config.text_len == 16
 
 
+@pytest.mark.timeout(600)
+def test_a_retrained_reranker_is_judged_by_its_pick_among_near_misses(demo_run, tmp_path):
+    """The platform's own generation_job retrains the reranker on a copy of the tiny demo run:
+    the challenger and the champion are compared on near_miss_pick (the true evaluation image
+    picked among 7 near misses) under one fingerprint, and the champion alias follows it."""
+    import os
+    import shutil
+
+    import mlflow
+
+    from assets.model_registry import champion_version, version_figures
+    from orchestration.definitions import build_definitions
+    from orchestration.demo import prepare_instance
+    from orchestration.settings import Settings
+
+    settings, summary, _ = demo_run
+    first = _meta(settings, "reranker")
+    assert 0.0 <= first["near_miss_pick"].value <= 1.0
+    assert any("near-miss pick" in line for line in summary["lines"])  # the demo's summary prints it
+    shutil.copytree(settings.run_dir, tmp_path / "run")
+    copy = Settings(run_dir=tmp_path / "run", profile="tiny", demo_port=settings.demo_port)
+    mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
+    champion = champion_version("reranker")
+    saved = dict(os.environ)  # prepare_instance points the environment at the copy: put it back after
+    try:
+        res = build_definitions(copy).resolve_job_def("generation_job").execute_in_process(
+            instance=prepare_instance(copy), run_config={"ops": {"reranker": {"config": {"steps": 20}}}})
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert res.success
+    meta = res.asset_materializations_for_node("reranker")[0].metadata
+    assert meta["steps"].value == 20 and 0.0 <= meta["near_miss_pick"].value <= 1.0
+    promotion = meta["promotion"].value
+    assert "near_miss_pick" in promotion and f"champion v{champion}" in promotion, promotion
+    assert "| near_miss_pick |" in meta["comparison"].value
+    mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
+    version = meta["model_version"].value.split()[1].lstrip("v")
+    ours, theirs = version_figures("reranker", version), version_figures("reranker", champion)
+    fp = next(iter(ours))  # one evaluation of the challenger: the champion holds figures under the same one
+    assert fp in theirs and "near_miss_pick" in theirs[fp].metrics
+    better = ours[fp].metrics["near_miss_pick"] > theirs[fp].metrics["near_miss_pick"]
+    assert champion_version("reranker") == (version if better else champion)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+
+
 def test_samples_asset_grid_rates_and_mlflow(demo_run):
     import mlflow
 

@@ -8,7 +8,8 @@ often it scores the true caption above the same caption with words swapped:
 kind or reverses the relation (`negatives.typed_swap_negatives`: "red circle,
 blue square" vs "blue circle, red square"), the binding that reranking needs.
 `attribute_binding_by_kind` splits the latter by kind (colour, size, shape,
-relation).
+relation). `near_miss_pick`: how often the true image wins among its near misses
+(the same layout with one binding broken): the choice reranking makes.
 
 `caption_match_rates`: for generated images and a checker (the demo world's
 `check_image`, or any image x caption -> bool), the share of images that match
@@ -100,6 +101,25 @@ def attribute_binding_by_kind(model, tokenizer, images: Sequence, captions: Sequ
     return out
 
 
+@torch.no_grad()
+def near_miss_pick(model, tokenizer, candidate_sets: Sequence[Sequence], captions: Sequence[str]) -> float:
+    """Share of captions for which the model scores the true image (first of its set)
+    above every other image of the set: near misses of it (`dalle_core.demo.near_misses`),
+    the choice reranking the prior's samples makes. Chance is 1 / set size; a tie with
+    the true image counts against it (the reranker's sort would have to be lucky)."""
+    if len(candidate_sets) != len(captions) or not captions:
+        raise ValueError(f"{len(candidate_sets)} candidate sets for {len(captions)} captions")
+    sizes = {len(c) for c in candidate_sets}
+    if len(sizes) != 1 or min(sizes) < 2:
+        raise ValueError(f"every caption needs a set of the same size >= 2, got sizes {sorted(sizes)}")
+    n = sizes.pop()
+    x = torch.cat([_as_tensor(list(c)) for c in candidate_sets])
+    img = model.image_features(x).view(len(captions), n, -1)
+    txt = model.text_features(tokenizer.encode_batch(list(captions)))
+    scores = (img * txt[:, None, :]).sum(-1)  # [captions, n]
+    return float((scores[:, 0] > scores[:, 1:].max(dim=1).values).float().mean())
+
+
 def _derangement(n: int, seed: int = 0) -> list[int]:
     """A permutation with no fixed point (each caption goes to another image)."""
     if n < 2:
@@ -147,4 +167,4 @@ def caption_match_rates(reranked: torch.Tensor, unranked: torch.Tensor, captions
     return out
 
 
-__all__ = ["attribute_binding_by_kind", "caption_match_rates", "retrieval_figures"]
+__all__ = ["attribute_binding_by_kind", "caption_match_rates", "near_miss_pick", "retrieval_figures"]
