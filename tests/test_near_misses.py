@@ -74,3 +74,24 @@ def test_near_miss_pick_counts_the_true_image_winning_outright():
     assert near_miss_pick(_ColourModel(), _Tok(), sets, captions) == pytest.approx(2 / 4)
     with pytest.raises(ValueError, match="same size"):
         near_miss_pick(_ColourModel(), _Tok(), [[red, green], [red, green, blue]], ["red", "red"])
+
+
+def test_the_reranker_promotion_rule_falls_back_only_for_an_unmeasurable_near_miss_pick():
+    """Real photos have no near misses: the reranker asset then promotes on retrieval (or on the
+    other metrics named), and says so; a misspelt metric is not swallowed by the fallback."""
+    from assets.generation import FALLBACK_PROMOTE_ON, RerankerRunConfig, reranker_promotion_rules
+    from dalle_core.eval.fairness import check_rules
+
+    demo = {"retrieval_image_to_text": 0.3, "swap_binding": 0.7, "near_miss_pick": 0.2}
+    photos = {k: v for k, v in demo.items() if k != "near_miss_pick"}
+    default = RerankerRunConfig().promote_on
+    assert default == {"near_miss_pick": "higher"}
+    assert reranker_promotion_rules(default, demo) == ({"near_miss_pick": "higher"}, "")
+    rules, note = reranker_promotion_rules(default, photos)
+    assert rules == FALLBACK_PROMOTE_ON and "not measurable" in note and "retrieval_image_to_text" in note
+    rules, _ = reranker_promotion_rules({"near_miss_pick": "higher", "swap_binding": "higher"}, photos)
+    assert rules == {"swap_binding": "higher"}
+    rules, note = reranker_promotion_rules({"swap_bindng": "higher"}, photos)
+    assert rules == {"swap_bindng": "higher"} and note == ""
+    with pytest.raises(ValueError, match="'swap_bindng' was not computed"):
+        check_rules(rules, photos)
