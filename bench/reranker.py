@@ -52,9 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle_core.data.image_decode import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
-from dalle_core.demo.render import render  # noqa: E402
-from dalle_core.demo.scenes import parse_caption  # noqa: E402
-from dalle_core.demo.near_misses import asserts, near_miss_scenes  # noqa: E402
+from dalle_core.demo.near_misses import near_miss_sets  # noqa: E402
 from dalle_core.demo.world import DemoWorld  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
 from dalle_core.rerank import train_reranker  # noqa: E402
@@ -119,19 +117,9 @@ def build_data(profile_name: str, cache: Path) -> dict:
     ev = world.eval_items()
     eval_x = torch.stack([_square(load_rgb(i.image_bytes()), size) for i in ev])
     eval_caps = [i.caption for i in ev]
-    cands = []  # [N, 8, 3, S, S]: the true image first
-    for n, item in enumerate(ev):
-        spec = parse_caption(item.caption)
-        alts = near_miss_scenes(item.scene, spec)[:7]
-        imgs = [eval_x[n]] + [_square(render(s, item.width, item.height, np.random.default_rng(item.seed)), size)
-                              for s in alts]
-        k = 1
-        while len(imgs) < 8:  # too few perturbations: other held-out images that do not match
-            other = ev[(n + k) % len(ev)]
-            if not asserts(spec, other.scene):
-                imgs.append(eval_x[(n + k) % len(ev)])
-            k += 1
-        cands.append(torch.stack(imgs))
+    index = {item.key: n for n, item in enumerate(ev)}  # the true images and fill-ins: already decoded
+    cands = [torch.stack([eval_x[index[m.key]] if m.key in index else _square(m.image(), size) for m in group])
+             for group in near_miss_sets(ev)]  # [N, 8, 3, S, S]: the true image first
     data = {"train_x": train_x, "train_caps": train_caps, "eval_x": eval_x, "eval_caps": eval_caps,
             "cands": torch.stack(cands)}
     log(f"data: {len(ev)} held-out pairs and 8 candidates each, {time.time() - t0:.0f}s in all")

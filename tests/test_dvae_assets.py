@@ -181,22 +181,15 @@ def test_dvae_job_trains_data_parallel_on_two_processes(demo_run, tmp_path, monk
 
     from dalle_core.dvae.model import load_dvae
     from dalle_core.profiles import get_profile
-    from orchestration.definitions import build_definitions
-    from orchestration.demo import prepare_instance
     from orchestration.settings import Settings
+    from platform_jobs import execute_platform_job
 
     settings, _, _ = demo_run
     shutil.copytree(settings.storage_root, tmp_path / "storage")
     copy = Settings(run_dir=tmp_path, profile="tiny", demo_port=settings.demo_port)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     monkeypatch.setenv("DALLE_TORCHRUN_BACKEND", "local")
-    saved = dict(os.environ)  # prepare_instance points the environment at the copy: put it back after
-    try:
-        result = build_definitions(copy).resolve_job_def("dvae_job").execute_in_process(
-            instance=prepare_instance(copy), run_config={"ops": {"dvae": {"config": {"nproc_per_node": 2}}}})
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    result = execute_platform_job(copy, "dvae_job", {"ops": {"dvae": {"config": {"nproc_per_node": 2}}}})
     assert result.success
     meta = result.asset_materializations_for_node("dvae")[0].metadata
     assert meta["world_size"].value == 2 and meta["steps"].value == 60

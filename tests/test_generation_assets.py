@@ -47,15 +47,13 @@ def test_a_retrained_reranker_is_judged_by_its_pick_among_near_misses(demo_run, 
     """The platform's own generation_job retrains the reranker on a copy of the tiny demo run:
     the challenger and the champion are compared on near_miss_pick (the true evaluation image
     picked among 7 near misses) under one fingerprint, and the champion alias follows it."""
-    import os
     import shutil
 
     import mlflow
 
     from assets.model_registry import champion_version, version_figures
-    from orchestration.definitions import build_definitions
-    from orchestration.demo import prepare_instance
     from orchestration.settings import Settings
+    from platform_jobs import execute_platform_job
 
     settings, summary, _ = demo_run
     first = _meta(settings, "reranker")
@@ -65,13 +63,7 @@ def test_a_retrained_reranker_is_judged_by_its_pick_among_near_misses(demo_run, 
     copy = Settings(run_dir=tmp_path / "run", profile="tiny", demo_port=settings.demo_port)
     mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
     champion = champion_version("reranker")
-    saved = dict(os.environ)  # prepare_instance points the environment at the copy: put it back after
-    try:
-        res = build_definitions(copy).resolve_job_def("generation_job").execute_in_process(
-            instance=prepare_instance(copy), run_config={"ops": {"reranker": {"config": {"steps": 20}}}})
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    res = execute_platform_job(copy, "generation_job", {"ops": {"reranker": {"config": {"steps": 20}}}})
     assert res.success
     meta = res.asset_materializations_for_node("reranker")[0].metadata
     assert meta["steps"].value == 20 and 0.0 <= meta["near_miss_pick"].value <= 1.0

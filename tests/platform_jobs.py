@@ -1,0 +1,19 @@
+"""Run one of the platform's own jobs on another run directory (a copy of a demo run) in
+this process, leaving the environment as it was: `prepare_instance` points DAGSTER_HOME,
+storage and MLflow at the run directory it is given."""
+
+import os
+
+
+def execute_platform_job(settings, job: str, run_config: dict):
+    """`build_definitions(settings)`'s job `job`, executed in process on `settings`' instance."""
+    from orchestration.definitions import build_definitions
+    from orchestration.demo import prepare_instance
+
+    saved = dict(os.environ)
+    try:
+        return build_definitions(settings).resolve_job_def(job).execute_in_process(
+            instance=prepare_instance(settings), run_config=run_config)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
