@@ -9,13 +9,13 @@ import json
 import os
 import random
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import dagster as dg
 
 from assets.data import SHARDS, coco_eval_set, load_eval_images
 from assets.dvae import demo_check, training_device
-from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples
+from assets.generation import describe_versions, load_prior_version, load_text_to_image, samples, sampling_of
 from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER
 from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
@@ -32,6 +32,7 @@ from dalle_core.eval.inception import WEIGHTS_ENV
 from dalle_core.eval.report import numeric_metrics
 from dalle_core.eval.zero_shot import describe_metric
 from dalle_core.generation import TextToImage
+from dalle_core.prior.config import SamplingConfig
 from dalle_core.rerank import load_reranker
 from dalle_core.storage import open_storage
 
@@ -61,6 +62,11 @@ class ZeroShotConfig(dg.Config):
     # the shards' captions), beside the held-out ones, to tell generalisation from the prior; 0 = off.
     # 32 x 8 draws: ~7 s of the demo (64 took 14 s of its 10-minute budget)
     train_captions: int = 32
+    # how the prior is drawn; None: the profile's `sampling` (the paper's temperature 1 except
+    # where a profile measured better: medium 0.7). Part of the fingerprint when not the paper's.
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+
 
 
 def resolve_inception(spec: str, storage: StorageResource):
@@ -114,7 +120,8 @@ def sample_train_captions(store, count: int, seed: int, tokenizer, pool_factor: 
 
 def evaluate_chain(chain: TextToImage, captions: list[str], references: list, config: ZeroShotConfig, inception,
                    storage: StorageResource, independent=None, log=None,
-                   train_captions: list[str] | None = None) -> tuple[dict, list]:
+                   train_captions: list[str] | None = None,
+                   sampling: SamplingConfig | None = None) -> tuple[dict, list]:
     """The zero-shot figures of one generation chain: N candidates per caption, the reranker's
     best kept (the paper's protocol), generated in chunks kept on disk (a killed evaluation's
     rerun generates only what is missing), then the metrics. Returns (metrics, generated).
@@ -136,7 +143,7 @@ def evaluate_chain(chain: TextToImage, captions: list[str], references: list, co
     cache_dir = storage.scratch("zero-shot-generated")
     heldout = generate_judged(chain, captions, config.candidates, config.batch_captions, config.seed,
                               cache_dir=cache_dir, progress=progress_of("held-out"),
-                              judge=check_image if demo else None)
+                              judge=check_image if demo else None, sampling=sampling)
     generated = heldout.best
     figures = {}
     if demo:
@@ -144,7 +151,8 @@ def evaluate_chain(chain: TextToImage, captions: list[str], references: list, co
         if train_captions:
             train = generate_judged(chain, train_captions, config.candidates, config.batch_captions,
                                     config.seed + TRAIN_SEED_OFFSET, cache_dir=cache_dir,
-                                    progress=progress_of("training-caption"), judge=check_image)
+                                    progress=progress_of("training-caption"), judge=check_image,
+                                    sampling=sampling)
             figures["train"] = caption_match_figures(train.judgements)
     reranker = chain.reranker
     # the features are cached per model: named by the weights actually loaded
@@ -172,12 +180,16 @@ def evaluate_chain(chain: TextToImage, captions: list[str], references: list, co
 
 
 def evaluation_fingerprint(chain: TextToImage, captions: list[str], references: list, config: ZeroShotConfig,
-                           inception, independent=None) -> dict[str, str]:
+                           inception, independent=None, sampling: SamplingConfig | None = None) -> dict[str, str]:
     """Everything the figures depend on besides the prior under test: the captions and
     reference images, candidates, seed, chunking (it sets each caption's seed), radii, the
     weights of the scoring models (the reranker selects the samples and defines the feature
-    space; Inception; the independent model) and of the dVAE decoder, and the code."""
+    space; Inception; the independent model) and of the dVAE decoder, the code, and the
+    sampling where it departs from the paper's (so figures recorded before it existed keep
+    their fingerprint)."""
+    changed = (sampling or SamplingConfig()).key()
     return make_fingerprint(
+        **{f"sampling_{k}": v for k, v in changed.items()},
         evaluation="zero-shot", captions=digest_texts(captions), references=image_set_digest(references),
         candidates=config.candidates, seed=config.seed, batch_captions=config.batch_captions,
         radii=[0.0, *config.radii], scorer=weights_digest(chain.reranker),
@@ -232,7 +244,8 @@ def coco_zero_shot_report(
         raise dg.Failure("the evaluation set needs at least 2 captions")
     captions = [c for _, c in eval_set]
     references = [im for im, _ in eval_set]
-    fingerprint = evaluation_fingerprint(chain, captions, references, config, inception, independent)
+    sampling = sampling_of(config, prof)
+    fingerprint = evaluation_fingerprint(chain, captions, references, config, inception, independent, sampling)
     fp = fingerprint_id(fingerprint)
     champ = mlflow.champion_version("prior")
     role = "champion" if champ == prior_version else CHALLENGER
@@ -243,7 +256,7 @@ def coco_zero_shot_report(
     train_captions = (sample_train_captions(store, config.train_captions, config.seed, chain.tokenizer)
                       if demo and config.train_captions > 0 else [])
     metrics, generated = evaluate_chain(chain, captions, references, config, inception, storage, independent,
-                                        log=context.log.info, train_captions=train_captions)
+                                        log=context.log.info, train_captions=train_captions, sampling=sampling)
     resumed = metrics.pop("resumed_chunks")
     caption_figures, diagnosis = metrics.pop("caption_figures", {}), metrics.pop("diagnosis", None)
     numbers = numeric_metrics(metrics)
@@ -264,7 +277,7 @@ def coco_zero_shot_report(
             champ_chain = TextToImage(champ_prior, chain.decoder, champ_tok, reranker=chain.reranker, encoder=chain.encoder)
             context.log.info(f"zero-shot: scoring champion prior v{champ} under fingerprint {fp}")
             champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
-                                              independent, log=context.log.info)
+                                              independent, log=context.log.info, sampling=sampling)
             champ_metrics.pop("resumed_chunks")
             champ_metrics.pop("caption_figures", None)
             champ_metrics.pop("diagnosis", None)
@@ -281,7 +294,8 @@ def coco_zero_shot_report(
                                        "evaluated": evaluated}, data_version=data_version(store)) as run:
         mlflow.log_params({k: v for k, v in config.model_dump().items() if k not in ("inception_weights", "independent_reranker")}
                           | {"inception": "configured" if isinstance(inception, InceptionMetrics) else "not configured",
-                             "independent_reranker": "configured" if independent is not None else "none"})
+                             "independent_reranker": "configured" if independent is not None else "none"}
+                          | sampling.to_dict())  # the temperature / top-k as drawn, not the config's None
         mlflow.log_metrics(numbers)
         if diagnostics:
             mlflow.log_metrics(diagnostics | {"train/num_captions": float(len(train_captions))})
@@ -301,6 +315,7 @@ def coco_zero_shot_report(
         report = render_report(
             metrics, samples=shown, history=history, version=f"prior v{prior_version}",
             settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
+                      "sampling": f"temperature {sampling.temperature}, top-k {sampling.top_k or 'all'}",
                       "profile": prof.name, "evaluated": evaluated, "fingerprint": fp,
                       **{f"fingerprint.{k}": v for k, v in fingerprint.items()}},
             descriptions={k: describe_metric(k) for k in numbers},

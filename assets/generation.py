@@ -27,6 +27,7 @@ from dalle_core.dvae.evaluate import tensor_to_image
 from dalle_core.dvae.model import load_dvae
 from dalle_core.generation import TextToImage
 from dalle_core.imaging import image_grid, png_bytes
+from dalle_core.prior.config import SamplingConfig
 from dalle_core.prior.model import load_prior
 from dalle_core.rerank import load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, near_miss_pick, retrieval_figures
@@ -211,12 +212,20 @@ class SamplesConfig(dg.Config):
     captions: int = 16  # evaluation captions (held-out compositions on the demo world)
     candidates: int = 16  # samples drawn per caption (the paper: 512; 16 x 16 captions: ~7 s of the demo)
     keep: int = 4  # kept after reranking (the paper: 1..32)
-    temperature: float = 1.0
+    # how the prior is drawn; None: the profile's `sampling` (medium: temperature 0.7)
+    temperature: Optional[float] = None
     top_k: Optional[int] = None
     seed: int = 0
     # the prior sampled: a registered version ("7"), an alias ("@champion", "@challenger");
     # never the newest file in storage, which may be a challenger that lost its evaluation
     prior: str = "@" + DEFAULT_ALIAS
+
+
+def sampling_of(config, profile) -> SamplingConfig:
+    """The profile's sampling with the run config's temperature / top_k where set (the
+    zero-shot report's and the samples' configs both have these two fields)."""
+    changes = {k: getattr(config, k) for k in ("temperature", "top_k") if getattr(config, k) is not None}
+    return profile.sampling.replace(**changes)
 
 
 def load_prior_version(mlflow: MlflowResource, spec: str, store, device: str = "cpu"):
@@ -280,8 +289,9 @@ def samples(
             context.log.info(f"samples: {done}/{of} token positions drawn")
         total["n"] = of
 
-    out = chain.generate(captions, n=config.candidates, keep=config.keep, temperature=config.temperature,
-                         top_k=config.top_k, seed=config.seed, return_candidates=True, progress=progress,
+    sampling = sampling_of(config, prof)
+    out = chain.generate(captions, n=config.candidates, keep=config.keep, temperature=sampling.temperature,
+                         top_k=sampling.top_k, seed=config.seed, return_candidates=True, progress=progress,
                          batch_size=None)  # None: sized from the KV cache per row (256 rows on CPU)
     unranked = out.candidates[:, : config.keep]  # the first draws: the prior without reranking
     demo = all(parse_caption(c) is not None for c in captions)
@@ -311,7 +321,7 @@ def samples(
     with mlflow.start_run("samples", tags={"stage": "samples", "profile": prof.name, "models": models,
                                            **{f"{k}_version": v for k, v in versions.items()}},
                           data_version=data_version(store)) as run:
-        mlflow.log_params(config.model_dump() | {"n_captions": len(captions)})
+        mlflow.log_params(config.model_dump() | {"n_captions": len(captions), **sampling.to_dict()})  # as drawn
         if rates:
             mlflow.log_metrics(rates)
         if diagnostics:

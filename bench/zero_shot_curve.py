@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from dalle_core.dvae.model import load_dvae  # noqa: E402
 from dalle_core.generation import TextToImage  # noqa: E402
 from dalle_core.prior.model import load_prior  # noqa: E402
 from dalle_core.prior.train import main as train_main  # noqa: E402
+from dalle_core.profiles import get_profile, read_code_manifest, write_resolved_profile  # noqa: E402
 from dalle_core.text.bpe import DalleTokenizer  # noqa: E402
 
 
@@ -67,6 +69,20 @@ def caption_following(chain: TextToImage, captions: list[str], n: int, seed: int
             "relation": float(np.mean([r.relation for r in flat]))}
 
 
+def parse_sets(pairs: list[str]) -> dict:
+    """["n_head=8", "bias=false"] -> {"n_head": 8, "bias": False} (values read as JSON, else strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="a finished demo run (its storage/ is used)")
@@ -79,6 +95,10 @@ def main() -> None:
     p.add_argument("--lr-cooldown-steps", type=int, default=None,
                    help="linear decay to 0 over the last N updates of each segment (use with one point)")
     p.add_argument("--attention", default=None, help="sdpa | block | auto (default: the profile's)")
+    p.add_argument("--prior-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="PriorConfig fields to change (JSON values), e.g. n_head=8 text_loss_weight=0.0")
+    p.add_argument("--training-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="PriorTrainingConfig fields to change (JSON values), e.g. weight_decay=0.0")
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
     p.add_argument("--candidates", type=int, default=8)
@@ -92,10 +112,19 @@ def main() -> None:
     extra = [a for k, v in (("--precision", args.precision), ("--lr", args.lr), ("--batch-size", args.batch_size),
                             ("--warmup-steps", args.warmup_steps),
                             ("--attention", args.attention), ("--lr-cooldown-steps", args.lr_cooldown_steps)) if v is not None for a in (k, str(v))]
+    which = ["--profile", args.profile]
+    if args.prior_set or args.training_set:
+        # a changed profile goes to the trainer the way every launcher hands it one: resolved, as JSON
+        profile = get_profile(args.profile)
+        profile = replace(profile, prior=profile.prior.replace(**parse_sets(args.prior_set)),
+                          prior_training=profile.prior_training.replace(**parse_sets(args.training_set)))
+        args.out.mkdir(parents=True, exist_ok=True)
+        manifest, source = read_code_manifest(storage)
+        which = ["--profile-json", str(write_resolved_profile(profile, manifest, args.out / "profile.json", source))]
     points, train_s = [], 0.0
     for steps in sorted(args.points):
         t = time.perf_counter()
-        train_main(["--profile", args.profile, "--codes", str(storage), "--out", str(args.out), "--steps", str(steps),
+        train_main([*which, "--codes", str(storage), "--out", str(args.out), "--steps", str(steps),
                     "--checkpoint-every", str(steps), "--log-every", "100", "--quiet", *extra])
         train_s += time.perf_counter() - t
         prior = load_prior(args.out / "prior.pt").eval()
@@ -107,7 +136,8 @@ def main() -> None:
         points.append(point)
         print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
-                      "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps, "captions": args.captions,
+                      "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps,
+                      "prior_set": args.prior_set, "training_set": args.training_set, "captions": args.captions,
                       "candidates": args.candidates, "points": points, "threads": torch.get_num_threads(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
 

@@ -146,3 +146,34 @@ def test_challenger_is_compared_under_its_own_fingerprint(challenger):
     assert res.success and not meta3["promoted"].value and champion_version("prior") == champion
     assert "no figures under this evaluation's fingerprint" in meta3["promotion"].value
     assert meta3["fingerprint"].value not in version_figures("prior", champion)
+
+
+def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
+    """The zero-shot report drawn at another temperature (run config, or a profile's
+    `sampling`, e.g. medium's 0.7) is another fingerprint: the champion is re-scored at that
+    temperature, not compared with its figures at 1; MLflow records the temperature drawn."""
+    import mlflow
+
+    from orchestration.definitions import build_definitions
+    from assets.model_registry import version_figures
+
+    settings, champion, version = challenger
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    job = build_definitions(settings).resolve_job_def("evaluation_job")
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    base = {"captions": 4, "candidates": 2, "radii": [2.0], "seed": 5}
+    fps = {}
+    for temperature in (None, 0.7):
+        config = base if temperature is None else {**base, "temperature": temperature}
+        res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": config}}})
+        assert res.success
+        meta = _latest(instance, "coco_zero_shot_report")
+        fps[temperature] = meta["fingerprint"].value
+        run = mlflow.get_run(meta["mlflow_run"].value.rstrip("/").split("/")[-1])
+        assert float(run.data.params["temperature"]) == (temperature or 1.0)  # the tiny profile: the paper's 1
+        mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)
+    assert fps[None] != fps[0.7]
+    figures = version_figures("prior", champion)
+    assert "sampling_temperature" not in figures[fps[None]].fingerprint  # the paper's sampling: the old fingerprint
+    assert figures[fps[0.7]].fingerprint["sampling_temperature"] == "0.7"
+    assert "contrastive_fd" in figures[fps[0.7]].metrics  # the champion scored at 0.7 too

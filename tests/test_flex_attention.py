@@ -45,7 +45,7 @@ def pair(cfg: PriorConfig) -> tuple[DalleTransformer, DalleTransformer]:
     return sdpa_and(cfg, "flex")
 
 
-KINDS = ["row", "column", "conv"]
+KINDS = ["row", "column", "conv", "dense"]
 # (text_len, grid): S = 32, 13 (odd), 150 (past one 128-tile, padded to 256)
 SIZES = [(7, 5), (4, 3), (6, 12)]
 

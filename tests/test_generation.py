@@ -309,3 +309,35 @@ def test_judged_chunks_keep_first_draw_pick_and_judgements_and_resume_to_the_sam
     generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, judge=check_image, judge_name="another checker",
                     progress=lambda d, t, disk: flags.append(disk))
     assert flags == [False, False]
+
+
+def test_zero_shot_generation_draws_at_the_sampling_it_is_given(parts, tmp_path):
+    """`generate_judged(sampling=...)` draws what `TextToImage.generate` draws at that
+    temperature; chunks drawn at the paper's sampling keep the keys they had before
+    SamplingConfig existed, and chunks of another temperature are never reused for it."""
+    import numpy as np
+
+    from dalle_core.eval.generated import _chunk_key, generate_judged
+    from dalle_core.prior.config import SamplingConfig
+
+    caps = ["a red circle above a blue square", "a blue square below an orange circle"]
+    c = chain(parts)
+    cool = SamplingConfig(temperature=0.5)
+    got = generate_judged(c, caps, 4, 2, 5, sampling=cool)
+    out = c.generate(caps, n=4, keep=1, seed=5, temperature=0.5, return_candidates=True, batch_size=None)
+    as_uint8 = lambda x: (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    for i in range(2):
+        assert np.array_equal(np.asarray(got.first[i]), as_uint8(out.candidates[i, 0]))
+    paper = generate_judged(c, caps, 4, 2, 5)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(paper.first, got.first))
+    # keys: the paper's sampling adds nothing (the formula before SamplingConfig), another one does
+    old = __import__("hashlib").sha256("\n".join(["d", "4", "5", __import__("dalle_core.eval.generated", fromlist=["x"]).CHUNK_FORMAT,
+                                                  "judge=", *caps]).encode()).hexdigest()
+    assert _chunk_key("d", caps, 4, 5) == _chunk_key("d", caps, 4, 5, "", SamplingConfig()) == f"chunk-{old[:24]}.npz"
+    assert _chunk_key("d", caps, 4, 5, "", cool) != _chunk_key("d", caps, 4, 5)
+    # a cache filled at temperature 1 is not read back at 0.5
+    generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path)
+    flags = []
+    again = generate_judged(c, caps, 4, 2, 5, cache_dir=tmp_path, sampling=cool,
+                            progress=lambda d, t, disk: flags.append(disk))
+    assert flags == [False] and all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(again.first, got.first))

@@ -154,7 +154,7 @@ def test_stream_layout_text_causal_image_sees_all_text():
     """)
 
 
-@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("kind", ["row", "column", "conv", "dense"])
 def test_common_rules(kind):
     L, g = 5, 4
     m = attention_mask(kind, L, g, kernel=3)
@@ -167,6 +167,14 @@ def test_common_rules(kind):
     assert not m[:L, L].any()  # which no text query sees
     assert not torch.triu(m, diagonal=1).any()  # causal everywhere
     assert m.diagonal().all()  # every position sees itself (no empty softmax row)
+
+
+def test_dense_mask_is_causal_over_every_earlier_image_position():
+    """The demo-only "dense" kind: image query j sees every image key k <= j."""
+    L, g = 3, 3
+    m = attention_mask("dense", L, g)
+    assert torch.equal(m[L:, L:], torch.ones(g * g, g * g, dtype=torch.bool).tril())
+    assert int(m[L:, L:].sum()) == g * g * (g * g + 1) // 2
 
 
 def test_column_mask_is_a_block_mask_after_transposing_the_image():
@@ -249,7 +257,7 @@ def stream(cfg: PriorConfig, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return text, image
 
 
-@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("kind", ["row", "column", "conv", "dense"])
 def test_every_text_token_reaches_every_image_position_in_one_layer(kind):
     """One layer of each kind: changing any text token t_1 .. t_L - the last one,
     the input at the first image position, included - changes the logits of
@@ -277,7 +285,7 @@ def test_every_text_token_reaches_every_image_position_in_one_layer(kind):
     assert attention_mask(kind, L, g)[L:, : L + 1].all()
 
 
-@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("kind", ["row", "column", "conv", "dense"])
 def test_future_image_tokens_never_change_earlier_logits(kind):
     """Causality kept: changing image token i_k (the input at position L + k)
     leaves the text logits and the logits of image positions 0 .. k - 1 exactly
@@ -295,7 +303,7 @@ def test_future_image_tokens_never_change_earlier_logits(kind):
             assert torch.equal(changed[:, :k], base[:, :k]), (kind, k)
 
 
-@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("kind", ["row", "column", "conv", "dense"])
 def test_kv_cached_logits_equal_the_full_forward(kind):
     """The sampler's cached path (prefill, then one position a step, each under
     its row of the same cached mask) gives the full forward's image logits."""

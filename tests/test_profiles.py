@@ -26,6 +26,7 @@ from dalle_core.profiles import (
     read_code_manifest,
     write_resolved_profile,
 )
+from dalle_core.prior.config import SamplingConfig
 from dalle_core.text.bpe import TextConfig
 
 # Every stage's values of every profile, taken from the five preset tables (profiles.py,
@@ -80,6 +81,23 @@ def test_medium_is_the_small_lineage_run_longer():
     assert code_sizes(m) == code_sizes(s)
     assert _json(m.prior_training.to_dict()) == {**_json(s.prior_training.to_dict()), "lr": 2e-3, "total_steps": 4400}
     assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 900}
+    # and how its prior is drawn: temperature 0.7 (measured on its own prior); small draws at the paper's 1
+    assert (m.sampling.temperature, m.sampling.top_k) == (0.7, None)
+    assert s.sampling == SamplingConfig() and s.sampling.key() == {} and m.sampling.key() == {"temperature": 0.7}
+
+
+def test_a_profile_written_before_the_sampling_stage_reads_as_the_papers_sampling(tmp_path):
+    """Resolved profiles in older run folders have no "sampling": they load, drawing at
+    temperature 1 without top-k; a bad temperature is refused by name."""
+    d = get_profile("medium").to_dict()
+    assert Profile.from_dict(d) == get_profile("medium")
+    del d["sampling"]
+    old = Profile.from_dict(d)
+    assert old.sampling == SamplingConfig(temperature=1.0, top_k=None)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        SamplingConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="top_k"):
+        SamplingConfig(top_k=0)
 
 
 def _expected(name: str, stage: str) -> dict:

@@ -20,6 +20,7 @@ without judgements (or by another judge) is never read as one with them.
 from __future__ import annotations
 
 import hashlib
+import json
 import inspect
 import os
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from PIL import Image
 
 from dalle_core.eval.caption_match import Judgements
 from dalle_core.eval.features import read_npz, write_npz_atomic
+from dalle_core.prior.config import SamplingConfig
 
 ChunkProgress = Callable[[int, int, bool], None]  # (captions done, total, chunk came from disk)
 Judge = Callable[[Image.Image, str], object]  # (image, caption) -> CheckResult-like
@@ -94,11 +96,14 @@ def generate_best_images(chain, captions: Sequence[str], candidates: int, chunk_
 
 def generate_judged(chain, captions: Sequence[str], candidates: int, chunk_size: int, seed: int,
                     cache_dir: str | os.PathLike | None = None, progress: ChunkProgress | None = None,
-                    judge: Judge | None = None, judge_name: str | None = None) -> GeneratedSet:
+                    judge: Judge | None = None, judge_name: str | None = None,
+                    sampling: SamplingConfig | None = None) -> GeneratedSet:
     """`generate_best_images`, keeping per caption the first draw, the index of the
     reranker's pick and, with `judge`, the judgements of every candidate. The same seeds
     draw the same images with or without a judge. `judge_name` (default `judge_id(judge)`)
-    goes into the chunk keys: name another one when the judge's behaviour changes."""
+    goes into the chunk keys: name another one when the judge's behaviour changes.
+    `sampling` (default: the paper's, temperature 1) is how the prior is drawn; its
+    departures from the paper's go into the chunk keys too."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     root = Path(cache_dir) if cache_dir is not None else None
@@ -109,11 +114,12 @@ def generate_judged(chain, captions: Sequence[str], candidates: int, chunk_size:
     picked, judgements = [], []
     for start in range(0, len(captions), chunk_size):
         chunk = list(captions[start:start + chunk_size])
-        path = root / _chunk_key(digest, chunk, candidates, seed + start, judged_by) if root is not None else None
+        path = (root / _chunk_key(digest, chunk, candidates, seed + start, judged_by, sampling)
+                if root is not None else None)
         arrays = _read(path, len(chunk), candidates, judge is not None) if path is not None else None
         from_disk = arrays is not None
         if arrays is None:
-            arrays = _generate_chunk(chain, chunk, candidates, seed + start, judge)
+            arrays = _generate_chunk(chain, chunk, candidates, seed + start, judge, sampling)
             if path is not None:
                 write_npz_atomic(path, **arrays)
         best += [Image.fromarray(p, "RGB") for p in arrays["images"]]
@@ -154,9 +160,12 @@ def judge_candidates(out, judge: Judge, picked: np.ndarray | None = None) -> Jud
     return Judgements.from_checks(checks, picked)
 
 
-def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: Judge | None) -> dict[str, np.ndarray]:
+def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: Judge | None,
+                    sampling: SamplingConfig | None = None) -> dict[str, np.ndarray]:
+    sampling = sampling or SamplingConfig()
     # batch_size None: rows sized from the KV cache per row and free GPU memory (256 on CPU)
-    out = chain.generate(chunk, n=candidates, keep=1, seed=seed, batch_size=None, return_candidates=True)
+    out = chain.generate(chunk, n=candidates, keep=1, seed=seed, batch_size=None, return_candidates=True,
+                         temperature=sampling.temperature, top_k=sampling.top_k)
     picked = picked_indices(out)
     arrays = {"images": _to_uint8(out.images[:, 0]), "first": _to_uint8(out.candidates[:, 0]), "picked": picked}
     if judge is not None:
@@ -164,9 +173,13 @@ def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: 
     return arrays
 
 
-def _chunk_key(digest: str, captions: list[str], candidates: int, seed: int, judged_by: str = "") -> str:
+def _chunk_key(digest: str, captions: list[str], candidates: int, seed: int, judged_by: str = "",
+               sampling: SamplingConfig | None = None) -> str:
+    # the paper's sampling adds nothing: chunks written before SamplingConfig keep their keys
+    changed = sorted((sampling or SamplingConfig()).key().items())
+    extra = [f"sampling={json.dumps(changed)}"] if changed else []
     key = hashlib.sha256("\n".join([digest, str(candidates), str(seed), CHUNK_FORMAT, f"judge={judged_by}",
-                                    *captions]).encode()).hexdigest()
+                                    *extra, *captions]).encode()).hexdigest()
     return f"chunk-{key[:24]}.npz"
 
 

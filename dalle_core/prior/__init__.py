@@ -2,7 +2,8 @@
 transformer over 256 text + 1024 image tokens with row / column / convolutional
 attention masks, trained with 1/8 text + 7/8 image cross-entropy.
 
-config.py   PriorConfig (the model), PriorTrainingConfig (how it is trained), count_parameters;
+config.py   PriorConfig (the model), PriorTrainingConfig (how it is trained), SamplingConfig
+            (how the platform samples it), count_parameters;
             the sizes are the profiles' (dalle_core.profiles)
 masks.py    the attention masks and the paper's layer pattern
 model.py    DalleTransformer (blocks of AttentionResblock + MLPResblock), KVCache, optimizer groups,
@@ -14,6 +15,7 @@ from .config import (
     SHAPE_FIELDS,
     PriorConfig,
     PriorTrainingConfig,
+    SamplingConfig,
     count_parameters,
 )
 from .masks import (
@@ -46,7 +48,7 @@ from .model import (
 )
 
 __all__ = [
-    "ATTENTION_KINDS", "SHAPE_FIELDS", "PriorConfig", "PriorTrainingConfig", "count_parameters",
+    "ATTENTION_KINDS", "SHAPE_FIELDS", "PriorConfig", "PriorTrainingConfig", "SamplingConfig", "count_parameters",
     "attention_mask", "build_attention_mask", "column_attention_mask", "column_image_mask",
     "conv_image_mask", "convolutional_attention_mask", "format_mask", "layer_attention_kind",
     "row_attention_mask", "row_image_mask", "text_causal_mask",

@@ -32,7 +32,9 @@ from typing import Any
 SHAPE_FIELDS = ("n_layer", "n_head", "d_head", "mlp_ratio", "bias", "text_vocab_size",
                 "text_len", "image_vocab_size", "image_grid")
 
-ATTENTION_KINDS = ("row", "column", "conv")
+# "dense" (every earlier image position) is not the paper's: a demo-only choice for
+# small priors whose sparse receptive field may slow what they learn (docs/benchmarks.md)
+ATTENTION_KINDS = ("row", "column", "conv", "dense")
 ATTENTION_CHOICES = ("sdpa", "flex", "block", "auto")  # PriorConfig.attention
 
 
@@ -165,6 +167,40 @@ class PriorConfig:
 
     def replace(self, **changes: Any) -> "PriorConfig":
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How the platform samples the prior for its samples and its zero-shot evaluation
+    (a profile's `sampling` stage). The paper draws at temperature 1 from the full
+    distribution and leaves the choice to the reranker (512 draws -> 1); a profile
+    with few draws per caption may sharpen them (`medium`: measured there)."""
+
+    temperature: float = 1.0
+    top_k: int | None = None  # keep only the k most likely codes at each position (None: all)
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sampling top_k must be >= 1 or None, got {self.top_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SamplingConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes: Any) -> "SamplingConfig":
+        return replace(self, **changes)
+
+    def key(self) -> dict[str, Any]:
+        """The settings that differ from the paper's (temperature 1, no top-k): what a cache
+        key or an evaluation fingerprint adds, so that keys made at the paper's settings
+        before this config existed stay valid."""
+        return {k: v for k, v in asdict(self).items() if v != getattr(SamplingConfig, k)}
 
 
 @dataclass(frozen=True)

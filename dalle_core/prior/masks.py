@@ -119,7 +119,15 @@ def conv_image_mask(grid: int, kernel: int = 11, wraparound: bool = True) -> tor
     return (d >= 0) & (dr >= 0) & (dr <= h) & (dc <= h)
 
 
+def dense_image_mask(grid: int) -> torch.Tensor:
+    """[N, N] image -> image part of a dense causal mask: every key ``k <= j``. Not
+    one of the paper's kinds (its layers are all sparse); a profile may choose it."""
+    return torch.ones(grid * grid, grid * grid, dtype=torch.bool).tril()
+
+
 def _image_mask(kind: str, grid: int, kernel: int, wraparound: bool) -> torch.Tensor:
+    if kind == "dense":
+        return dense_image_mask(grid)
     if kind == "row":
         return row_image_mask(grid)
     if kind == "column":
