@@ -335,12 +335,14 @@ def medium() -> Profile:
                    prior_training=replace(p.prior_training, lr=2e-3, total_steps=4400),
                    reranker=replace(p.reranker, total_steps=900),
                    # Draws at temperature 0.7 (the paper's is 1): on the medium run's prior (4,400
-                   # updates), 200 held-out captions x 8 draws, its 900-update reranker, the reranked
-                   # pick matched 0.595 vs 0.525 at 1.0, the first draw 0.29 vs 0.23, a draw 0.289
-                   # vs 0.227 (shapes 0.29 vs 0.23, colours 0.93 vs 0.88); any of the 8 0.84 vs 0.81;
-                   # 0.5 gave 0.305 / 0.294 (first / a draw), top-k 16 nothing (0.225 / 0.223)
-                   # (docs/benchmarks.md, 2026-12-01). small keeps 1.0: at ~1,000 updates no setting
-                   # changed the match beyond noise (its prior has not learnt the shapes to sharpen).
+                   # updates) and its 900-update reranker, 200 held-out captions x 8 draws, a draw
+                   # matched 0.289 vs 0.227 at 1.0 (shapes 0.29 vs 0.23, colours 0.93 vs 0.88), the
+                   # reranked pick 0.595 vs 0.525, the first draw 0.29 vs 0.23; the platform's own
+                   # evaluation_job on a copy of that run (other seeds): a draw 0.273 vs 0.214,
+                   # reranked 0.555 vs 0.54, first 0.26 vs 0.255, any of 8 0.81 vs 0.78. 0.5 gave
+                   # little more, top-k 16 nothing (docs/benchmarks.md, 2026-12-01). small keeps 1.0:
+                   # at ~1,000 updates no setting changed the match beyond noise (its prior has not
+                   # learnt the shapes a lower temperature would sharpen).
                    sampling=SamplingConfig(temperature=0.7))
 
 
