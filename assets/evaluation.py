@@ -68,7 +68,6 @@ class ZeroShotConfig(dg.Config):
     top_k: Optional[int] = None
 
 
-
 def resolve_inception(spec: str, storage: StorageResource):
     """InceptionMetrics from a local path or an s3:// object (downloaded once), or NotComputed."""
     spec = spec or os.environ.get(WEIGHTS_ENV, "")

@@ -41,7 +41,6 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,6 +48,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from overrides import parse_overrides  # noqa: E402  (bench/overrides.py, beside this script)
 
 from dalle_core.data.image_decode import load_rgb, resize_center_crop  # noqa: E402
 from dalle_core.data.loader import image_to_tensor  # noqa: E402
@@ -81,19 +82,6 @@ VARIANTS: dict[str, tuple[dict, int, float, bool, int]] = {
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def parse_overrides(pairs: list[str], config) -> dict:
-    types = {f.name: type(getattr(config, f.name)) for f in fields(config)}
-    out = {}
-    for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown RerankerConfig field {key!r}")
-        t = types[key]
-        out[key] = tuple(int(v) for v in value.split(",")) if t is tuple else \
-            (value.lower() in ("1", "true", "yes")) if t is bool else t(value)
-    return out
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -233,7 +221,7 @@ def main() -> None:
                 elif key == "steps":
                     over["total_steps"] = int(value)
                 else:
-                    over.update(parse_overrides([item], base))
+                    over.update(parse_overrides([item], base, "--variants"))
             VARIANTS[name] = (over, k, share, drop, mirror)
             names.append(name)
         elif v:

@@ -29,13 +29,14 @@ import platform
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from overrides import parse_overrides  # noqa: E402  (bench/overrides.py, beside this script)
 
 from dalle_core.demo.checker import check_image  # noqa: E402
 from dalle_core.demo.items import EvalItem  # noqa: E402
@@ -51,25 +52,6 @@ from dalle_core.profiles import get_profile  # noqa: E402
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def parse_overrides(pairs: list[str], config: DVAEConfig) -> dict:
-    """["pixel_mse_weight=300", ...] -> {"pixel_mse_weight": 300.0}, typed like the field."""
-    types = {f.name: type(getattr(config, f.name)) for f in fields(config)}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in types:
-            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with a DVAEConfig field "
-                             f"({', '.join(sorted(types))})")
-        kind = types[key]
-        if kind is tuple:
-            out[key] = tuple(float(v) for v in value.split(","))
-        elif kind is bool:
-            out[key] = value.lower() in ("1", "true", "yes")
-        else:
-            out[key] = kind(value)
-    return out
 
 
 def validation_set(world: DemoWorld, n: int, split: str) -> list[EvalItem]:

@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from overrides import parse_overrides  # noqa: E402  (bench/overrides.py, beside this script)
+
 from dalle_core.data import coco  # noqa: E402
 from dalle_core.demo.captions import random_caption  # noqa: E402
 from dalle_core.demo.checker import check_image  # noqa: E402
@@ -69,20 +71,6 @@ def caption_following(chain: TextToImage, captions: list[str], n: int, seed: int
             "relation": float(np.mean([r.relation for r in flat]))}
 
 
-def parse_sets(pairs: list[str]) -> dict:
-    """["n_head=8", "bias=false"] -> {"n_head": 8, "bias": False} (values read as JSON, else strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run-dir", type=Path, required=True, help="a finished demo run (its storage/ is used)")
@@ -96,9 +84,9 @@ def main() -> None:
                    help="linear decay to 0 over the last N updates of each segment (use with one point)")
     p.add_argument("--attention", default=None, help="sdpa | block | auto (default: the profile's)")
     p.add_argument("--prior-set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="PriorConfig fields to change (JSON values), e.g. n_head=8 text_loss_weight=0.0")
+                   help="PriorConfig fields to change (bench/overrides.py), e.g. n_head=8 text_loss_weight=0.0")
     p.add_argument("--training-set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="PriorTrainingConfig fields to change (JSON values), e.g. weight_decay=0.0")
+                   help="PriorTrainingConfig fields to change (bench/overrides.py), e.g. weight_decay=0.0")
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
     p.add_argument("--candidates", type=int, default=8)
@@ -116,8 +104,10 @@ def main() -> None:
     if args.prior_set or args.training_set:
         # a changed profile goes to the trainer the way every launcher hands it one: resolved, as JSON
         profile = get_profile(args.profile)
-        profile = replace(profile, prior=profile.prior.replace(**parse_sets(args.prior_set)),
-                          prior_training=profile.prior_training.replace(**parse_sets(args.training_set)))
+        profile = replace(profile,
+                          prior=profile.prior.replace(**parse_overrides(args.prior_set, profile.prior, "--prior-set")),
+                          prior_training=profile.prior_training.replace(
+                              **parse_overrides(args.training_set, profile.prior_training, "--training-set")))
         args.out.mkdir(parents=True, exist_ok=True)
         manifest, source = read_code_manifest(storage)
         which = ["--profile-json", str(write_resolved_profile(profile, manifest, args.out / "profile.json", source))]
