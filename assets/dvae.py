@@ -13,7 +13,7 @@ from assets.launchers import TorchrunLauncher
 from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, require_passing_shards, shards_asset
 from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER, DVAEModel
-from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
+from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 from assets.text import TOKENIZER_KEY, bpe_tokenizer
 from dalle_core.data import codes
 from dalle_core.data.loader import image_batches, image_to_tensor, local_shard_paths
@@ -23,6 +23,8 @@ from dalle_core.demo.scenes import parse_caption
 from dalle_core.dvae.evaluate import evaluate_reconstructions
 from dalle_core.dvae.model import encode_to_codes, load_dvae, save_dvae
 from dalle_core.dvae.train import TrainResult, train_dvae
+from dalle_core.eval.fairness import digest_texts, make_fingerprint
+from dalle_core.eval.images import image_set_digest
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.text.bpe import DalleTokenizer
 
@@ -43,7 +45,9 @@ def demo_check(image, caption: str) -> bool:
 
 
 class DVAERunConfig(dg.Config):
-    # champion / challenger: the new dVAE replaces the champion only if it beats it on all of these
+    # champion / challenger: the new dVAE replaces the champion only if it beats it on all of these,
+    # both measured on the same held-out images with the same code (the evaluation's fingerprint;
+    # a champion without figures under it is re-scored in the same run)
     promote_on: Dict[str, str] = {"recon_mse": "lower"}
     # data-parallel processes (GPUs on a machine; gloo CPU processes here) x machines: above 1
     # (or on a cluster backend of the `torchrun` resource) the training runs under torchrun
@@ -107,8 +111,24 @@ def dvae(
         model_file = save_dvae(storage.scratch("dvae") / "dvae.pt", encoder, decoder, cfg)
         store.put_file(DVAE_KEY, model_file)
         version = mlflow.log_and_register(model_file, "dvae", DVAEModel(), alias=CHALLENGER)
-        promoted, promotion = mlflow.promote_if_better("dvae", version, report.metrics(), dict(config.promote_on))
-        context.log.info(promotion)
+        figures_now = report.metrics()
+        # what the figures depend on besides the model: the held-out images and captions, the checker, the code
+        fingerprint = make_fingerprint(evaluation="dvae held-out reconstructions", images=image_set_digest(images),
+                                       captions=digest_texts(captions), checker="demo world" if demo else "none",
+                                       code_version=code_version())
+        champ, champ_figures, rescored = mlflow.champion_version("dvae"), None, ""
+        if champ is not None and champ != version:
+            stored = mlflow.champion_figures("dvae", champ, fingerprint)
+            if stored is None or any(k not in stored for k in config.promote_on):
+                # re-scored under the same conditions (cheap: one encode / decode of the held-out images)
+                champ_figures, rescored = rescore_dvae(mlflow, champ, images, captions, demo, cfg.image_size)
+                context.log.info(f"dvae: champion v{champ} {rescored}")
+        promotion = mlflow.promote_if_better("dvae", version, figures_now, dict(config.promote_on), fingerprint,
+                                             champion_metrics=champ_figures, run_id=run.info.run_id)
+        promoted = promotion.promoted
+        comparison = mlflow.log_comparison(f"dvae v{version}", promotion, figures_now, dict(config.promote_on),
+                                           fingerprint, names=list(figures_now))
+        context.log.info(promotion.reason)
         run_url = mlflow.run_url(run)
 
     final = result.final_metrics
@@ -123,7 +143,9 @@ def dvae(
         "figures": md(md_table(["metric", "value"], [(k, f"{float(v):.4g}") for k, v in figures.items()])),
         "reconstructions": md(md_image(png_bytes(grid), "originals and reconstructions, side by side")),
         "model_version": f"dvae v{version} @{'champion' if promoted else CHALLENGER}",
-        "promotion": promotion,
+        "promotion": promotion.reason,
+        "comparison": md(comparison),
+        "champion_rescored": rescored or "no",
         "location": dg.MetadataValue.path(store.uri(DVAE_KEY)),
         "mlflow_run": dg.MetadataValue.url(run_url),
     }
@@ -131,6 +153,20 @@ def dvae(
         if k in figures:
             meta[k] = round(float(figures[k]), 4)
     return dg.MaterializeResult(metadata=meta)
+
+
+def rescore_dvae(mlflow: MlflowResource, version: str, images, captions, demo: bool,
+                 image_size: int) -> tuple[dict | None, str]:
+    """Held-out figures of a registered dVAE version under the current conditions; (None, why)
+    when it cannot be scored on these images (then promotion is refused)."""
+    try:
+        encoder, decoder, old = load_dvae(mlflow.resolve_weights(f"models:/dvae/{version}", "dvae"))
+    except Exception as e:  # weights gone from the artifact store, an unloadable file
+        return None, f"could not be re-scored: {type(e).__name__}: {e}"
+    if old.image_size != image_size:
+        return None, f"could not be re-scored: trained for {old.image_size}-px images, the evaluation set is {image_size}-px"
+    report = evaluate_reconstructions(encoder, decoder, images, captions, demo_check if demo else None, keep=0)
+    return report.metrics(), "re-scored under these conditions"
 
 
 def train_dvae_torchrun(context, torchrun: TorchrunLauncher, cfg, paths, out, nodes: int, nproc_per_node: int,

@@ -148,7 +148,7 @@ def summarize(settings: Settings, instance) -> dict:
         ("image_codes_manifest", ("samples", "shards", "grid")),
         ("prior", ("world_size", "image_loss", "image_unigram", "image_loss_over_unigram", "model_version")),
         ("reranker", ("steps", "retrieval_image_to_text", "swap_binding", "attribute_binding", "near_miss_pick",
-                      "model_version")),
+                      "near_miss_loss", "model_version")),
         ("samples", ("caption_match_reranked", "caption_match_random", "caption_match_shuffled",
                      "colour_match_reranked", "colour_match_random", "colour_match_shuffled",
                      "heldout/caption_match_first_draw", "heldout/caption_match_any")),

@@ -201,3 +201,44 @@ def test_dvae_job_trains_data_parallel_on_two_processes(demo_run, tmp_path, monk
     mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
     run = mlflow.get_run(mlflow.MlflowClient().get_model_version("dvae", "1").run_id)
     assert run.data.params["total_steps"] == "60" and "caption_match_reconstruction" in run.data.metrics
+
+
+def test_a_retrained_dvae_is_compared_with_the_champion_on_the_same_images(demo_run, tmp_path):
+    """The platform's own `dvae_job` on a copy of the demo run whose champion holds figures only
+    from other conditions (as one registered before the evaluation was fingerprinted): the
+    champion is re-scored on the same held-out images in the same run, both versions' figures
+    are recorded under one fingerprint naming those images, and the alias follows the rule."""
+    import shutil
+
+    import mlflow
+
+    from assets.model_registry import FINGERPRINT_TAG, METRIC_TAG, RUN_TAG, champion_version, version_figures
+    from orchestration.settings import Settings
+    from platform_jobs import execute_platform_job
+
+    settings, _, _ = demo_run
+    shutil.copytree(settings.run_dir, tmp_path / "run")
+    copy = Settings(run_dir=tmp_path / "run", profile="tiny", demo_port=settings.demo_port)
+    mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
+    try:
+        client = mlflow.MlflowClient()
+        champion = champion_version("dvae")
+        for tag in client.get_model_version("dvae", champion).tags:  # forget its fingerprinted figures
+            if tag.startswith((FINGERPRINT_TAG, METRIC_TAG, RUN_TAG)):
+                client.delete_model_version_tag("dvae", champion, tag)
+        assert version_figures("dvae", champion) == {}
+        res = execute_platform_job(copy, "dvae_job", {})
+        assert res.success
+        meta = res.asset_materializations_for_node("dvae")[0].metadata
+        assert meta["champion_rescored"].value == "re-scored under these conditions"
+        assert "| recon_mse |" in meta["comparison"].value and f"champion v{champion}" in meta["comparison"].value
+        version = meta["model_version"].value.split()[1].lstrip("v")
+        ours, theirs = version_figures("dvae", version), version_figures("dvae", champion)
+        [fp] = list(ours)
+        assert list(theirs) == [fp] and ours[fp].fingerprint["evaluation"] == "dvae held-out reconstructions"
+        assert len(ours[fp].fingerprint["images"]) == 64  # a sha256 of the held-out pixels
+        # the retrain resumed the run's finished checkpoint: the same model, the same figures, not a win
+        assert ours[fp].metrics["recon_mse"] == pytest.approx(theirs[fp].metrics["recon_mse"], rel=1e-6)
+        assert champion_version("dvae") == champion and "stays challenger" in meta["promotion"].value
+    finally:
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)

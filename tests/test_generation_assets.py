@@ -43,10 +43,11 @@ def test_reranker_registered_with_held_out_figures(demo_run):
 
 
 @pytest.mark.timeout(600)
-def test_a_retrained_reranker_is_judged_by_its_pick_among_near_misses(demo_run, tmp_path):
+def test_a_retrained_reranker_is_judged_by_its_near_miss_loss(demo_run, tmp_path):
     """The platform's own generation_job retrains the reranker on a copy of the tiny demo run:
-    the challenger and the champion are compared on near_miss_pick (the true evaluation image
-    picked among 7 near misses) under one fingerprint, and the champion alias follows it."""
+    the challenger and the champion are compared on near_miss_loss (the cross-entropy of
+    picking the true evaluation image among its 7 near misses: graded, where the pick's share
+    saturates) under one fingerprint, and the champion alias follows it."""
     import shutil
 
     import mlflow
@@ -67,15 +68,16 @@ def test_a_retrained_reranker_is_judged_by_its_pick_among_near_misses(demo_run, 
     assert res.success
     meta = res.asset_materializations_for_node("reranker")[0].metadata
     assert meta["steps"].value == 20 and 0.0 <= meta["near_miss_pick"].value <= 1.0
+    assert meta["near_miss_loss"].value > 0.0
     promotion = meta["promotion"].value
-    assert "near_miss_pick" in promotion and f"champion v{champion}" in promotion, promotion
-    assert "| near_miss_pick |" in meta["comparison"].value
+    assert "near_miss_loss" in promotion and f"champion v{champion}" in promotion, promotion
+    assert "| near_miss_loss |" in meta["comparison"].value and "| near_miss_pick |" in meta["comparison"].value
     mlflow.set_tracking_uri(copy.mlflow_tracking_uri)
     version = meta["model_version"].value.split()[1].lstrip("v")
     ours, theirs = version_figures("reranker", version), version_figures("reranker", champion)
     fp = next(iter(ours))  # one evaluation of the challenger: the champion holds figures under the same one
-    assert fp in theirs and "near_miss_pick" in theirs[fp].metrics
-    better = ours[fp].metrics["near_miss_pick"] > theirs[fp].metrics["near_miss_pick"]
+    assert fp in theirs and "near_miss_loss" in theirs[fp].metrics
+    better = ours[fp].metrics["near_miss_loss"] < theirs[fp].metrics["near_miss_loss"]
     assert champion_version("reranker") == (version if better else champion)
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
 
