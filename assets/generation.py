@@ -225,9 +225,9 @@ class SamplesConfig(dg.Config):
 
 
 def sampling_of(config, profile) -> SamplingConfig:
-    """The profile's sampling with the run config's temperature / top_k where set (the
-    zero-shot report's and the samples' configs both have these two fields)."""
-    changes = {k: getattr(config, k) for k in ("temperature", "top_k") if getattr(config, k) is not None}
+    """The profile's sampling with the run config's temperature, top_k and candidates where
+    set (the zero-shot report's and the samples' configs have all three; None: the profile's)."""
+    changes = {k: getattr(config, k) for k in ("temperature", "top_k", "candidates") if getattr(config, k) is not None}
     return profile.sampling.replace(**changes)
 
 

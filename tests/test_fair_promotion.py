@@ -177,3 +177,36 @@ def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
     assert "sampling_temperature" not in figures[fps[None]].fingerprint  # the paper's sampling: the old fingerprint
     assert figures[fps[0.7]].fingerprint["sampling_temperature"] == "0.7"
     assert "contrastive_fd" in figures[fps[0.7]].metrics  # the champion scored at 0.7 too
+
+
+def test_the_report_draws_the_profiles_candidates_and_names_them(challenger, monkeypatch):
+    """Without `candidates` in its run config the platform's evaluation_job reranks the
+    profile's `sampling.candidates` draws per caption (medium: 32), and the figures'
+    fingerprint, metadata and MLflow params name that N."""
+    from dataclasses import replace
+
+    import mlflow
+
+    import assets.resources
+    from orchestration.definitions import build_definitions
+    from assets.model_registry import version_figures
+    from dalle_core.profiles import get_profile
+
+    settings, champion, version = challenger
+    tiny = get_profile("tiny")
+    monkeypatch.setattr(assets.resources, "get_profile",
+                        lambda name: replace(tiny, sampling=tiny.sampling.replace(candidates=3)) if name == "tiny"
+                        else get_profile(name))
+    instance = dg.DagsterInstance.from_config(str(settings.dagster_home))
+    job = build_definitions(settings).resolve_job_def("evaluation_job")
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    config = {"captions": 4, "radii": [2.0], "seed": 7, "train_captions": 0}
+    res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": config}}})
+    assert res.success
+    meta = _latest(instance, "coco_zero_shot_report")
+    assert meta["candidates"].value == 3
+    run = mlflow.get_run(meta["mlflow_run"].value.rstrip("/").split("/")[-1])
+    assert run.data.params["candidates"] == "3" and run.data.metrics["candidates_per_caption"] == 3.0
+    figures = version_figures("prior", version)
+    assert figures[meta["fingerprint"].value].fingerprint["candidates"] == "3"
+    mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)

@@ -84,6 +84,24 @@ def test_medium_is_the_small_lineage_run_longer():
     # and how its prior is drawn: temperature 0.7 (measured on its own prior); small draws at the paper's 1
     assert (m.sampling.temperature, m.sampling.top_k) == (0.7, None)
     assert s.sampling == SamplingConfig() and s.sampling.key() == {} and m.sampling.key() == {"temperature": 0.7}
+    # and how many draws its zero-shot report reranks: 32 (small 8, the paper's profiles 512); not
+    # in key(): the evaluation's fingerprint and the chunk keys name the candidates already
+    assert (s.sampling.candidates, m.sampling.candidates) == (8, 32)
+    assert {get_profile(n).sampling.candidates for n in ("paper-1.3B", "paper-12B")} == {512}
+    assert get_profile("paper-12B").sampling.key() == {}
+
+
+def test_the_zero_shot_report_draws_the_profiles_candidates_unless_its_config_says():
+    from assets.evaluation import ZeroShotConfig
+    from assets.generation import SamplesConfig, sampling_of
+
+    m = get_profile("medium")
+    assert sampling_of(ZeroShotConfig(), m).candidates == 32
+    assert sampling_of(ZeroShotConfig(candidates=4), m) == SamplingConfig(temperature=0.7, candidates=4)
+    assert sampling_of(ZeroShotConfig(), get_profile("tiny")).candidates == 8
+    assert sampling_of(SamplesConfig(), m).candidates == SamplesConfig().candidates  # the samples asset's own
+    with pytest.raises(ValueError, match="candidates must be an integer >= 1"):
+        SamplingConfig(candidates=0)
 
 
 def test_a_profile_written_before_the_sampling_stage_reads_as_the_papers_sampling(tmp_path):
@@ -93,7 +111,9 @@ def test_a_profile_written_before_the_sampling_stage_reads_as_the_papers_samplin
     assert Profile.from_dict(d) == get_profile("medium")
     del d["sampling"]
     old = Profile.from_dict(d)
-    assert old.sampling == SamplingConfig(temperature=1.0, top_k=None)
+    assert old.sampling == SamplingConfig(temperature=1.0, top_k=None, candidates=8)  # 8: what every run drew then
+    d["sampling"] = {"temperature": 0.7}  # written after the stage, before its candidates
+    assert Profile.from_dict(d).sampling == SamplingConfig(temperature=0.7, candidates=8)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         SamplingConfig(temperature=0.0)
     with pytest.raises(ValueError, match="top_k"):
