@@ -346,8 +346,9 @@ def medium() -> Profile:
                    # 32 draws per caption for the zero-shot report (the paper reranks 512, "gains level
                    # off past 32"): from the same 32 draws of that prior at 0.7 for 200 held-out
                    # captions, its reranker picked a match for 0.605 / 0.685 / 0.715 of them among the
-                   # first 8 / 16 / 32 (one of them matched for 0.805 / 0.95 / 0.995); ~4x the sampling
-                   # time of 8 (docs/benchmarks.md, 2026-12-01).
+                   # first 8 / 16 / 32 (one of them matched for 0.805 / 0.95 / 0.995); the platform's
+                   # evaluation_job on a copy of that run: reranked 0.685 at 32 vs 0.555 at 8 draws, any
+                   # of N 0.995 vs 0.81; ~4x the sampling time of 8 (docs/benchmarks.md, 2026-12-01).
                    sampling=SamplingConfig(temperature=0.7, candidates=32))
 
 
