@@ -279,7 +279,8 @@ def small() -> Profile:
                   # codes had perplexity 24.5 vs 18.3 (codebook usage 9.0% vs 6.4%), and the same
                   # prior (1,100 updates, 100 held-out captions x 8) matched any-of-8 0.06 / 0.11
                   # (block / SDPA attention) on them vs 0.16 / 0.20 on the fp32 dVAE's codes.
-                  # One dVAE run each: whether bf16 or chance made the difference is not known.
+                  # A second seed of each (2026-12-01): bf16 0.14 vs fp32 0.30, lower again; the seed
+                  # moves it as much as the precision (docs/benchmarks.md, "A second dVAE seed").
                   cpu_bf16=False),
         # 4 layers x 128 wide (~1.1M parameters), sized so its training fits the demo's
         # 10-minute budget on 2 CPU cores (~23k tokens/s: 0.2 s a step at batch 16).
