@@ -116,13 +116,11 @@ def dvae(
         fingerprint = make_fingerprint(evaluation="dvae held-out reconstructions", images=image_set_digest(images),
                                        captions=digest_texts(captions), checker="demo world" if demo else "none",
                                        code_version=code_version())
-        champ, champ_figures, rescored = mlflow.champion_version("dvae"), None, ""
-        if champ is not None and champ != version:
-            stored = mlflow.champion_figures("dvae", champ, fingerprint)
-            if stored is None or any(k not in stored for k in config.promote_on):
-                # re-scored under the same conditions (cheap: one encode / decode of the held-out images)
-                champ_figures, rescored = rescore_dvae(mlflow, champ, images, captions, demo, cfg.image_size)
-                context.log.info(f"dvae: champion v{champ} {rescored}")
+        champ_figures, rescored = None, ""
+        champ = mlflow.champion_to_rescore("dvae", version, fingerprint, dict(config.promote_on))
+        if champ is not None:  # re-scored under the same conditions (cheap: one encode / decode of the held-out images)
+            champ_figures, rescored = rescore_dvae(mlflow, champ, images, captions, demo, cfg.image_size)
+            context.log.info(f"dvae: champion v{champ} {rescored}")
         promotion = mlflow.promote_if_better("dvae", version, figures_now, dict(config.promote_on), fingerprint,
                                              champion_metrics=champ_figures, run_id=run.info.run_id)
         promoted = promotion.promoted

@@ -166,13 +166,11 @@ def reranker(
                                        images=image_set_digest(images), swap_seed=0, code_version=code_version(),
                                        near_misses=image_set_digest([im for g in near_misses for im in g])
                                        if near_misses is not None else "none")
-        champ, champ_figures, rescored = mlflow.champion_version("reranker"), None, ""
-        if champ is not None and champ != version:
-            stored = mlflow.champion_figures("reranker", champ, fingerprint)
-            if stored is None or any(k not in stored for k in promote_on):
-                # re-scored under the same conditions (cheap: one pass over the held-out pairs)
-                champ_figures, rescored = rescore_reranker(mlflow, champ, tok, images, captions, near_misses)
-                context.log.info(f"reranker: champion v{champ} {rescored}")
+        champ_figures, rescored = None, ""
+        champ = mlflow.champion_to_rescore("reranker", version, fingerprint, promote_on)
+        if champ is not None:  # re-scored under the same conditions (cheap: one pass over the held-out pairs)
+            champ_figures, rescored = rescore_reranker(mlflow, champ, tok, images, captions, near_misses)
+            context.log.info(f"reranker: champion v{champ} {rescored}")
         promotion = mlflow.promote_if_better("reranker", version, figures, promote_on, fingerprint,
                                              champion_metrics=champ_figures, run_id=run.info.run_id)
         promoted = promotion.promoted

@@ -162,6 +162,17 @@ def champion_figures(name: str, version: str, fingerprint: dict[str, str]) -> di
     return dict(fig.metrics) if fig is not None else None
 
 
+def champion_to_rescore(name: str, version: str, fingerprint: dict[str, str], rules: dict[str, str]) -> str | None:
+    """The champion version `version` is about to be compared with, if it lacks figures under
+    `fingerprint` for a metric `rules` names (so it must be scored under these conditions
+    first); None when there is no other champion or its recorded figures will do."""
+    champ = champion_version(name)
+    if champ is None or champ == version:
+        return None
+    stored = champion_figures(name, champ, fingerprint)
+    return champ if stored is None or any(k not in stored for k in rules) else None
+
+
 class Promotion(tuple):
     """(promoted, reason), so `promoted, reason = promote_if_better(...)` reads as before,
     with the comparison's details as attributes."""

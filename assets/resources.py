@@ -178,6 +178,10 @@ class MlflowResource(dg.ConfigurableResource):
     def champion_figures(self, name: str, version: str, fingerprint: dict[str, str]) -> dict[str, float] | None:
         return self._registry().champion_figures(name, version, fingerprint)
 
+    def champion_to_rescore(self, name: str, version: str, fingerprint: dict[str, str],
+                            rules: dict[str, str]) -> str | None:
+        return self._registry().champion_to_rescore(name, version, fingerprint, rules)
+
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self.client().set_registered_model_alias(name, alias, version)
 
