@@ -68,6 +68,7 @@ class ZeroShotConfig(dg.Config):
     # where a profile measured better: medium 0.7). Part of the fingerprint when not the paper's.
     temperature: Optional[float] = None
     top_k: Optional[int] = None
+    guidance_scale: Optional[float] = None  # classifier-free guidance; None: the profile's
 
 
 def resolve_inception(spec: str, storage: StorageResource):
@@ -317,7 +318,8 @@ def coco_zero_shot_report(
         report = render_report(
             metrics, samples=shown, history=history, version=f"prior v{prior_version}",
             settings={"captions": str(len(captions)), "candidates per caption": str(config.candidates),
-                      "sampling": f"temperature {sampling.temperature}, top-k {sampling.top_k or 'all'}",
+                      "sampling": f"temperature {sampling.temperature}, top-k {sampling.top_k or 'all'}"
+                                  + (f", guidance {sampling.guidance_scale}" if sampling.guidance_scale != 1.0 else ""),
                       "profile": prof.name, "evaluated": evaluated, "fingerprint": fp,
                       **{f"fingerprint.{k}": v for k, v in fingerprint.items()}},
             descriptions={k: describe_metric(k) for k in numbers},

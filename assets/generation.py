@@ -216,6 +216,7 @@ class SamplesConfig(dg.Config):
     # how the prior is drawn; None: the profile's `sampling` (medium: temperature 0.7)
     temperature: Optional[float] = None
     top_k: Optional[int] = None
+    guidance_scale: Optional[float] = None  # classifier-free guidance; None: the profile's
     seed: int = 0
     # the prior sampled: a registered version ("7"), an alias ("@champion", "@challenger");
     # never the newest file in storage, which may be a challenger that lost its evaluation
@@ -223,9 +224,11 @@ class SamplesConfig(dg.Config):
 
 
 def sampling_of(config, profile) -> SamplingConfig:
-    """The profile's sampling with the run config's temperature, top_k and candidates where
-    set (the zero-shot report's and the samples' configs have all three; None: the profile's)."""
-    changes = {k: getattr(config, k) for k in ("temperature", "top_k", "candidates") if getattr(config, k) is not None}
+    """The profile's sampling with the run config's temperature, top_k, candidates and
+    guidance_scale where set (the zero-shot report's and the samples' configs have them;
+    None: the profile's)."""
+    changes = {k: getattr(config, k) for k in ("temperature", "top_k", "candidates", "guidance_scale")
+               if getattr(config, k, None) is not None}
     return profile.sampling.replace(**changes)
 
 
@@ -292,7 +295,8 @@ def samples(
 
     sampling = sampling_of(config, prof)
     out = chain.generate(captions, n=config.candidates, keep=config.keep, temperature=sampling.temperature,
-                         top_k=sampling.top_k, seed=config.seed, return_candidates=True, progress=progress,
+                         top_k=sampling.top_k, guidance_scale=sampling.guidance_scale, seed=config.seed,
+                         return_candidates=True, progress=progress,
                          batch_size=None)  # None: sized from the KV cache per row (256 rows on CPU)
     unranked = out.candidates[:, : config.keep]  # the first draws: the prior without reranking
     demo = all(parse_caption(c) is not None for c in captions)

@@ -59,8 +59,10 @@ def training_captions(n: int, seed: int = 1) -> list[str]:
     return [random_caption(random_scene(rng, split="train"), rng) for _ in range(n)]
 
 
-def caption_following(chain: TextToImage, captions: list[str], n: int, seed: int = 0) -> dict:
-    out = chain.generate(captions, n=n, seed=seed, rerank=False, return_candidates=True)
+def caption_following(chain: TextToImage, captions: list[str], n: int, seed: int = 0,
+                      temperature: float = 1.0, guidance_scale: float = 1.0) -> dict:
+    out = chain.generate(captions, n=n, seed=seed, rerank=False, return_candidates=True,
+                         temperature=temperature, guidance_scale=guidance_scale)
     checks = [[check_image(tensor_to_image(x), c) for x in out.candidates[i]] for i, c in enumerate(captions)]
     flat = [r for row in checks for r in row]
     return {"first_draw": float(np.mean([row[0].match for row in checks])),
@@ -90,6 +92,10 @@ def main() -> None:
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
     p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
+                   help="classifier-free guidance scales to evaluate at each point (1: none; >1 needs "
+                        "--training-set caption_dropout=...)")
     p.add_argument("--out", type=Path, required=True, help="training folder (resumed between points)")
     args = p.parse_args()
 
@@ -119,16 +125,19 @@ def main() -> None:
         train_s += time.perf_counter() - t
         prior = load_prior(args.out / "prior.pt").eval()
         chain = TextToImage(prior, decoder, tok)
-        t = time.perf_counter()
-        point = {"steps": steps, "train_s": round(train_s, 1), "heldout": caption_following(chain, held, args.candidates),
-                 "train": caption_following(chain, train, args.candidates), "eval_s": 0.0}
-        point["eval_s"] = round(time.perf_counter() - t, 1)
-        points.append(point)
-        print(json.dumps(point), flush=True)
+        for scale in args.guidance:
+            t = time.perf_counter()
+            kw = {"temperature": args.temperature, "guidance_scale": scale}
+            point = {"steps": steps, "train_s": round(train_s, 1), "guidance": scale,
+                     "heldout": caption_following(chain, held, args.candidates, **kw),
+                     "train": caption_following(chain, train, args.candidates, **kw), "eval_s": 0.0}
+            point["eval_s"] = round(time.perf_counter() - t, 1)
+            points.append(point)
+            print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
                       "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps,
                       "prior_set": args.prior_set, "training_set": args.training_set, "captions": args.captions,
-                      "candidates": args.candidates, "points": points, "threads": torch.get_num_threads(),
+                      "candidates": args.candidates, "temperature": args.temperature, "points": points, "threads": torch.get_num_threads(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
 
 

@@ -131,7 +131,8 @@ class TextToImage:
                  seed: int = 0, prompt_codes: torch.Tensor | None = None, use_cache: bool = True,
                  batch_size: int | None = None, decode_batch_size: int = 64, truncate: bool = False,
                  rerank: bool = True, return_candidates: bool = False,
-                 progress: ProgressFn | None = None, dtype: torch.dtype | None = None) -> Generated:
+                 progress: ProgressFn | None = None, dtype: torch.dtype | None = None,
+                 guidance_scale: float = 1.0) -> Generated:
         """Draw ``n`` candidates per caption and keep ``keep`` (default all).
 
         prompt_codes: [B, r] or [1, r] (shared) from `image_prompt`;
@@ -140,7 +141,8 @@ class TextToImage:
         batch_size: rows the prior decodes together (None: as many as the device's free
         memory holds, from the KV cache per row: `dalle_core.prior.sampling_memory`);
         dtype: the prior's sampling precision (None: bf16/fp16 on a GPU, fp32 on CPU);
-        progress(done, total): per drawn token position (from the sampler).
+        progress(done, total): per drawn token position (from the sampler);
+        guidance_scale: classifier-free guidance (`dalle_core.prior.sampling`; 1 = none).
         """
         captions = [captions] if isinstance(captions, str) else list(captions)
         keep = n if keep is None else keep
@@ -161,7 +163,8 @@ class TextToImage:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             codes = sample_image_codes(self.prior, text, n_per_caption=n, temperature=temperature, top_k=top_k,
                                        top_p=top_p, seed=seed, use_cache=use_cache, prompt_codes=prompt_codes,
-                                       progress=progress, batch_size=batch_size).cpu()
+                                       progress=progress, batch_size=batch_size,
+                                       guidance_scale=guidance_scale).cpu()
         grids = codes.view(B * n, self.grid, self.grid)
         images = torch.cat([decode_codes(self.decoder, grids[i:i + decode_batch_size]).cpu()
                             for i in range(0, B * n, decode_batch_size)])

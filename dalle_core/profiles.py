@@ -119,6 +119,9 @@ class Profile:
                if getattr(getattr(self, stage), field) != getattr(getattr(self, src), src_field)]
         if bad:
             raise ProfileError(f"profile {self.name}: stages disagree: " + "; ".join(bad))
+        if self.sampling.guidance_scale != 1.0 and self.prior_training.caption_dropout == 0.0:
+            raise ProfileError(f"profile {self.name}: sampling.guidance_scale = {self.sampling.guidance_scale} "
+                               f"needs a prior trained with empty captions (prior_training.caption_dropout > 0)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **{stage: getattr(self, stage).to_dict() for stage in STAGES}}

@@ -281,7 +281,8 @@ def cmd_generate(args) -> int:
     with autocast:
         out = chain.generate([args.caption], n=args.n, keep=args.keep, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, prompt_codes=prompt,
-                             batch_size=args.batch_size, use_cache=not args.no_cache, progress=progress)
+                             batch_size=args.batch_size, use_cache=not args.no_cache, progress=progress,
+                             guidance_scale=args.guidance_scale)
     bar.close()
     images = [tensor_to_image(x) for x in out.images[0]]
     dest = Path(args.out)
@@ -495,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance (1: none, the paper's; > 1 needs a prior trained with "
+                        "caption dropout, e.g. the small profile's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="rows decoded together (default all)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow)")

@@ -165,7 +165,8 @@ def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: 
     sampling = sampling or SamplingConfig()
     # batch_size None: rows sized from the KV cache per row and free GPU memory (256 on CPU)
     out = chain.generate(chunk, n=candidates, keep=1, seed=seed, batch_size=None, return_candidates=True,
-                         temperature=sampling.temperature, top_k=sampling.top_k)
+                         temperature=sampling.temperature, top_k=sampling.top_k,
+                         guidance_scale=sampling.guidance_scale)
     picked = picked_indices(out)
     arrays = {"images": _to_uint8(out.images[:, 0]), "first": _to_uint8(out.candidates[:, 0]), "picked": picked}
     if judge is not None:

@@ -183,10 +183,17 @@ class SamplingConfig:
     # profiles have drawn since the first runs (sampling is most of their evaluation's time).
     # Not part of key(): the evaluation's fingerprint and its chunks' keys hold it already.
     candidates: int = 8
+    # Classifier-free guidance (dalle_core.prior.sampling; not the paper's, which is 1: no
+    # guidance): draws from uncond + s * (cond - uncond) of the logits. Needs a prior trained
+    # with PriorTrainingConfig.caption_dropout > 0 (a profile checks it); costs two streams a
+    # row when sampling.
+    guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
             raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.guidance_scale < float("inf"):
+            raise ValueError(f"sampling guidance_scale must be a finite number >= 0 (1: none), got {self.guidance_scale}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"sampling top_k must be >= 1 or None, got {self.top_k}")
         if not (isinstance(self.candidates, int) and self.candidates >= 1):
@@ -204,7 +211,7 @@ class SamplingConfig:
         return replace(self, **changes)
 
     def key(self) -> dict[str, Any]:
-        """The settings that differ from the paper's (temperature 1, no top-k): what a cache
+        """The settings that differ from the paper's (temperature 1, no top-k, no guidance): what a cache
         key or an evaluation fingerprint adds, so that keys made at the paper's settings
         before this config existed stay valid. `candidates` is not one: every key that
         depends on it names it already."""
@@ -221,6 +228,13 @@ class PriorTrainingConfig:
     # made (dalle_core.prior.data.code_batches), seeded per step and position;
     # evaluation and sampling never use it. In a profile: the tokenizer's TextConfig.bpe_dropout.
     bpe_dropout: float = 0.1
+    # Not the paper's (0 = off): the share of training samples whose caption is replaced by
+    # the empty one (every position its pad token), so that the prior also learns p(image)
+    # and the sampler can guide with it (classifier-free guidance, Ho & Salimans 2022, as
+    # Make-A-Scene did for an autoregressive prior: SamplingConfig.guidance_scale). Seeded
+    # per step and position like the BPE dropout (dalle_core.prior.data). Left out of
+    # `to_dict` while 0, so digests of runs without it are unchanged.
+    caption_dropout: float = 0.0
 
     # --- optimiser: AdamW --------------------------------------------------------
     lr: float = 4.5e-4
@@ -276,6 +290,8 @@ class PriorTrainingConfig:
                 raise ValueError(f"PriorTrainingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.bpe_dropout < 1.0:
             raise ValueError(f"bpe_dropout must be in [0, 1), got {self.bpe_dropout}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.amp_dtype not in ("fp16", "bf16", "fp32", "auto"):
             raise ValueError(f"amp_dtype must be 'fp16', 'bf16', 'fp32' or 'auto', got {self.amp_dtype!r}")
         if self.powersgd_variant not in ("paper", "torch"):
@@ -288,8 +304,9 @@ class PriorTrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
-        if d["lr_cooldown_steps"] == 0:  # the default is implied (see the field's comment)
-            del d["lr_cooldown_steps"]
+        for implied in ("lr_cooldown_steps", "caption_dropout"):  # off: implied (see the fields' comments)
+            if d[implied] == 0:
+                del d[implied]
         return d
 
     @classmethod

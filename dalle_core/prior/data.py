@@ -130,8 +130,24 @@ def _dropout_text(items: list[CodedPair], tokenizer, rate: float, seed: int, ste
     return np.asarray(out, dtype=np.int64)
 
 
+def caption_dropped(seed: int, step: int, position: int, rate: float) -> bool:
+    """Whether the sample at `position` of global batch `step` trains with the empty
+    caption (`PriorTrainingConfig.caption_dropout`): the same draw on every rank and
+    after a resume, from its own string-seeded generator (as `dropout_rng`)."""
+    return rate > 0.0 and random.Random(f"dalle-prior-caption-dropout/{int(seed)}/{int(step)}/{int(position)}").random() < rate
+
+
+def empty_captions(n: int, text_len: int, text_vocab_size: int) -> torch.Tensor:
+    """n empty captions [n, text_len]: every position holds its own pad token
+    (`DalleTokenizer.pad_id`: text_vocab_size + position), the padding the tokenizer
+    writes after every caption with no caption before it (the tokenizer refuses ""):
+    what the prior sees for the unconditional stream."""
+    return (text_vocab_size + torch.arange(text_len, dtype=torch.long)).expand(n, text_len).clone()
+
+
 def _to_batch(items: list[CodedPair], tokenizer=None, bpe_dropout: float = 0.0, seed: int = 0,
-              step: int = 0, positions: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              step: int = 0, positions: Sequence[int] | None = None, caption_dropout: float = 0.0,
+              text_vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     shapes = {(it.text.shape, it.codes.shape) for it in items}
     if len(shapes) != 1:
         keys = ", ".join(it.key for it in items[:4])
@@ -141,6 +157,11 @@ def _to_batch(items: list[CodedPair], tokenizer=None, bpe_dropout: float = 0.0, 
         text = torch.from_numpy(_dropout_text(items, tokenizer, bpe_dropout, seed, step, positions))
     else:
         text = torch.from_numpy(np.stack([it.text for it in items]).astype(np.int64))
+    if caption_dropout > 0.0:
+        positions = range(len(items)) if positions is None else positions
+        drop = torch.tensor([caption_dropped(seed, step, p, caption_dropout) for p in positions])
+        if drop.any():
+            text[drop] = empty_captions(int(drop.sum()), text.shape[1], int(text_vocab_size))
     image = torch.from_numpy(np.stack([it.codes.reshape(-1) for it in items]).astype(np.int64))
     return text, image
 
@@ -149,13 +170,20 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
                  rank: int = 0, world_size: int = 1, *, split: str = "sample",
                  shuffle_buffer: int = 1000, counts: Sequence[int] | None = None,
                  epochs: int | None = None, tokenizer=None,
-                 bpe_dropout: float = 0.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 bpe_dropout: float = 0.0, caption_dropout: float = 0.0,
+                 text_vocab_size: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless (or `epochs`) stream of this rank's slice of each global batch:
     ``(text LongTensor[B / world_size, L], image LongTensor[B / world_size, N])``,
     starting at global batch `start_step`. `counts`: samples per shard (from
     the manifest; counted from the tars when None). `tokenizer` (a
     `DalleTokenizer`) and `bpe_dropout` (`PriorTrainingConfig.bpe_dropout`): encode the
-    stored captions again with seeded BPE dropout (module docstring)."""
+    stored captions again with seeded BPE dropout (module docstring). `caption_dropout`
+    (`PriorTrainingConfig.caption_dropout`, needs `text_vocab_size`, the BPE ids before
+    the pads): that share of samples gets the empty caption (`caption_dropped`)."""
+    if not 0.0 <= float(caption_dropout) < 1.0:
+        raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout!r}")
+    if caption_dropout > 0.0 and text_vocab_size is None:
+        raise ValueError("caption_dropout > 0 needs text_vocab_size (the empty caption is the pad ids after it)")
     if not 0.0 <= float(bpe_dropout) < 1.0:
         raise ValueError(f"bpe_dropout must be in [0, 1), got {bpe_dropout!r}")
     if bpe_dropout > 0.0 and tokenizer is None:
@@ -233,7 +261,8 @@ def code_batches(paths: Sequence[str | Path], batch_size: int, seed: int, start_
             if j % per_step == 0 and j > first_sample:
                 if len(batch) != local_b:  # cannot happen: per_step samples hold exactly local_b of ours
                     raise RuntimeError(f"internal error: rank batch of {len(batch)}, expected {local_b}")
-                yield _to_batch(batch, tokenizer, float(bpe_dropout), seed, global_step, positions)
+                yield _to_batch(batch, tokenizer, float(bpe_dropout), seed, global_step, positions,
+                                float(caption_dropout), text_vocab_size)
                 batch, positions = [], []
                 global_step += 1
                 step += 1
@@ -329,4 +358,5 @@ def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3,
     return save_code_manifest(storage, prefix, infos, {"synthetic": True, "n_templates": n_templates, **sizes})
 
 
-__all__ = ["code_batches", "code_shards", "dropout_rng", "prior_tokenizer", "write_synthetic_code_shards"]
+__all__ = ["caption_dropped", "code_batches", "code_shards", "dropout_rng", "empty_captions", "prior_tokenizer",
+           "write_synthetic_code_shards"]

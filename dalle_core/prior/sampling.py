@@ -49,6 +49,17 @@ order, normally its top rows (r = rows * grid; `prompt_rows` cuts them out):
 they are kept as they are and the remaining N - r tokens are sampled (paper,
 Figure 2 / section 3.3: "the top half of an image" as a prompt).
 
+Classifier-free guidance (not the paper's)
+------------------------------------------
+With ``guidance_scale`` s != 1 every row is run twice, with its caption and with
+the empty one (each position its pad token: `dalle_core.prior.data.empty_captions`),
+the same codes drawn so far in both, and a token is drawn from
+``uncond + s * (cond - uncond)`` of the two streams' logits (Ho & Salimans 2022;
+Make-A-Scene applied it to an autoregressive prior). It needs a prior trained with
+`PriorTrainingConfig.caption_dropout` > 0, or the empty caption is a stream it has
+never seen. s = 1 is the plain conditional draw (one stream: the paper's). The two
+streams double the rows a chunk decodes, so a chunk takes half the rows.
+
 Mixed precision: the model runs in whatever precision it is in; wrap the call in
 ``torch.autocast`` for fp16/bf16 on a GPU (the heads and logits stay fp32).
 """
@@ -60,6 +71,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from .data import empty_captions
 from .model import DalleTransformer
 
 ProgressFn = Callable[[int, int], None]
@@ -164,8 +176,11 @@ def prompt_rows(codes: torch.Tensor, rows: int, grid: int | None = None) -> torc
 
 
 def _check_inputs(model: DalleTransformer, text, n_per_caption, temperature, top_k, top_p,
-                  prompt_codes, batch_size) -> tuple[int | None, torch.Tensor | None]:
+                  prompt_codes, batch_size, guidance_scale=1.0) -> tuple[int | None, torch.Tensor | None]:
     cfg = model.config
+    if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
+                                                and 0 <= guidance_scale < float("inf")):
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
     if not isinstance(text, torch.Tensor):
         raise ValueError(f"text must be a LongTensor [B, {cfg.text_len}] of token ids, got {type(text).__name__}")
     if text.dim() != 2:
@@ -223,7 +238,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _sample_chunk(model: DalleTransformer, text: torch.Tensor, prompt: torch.Tensor | None,
                   uniforms: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                  use_cache: bool, tick: Callable[[], None]) -> torch.Tensor:
+                  use_cache: bool, tick: Callable[[], None], guidance_scale: float = 1.0) -> torch.Tensor:
     """Codes [b, N] for one chunk of rows (text [b, L] on the model's device)."""
     cfg = model.config
     L, N = cfg.text_len, cfg.image_len
@@ -234,27 +249,36 @@ def _sample_chunk(model: DalleTransformer, text: torch.Tensor, prompt: torch.Ten
         codes[:, :r] = prompt
     if r == N:
         return codes
+    guided = guidance_scale != 1.0
+    if guided:  # rows b.. are the unconditional stream: the empty caption, the same codes
+        text = torch.cat([text, empty_captions(b, L, cfg.text_vocab_size).to(text.device)])
 
-    def draw(logits: torch.Tensor, j: int) -> None:  # logits [b, V] predicting token j
+    def streams(c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c, c]) if guided else c
+
+    def draw(logits: torch.Tensor, j: int) -> None:  # logits [b (x 2 guided), V] predicting token j
+        if guided:
+            cond, uncond = logits[:b].float(), logits[b:].float()
+            logits = uncond + guidance_scale * (cond - uncond)
         codes[:, j] = sample_from_logits(logits, uniforms[:, j], temperature, top_k, top_p)
         tick()
 
     if use_cache:
         cache = StaticKVCache(cfg.n_layer, L + N)
         # prefill: BOS, the caption and the prompt (positions 0 .. L + r)
-        x = model.embed(text, codes[:, :r] if r else None, start=0)
+        x = model.embed(text, streams(codes[:, :r]) if r else None, start=0)
         h = model.hidden_states(x, start=0, cache=cache)
         _, logits = model.head_logits(h[:, -1:], start=L + r)
         draw(logits[:, 0], r)
         for j in range(r + 1, N):
             pos = L + j  # the input i_j (codes[:, j - 1]) predicts token j
-            x = model.embed(None, codes[:, :j], start=pos)
+            x = model.embed(None, streams(codes[:, :j]), start=pos)
             h = model.hidden_states(x, start=pos, cache=cache)
             _, logits = model.head_logits(h, start=pos)
             draw(logits[:, 0], j)
     else:
         for j in range(r, N):
-            x = model.embed(text, codes[:, :j] if j else None, start=0)
+            x = model.embed(text, streams(codes[:, :j]) if j else None, start=0)
             h = model.hidden_states(x, start=0)
             _, logits = model.head_logits(h[:, -1:], start=L + j)
             draw(logits[:, 0], j)
@@ -274,6 +298,7 @@ def sample_image_codes(
     prompt_codes: torch.Tensor | None = None,
     progress: ProgressFn | None = None,
     batch_size: int | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Sample image codes for captions (see the module docstring).
 
@@ -286,14 +311,16 @@ def sample_image_codes(
         kept as they are, the rest sampled;
     progress(done, total): called after every drawn token position of every
         chunk (total = number of chunks * (N - r));
-    batch_size: at most this many rows are decoded together (None = all).
+    batch_size: at most this many rows are decoded together (None = all; with
+        guidance, half as many captions' rows, each run in two streams);
+    guidance_scale: classifier-free guidance (module docstring; 1 = none, the paper's).
 
     Returns LongTensor [B * n_per_caption, N] on the model's device, caption-major
     (rows c * n .. c * n + n - 1 belong to caption c); reshape to
     [-1, grid, grid] for `dalle_core.dvae.model.decode_codes`.
     """
     top_k, prompt_codes = _check_inputs(model, text, n_per_caption, temperature, top_k, top_p,
-                                        prompt_codes, batch_size)
+                                        prompt_codes, batch_size, guidance_scale)
     cfg = model.config
     N = cfg.image_len
     device = _model_device(model)
@@ -304,6 +331,8 @@ def sample_image_codes(
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     uniforms = torch.rand(R, N, generator=gen, dtype=torch.float64).to(device)
     chunk = R if batch_size is None else batch_size
+    if guidance_scale != 1.0 and batch_size is not None:
+        chunk = max(1, chunk // 2)  # two streams a row: the same memory as batch_size plain rows
     r = 0 if rows_prompt is None else rows_prompt.shape[1]
     total = -(-R // chunk) * (N - r)
     done = 0
@@ -321,7 +350,8 @@ def sample_image_codes(
         for s in range(0, R, chunk):
             e = min(s + chunk, R)
             out.append(_sample_chunk(model, rows_text[s:e], None if rows_prompt is None else rows_prompt[s:e],
-                                     uniforms[s:e], float(temperature), top_k, top_p, use_cache, tick))
+                                     uniforms[s:e], float(temperature), top_k, top_p, use_cache, tick,
+                                     float(guidance_scale)))
     finally:
         model.train(was_training)
     return torch.cat(out, dim=0)

@@ -579,7 +579,8 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
     def batches_fn(start: int):
         return code_batches(paths, training.batch_size, seed, start_step=start, rank=rank, world_size=world,
                             split=args.data_split, shuffle_buffer=args.shuffle_buffer, counts=counts,
-                            tokenizer=tokenizer, bpe_dropout=training.bpe_dropout if tokenizer is not None else 0.0)
+                            tokenizer=tokenizer, bpe_dropout=training.bpe_dropout if tokenizer is not None else 0.0,
+                            caption_dropout=training.caption_dropout, text_vocab_size=config.text_vocab_size)
 
     out = checkpoint_location(args.out)  # a local directory or a URL (s3://bucket/prefix)
     if not isinstance(out, Path) and not args.metrics:
