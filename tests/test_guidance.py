@@ -144,3 +144,19 @@ def test_caption_dropout_is_checked_and_left_out_of_digests_while_off(shards):
     assert "caption_dropout" not in PriorTrainingConfig().to_dict()  # earlier runs' digests stay
     assert PriorTrainingConfig(caption_dropout=0.1).to_dict()["caption_dropout"] == 0.1
     assert PriorTrainingConfig.from_dict(PriorTrainingConfig(caption_dropout=0.1).to_dict()).caption_dropout == 0.1
+
+
+def test_a_profile_cannot_guide_a_prior_that_never_saw_an_empty_caption():
+    from dataclasses import replace
+
+    from dalle_core.profiles import ProfileError
+
+    tiny = get_profile("tiny")
+    with pytest.raises(ProfileError, match="guidance_scale = 2.0 needs a prior trained with empty captions"):
+        replace(tiny, sampling=tiny.sampling.replace(guidance_scale=2.0))
+    guided = replace(tiny, prior_training=tiny.prior_training.replace(caption_dropout=0.1),
+                     sampling=tiny.sampling.replace(guidance_scale=2.0))
+    assert guided.sampling.key() == {"guidance_scale": 2.0}  # part of every evaluation fingerprint
+    for name in ("paper-1.3B", "paper-12B", "small"):  # the paper's sampling, and the laptop demo's
+        p = get_profile(name)
+        assert (p.sampling.guidance_scale, p.prior_training.caption_dropout) == (1.0, 0.0), name
