@@ -149,8 +149,8 @@ def test_challenger_is_compared_under_its_own_fingerprint(challenger):
 
 
 def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
-    """The zero-shot report drawn at another temperature (run config, or a profile's
-    `sampling`, e.g. medium's 0.7) is another fingerprint: the champion is re-scored at that
+    """The zero-shot report drawn at another temperature or guidance scale (run config, or a
+    profile's `sampling`, e.g. medium's 0.7) is another fingerprint: the champion is re-scored at that
     temperature, not compared with its figures at 1; MLflow records the temperature drawn."""
     import mlflow
 
@@ -163,20 +163,26 @@ def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
     base = {"captions": 4, "candidates": 2, "radii": [2.0], "seed": 5}
     fps = {}
-    for temperature in (None, 0.7):
-        config = base if temperature is None else {**base, "temperature": temperature}
+    for temperature, guidance in ((None, None), (0.7, None), (None, 2.0)):
+        config = {**base, **({"temperature": temperature} if temperature else {}),
+                  **({"guidance_scale": guidance} if guidance else {})}
         res = job.execute_in_process(instance=instance, run_config={"ops": {"coco_zero_shot_report": {"config": config}}})
         assert res.success
         meta = _latest(instance, "coco_zero_shot_report")
-        fps[temperature] = meta["fingerprint"].value
+        fps[temperature, guidance] = meta["fingerprint"].value
         run = mlflow.get_run(meta["mlflow_run"].value.rstrip("/").split("/")[-1])
         assert float(run.data.params["temperature"]) == (temperature or 1.0)  # the tiny profile: the paper's 1
+        assert float(run.data.params["guidance_scale"]) == (guidance or 1.0)
         mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)
-    assert fps[None] != fps[0.7]
+    assert len(set(fps.values())) == 3
     figures = version_figures("prior", champion)
-    assert "sampling_temperature" not in figures[fps[None]].fingerprint  # the paper's sampling: the old fingerprint
-    assert figures[fps[0.7]].fingerprint["sampling_temperature"] == "0.7"
-    assert "contrastive_fd" in figures[fps[0.7]].metrics  # the champion scored at 0.7 too
+    assert "sampling_temperature" not in figures[fps[None, None]].fingerprint  # the paper's sampling: the old fingerprint
+    assert "sampling_guidance_scale" not in figures[fps[None, None]].fingerprint
+    assert figures[fps[0.7, None]].fingerprint["sampling_temperature"] == "0.7"
+    assert "contrastive_fd" in figures[fps[0.7, None]].metrics  # the champion scored at 0.7 too
+    # classifier-free guidance (a profile's sampling.guidance_scale, e.g. medium's) is a condition as well
+    assert figures[fps[None, 2.0]].fingerprint["sampling_guidance_scale"] in ("2", "2.0")
+    assert "contrastive_fd" in figures[fps[None, 2.0]].metrics
 
 
 def test_the_report_draws_the_profiles_candidates_and_names_them(challenger, monkeypatch):
