@@ -228,7 +228,7 @@ def sampling_of(config, profile) -> SamplingConfig:
     guidance_scale where set (the zero-shot report's and the samples' configs have them;
     None: the profile's)."""
     changes = {k: getattr(config, k) for k in ("temperature", "top_k", "candidates", "guidance_scale")
-               if getattr(config, k, None) is not None}
+               if getattr(config, k) is not None}
     return profile.sampling.replace(**changes)
 
 
