@@ -33,6 +33,7 @@ from dalle_core.eval.report import numeric_metrics
 from dalle_core.eval.zero_shot import describe_metric
 from dalle_core.generation import TextToImage
 from dalle_core.prior.config import SamplingConfig
+from dalle_core.prior.sampling import guidance_refusal
 from dalle_core.rerank import load_reranker
 from dalle_core.storage import open_storage
 
@@ -247,6 +248,8 @@ def coco_zero_shot_report(
     captions = [c for _, c in eval_set]
     references = [im for im, _ in eval_set]
     sampling = sampling_of(config, prof)
+    if refusal := guidance_refusal(chain.prior, sampling.guidance_scale):
+        raise dg.Failure(f"prior v{prior_version}: {refusal}")
     config = config.model_copy(update={"candidates": sampling.candidates})  # every figure below names the N drawn
     fingerprint = evaluation_fingerprint(chain, captions, references, config, inception, independent, sampling)
     fp = fingerprint_id(fingerprint)
@@ -277,15 +280,21 @@ def coco_zero_shot_report(
             rescored = f"no: figures under fingerprint {fp} recorded"
         elif config.rescore_champion:
             champ_prior, champ_tok, _ = load_prior_version(mlflow, champ, store, device=device)
-            champ_chain = TextToImage(champ_prior, chain.decoder, champ_tok, reranker=chain.reranker, encoder=chain.encoder)
-            context.log.info(f"zero-shot: scoring champion prior v{champ} under fingerprint {fp}")
-            champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
-                                              independent, log=context.log.info, sampling=sampling)
-            champ_metrics.pop("resumed_chunks")
-            champ_metrics.pop("caption_figures", None)
-            champ_metrics.pop("diagnosis", None)
-            champ_numbers = numeric_metrics(champ_metrics)
-            rescored = f"yes: champion v{champ} scored in this run under fingerprint {fp}"
+            if refusal := guidance_refusal(champ_prior, sampling.guidance_scale):
+                # e.g. a guided evaluation of a challenger trained with caption dropout against a
+                # champion trained without: no same-condition figures can exist, promotion is refused
+                rescored = f"no: champion v{champ} cannot be drawn under these conditions ({refusal})"
+            else:
+                champ_chain = TextToImage(champ_prior, chain.decoder, champ_tok, reranker=chain.reranker,
+                                          encoder=chain.encoder)
+                context.log.info(f"zero-shot: scoring champion prior v{champ} under fingerprint {fp}")
+                champ_metrics, _ = evaluate_chain(champ_chain, captions, references, config, inception, storage,
+                                                  independent, log=context.log.info, sampling=sampling)
+                champ_metrics.pop("resumed_chunks")
+                champ_metrics.pop("caption_figures", None)
+                champ_metrics.pop("diagnosis", None)
+                champ_numbers = numeric_metrics(champ_metrics)
+                rescored = f"yes: champion v{champ} scored in this run under fingerprint {fp}"
         else:
             rescored = "no (rescore_champion is off): promotion refused without same-fingerprint figures"
 

@@ -29,6 +29,7 @@ from dalle_core.generation import TextToImage
 from dalle_core.imaging import image_grid, png_bytes
 from dalle_core.prior.config import SamplingConfig
 from dalle_core.prior.model import load_prior
+from dalle_core.prior.sampling import guidance_refusal
 from dalle_core.rerank import load_reranker, train_reranker
 from dalle_core.rerank.evaluate import caption_match_rates, near_miss_figures, retrieval_figures
 from dalle_core.rerank.negatives import training_batch
@@ -294,6 +295,8 @@ def samples(
         total["n"] = of
 
     sampling = sampling_of(config, prof)
+    if refusal := guidance_refusal(chain.prior, sampling.guidance_scale):
+        raise dg.Failure(f"prior v{versions['prior']}: {refusal}")
     out = chain.generate(captions, n=config.candidates, keep=config.keep, temperature=sampling.temperature,
                          top_k=sampling.top_k, guidance_scale=sampling.guidance_scale, seed=config.seed,
                          return_candidates=True, progress=progress,

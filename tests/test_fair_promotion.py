@@ -42,6 +42,8 @@ def challenger(demo_run, tmp_path_factory):
     saved = tmp_path_factory.mktemp("prior-backup") / "prior.pt"
     shutil.copy(store_file, saved)
     blob = read_prior_file(store_file)
+    # as if trained with caption dropout, so that a guided evaluation may draw it (the champion cannot)
+    blob["meta"]["caption_dropout"] = 0.1
     gen = torch.Generator().manual_seed(0)
     for sd in (blob["state_dict"], blob.get("ema_state_dict") or {}):
         for k, v in sd.items():
@@ -151,7 +153,9 @@ def test_challenger_is_compared_under_its_own_fingerprint(challenger):
 def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
     """The zero-shot report drawn at another temperature or guidance scale (run config, or a
     profile's `sampling`, e.g. medium's 0.7) is another fingerprint: the champion is re-scored at that
-    temperature, not compared with its figures at 1; MLflow records the temperature drawn."""
+    temperature, not compared with its figures at 1; MLflow records the temperature drawn. A guided
+    draw of a champion trained without caption dropout is refused: no promotion at that scale, and
+    the samples asset (which draws the champion) fails naming the cause."""
     import mlflow
 
     from orchestration.definitions import build_definitions
@@ -174,15 +178,27 @@ def test_the_sampling_temperature_is_one_of_the_conditions(challenger):
         assert float(run.data.params["temperature"]) == (temperature or 1.0)  # the tiny profile: the paper's 1
         assert float(run.data.params["guidance_scale"]) == (guidance or 1.0)
         mlflow.MlflowClient().set_registered_model_alias("prior", "champion", champion)
+        if guidance:  # the challenger was trained with caption dropout, the champion without
+            assert meta["champion_rescored"].value.startswith(f"no: champion v{champion} cannot be drawn")
+            assert "caption dropout" in meta["champion_rescored"].value and not meta["promoted"].value
     assert len(set(fps.values())) == 3
     figures = version_figures("prior", champion)
     assert "sampling_temperature" not in figures[fps[None, None]].fingerprint  # the paper's sampling: the old fingerprint
     assert "sampling_guidance_scale" not in figures[fps[None, None]].fingerprint
     assert figures[fps[0.7, None]].fingerprint["sampling_temperature"] == "0.7"
     assert "contrastive_fd" in figures[fps[0.7, None]].metrics  # the champion scored at 0.7 too
-    # classifier-free guidance (a profile's sampling.guidance_scale, e.g. medium's) is a condition as well
-    assert figures[fps[None, 2.0]].fingerprint["sampling_guidance_scale"] in ("2", "2.0")
-    assert "contrastive_fd" in figures[fps[None, 2.0]].metrics
+    # classifier-free guidance is a condition as well: no champion figures under it (the champion
+    # cannot be guided), none borrowed from the unguided fingerprint
+    assert fps[None, 2.0] not in figures
+    from assets.generation import samples
+
+    defs = build_definitions(settings)
+    res = dg.materialize([samples], instance=instance, resources=defs.resources, raise_on_error=False,
+                         run_config={"ops": {"samples": {"config": {"captions": 2, "candidates": 2, "keep": 1,
+                                                                    "guidance_scale": 2.0}}}})
+    assert not res.success
+    failure = next(e for e in res.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "needs a prior trained with caption dropout" in failure.event_specific_data.error.to_string()
 
 
 def test_the_report_draws_the_profiles_candidates_and_names_them(challenger, monkeypatch):

@@ -153,6 +153,8 @@ def test_dalle_generate_by_alias_and_by_path(demo_run, tmp_path, monkeypatch, ca
     (["generate", "a red circle", "--prior", "@nosuchalias"], "not found in the MLflow registry"),
     (["generate", "a red circle", "--dvae", "/no/such/dvae.pt"], "no such file"),
     (["generate", "a red circle", "--n", "2", "--keep", "3"], "--keep <= --n"),
+    # the demo's prior trained without caption dropout: guiding it is refused, naming why
+    (["generate", "a red circle", "--guidance-scale", "2"], "needs a prior trained with caption dropout"),
 ])
 def test_dalle_generate_user_errors(demo_run, tmp_path, monkeypatch, capsys, argv, message):
     settings, _, _ = demo_run

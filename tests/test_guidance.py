@@ -160,3 +160,42 @@ def test_a_profile_cannot_guide_a_prior_that_never_saw_an_empty_caption():
     for name in ("paper-1.3B", "paper-12B", "small"):  # the paper's sampling, and the laptop demo's
         p = get_profile(name)
         assert (p.sampling.guidance_scale, p.prior_training.caption_dropout) == (1.0, 0.0), name
+
+
+def test_a_prior_file_trained_without_caption_dropout_is_not_guided(shards, tmp_path):
+    """The trainer records its caption dropout in the prior file; `load_prior` keeps it, and the
+    sampler (hence `TextToImage.generate`, the samples and zero-shot assets, `dalle generate`)
+    refuses to guide a prior that never learnt the empty caption, naming the cause."""
+    from dalle_core.prior.model import load_prior, read_prior_file, save_prior
+    from dalle_core.prior.sampling import guidance_refusal
+    from dalle_core.prior.train import train_prior
+
+    paths, counts = shards
+    text = captions()
+    for rate in (0.0, 0.25):
+        training = PriorTrainingConfig(batch_size=8, total_steps=2, warmup_steps=1, log_every=1,
+                                       checkpoint_every=10**9, amp_dtype="fp32", caption_dropout=rate)
+
+        def fn(start, rate=rate):
+            return code_batches(paths, 8, seed=3, start_step=start, counts=counts, caption_dropout=rate,
+                                text_vocab_size=TINY.text_vocab_size)
+
+        r = train_prior(TINY, training, fn, tmp_path / f"p{rate}", precision="fp32", resume=False)
+        prior = load_prior(r.model_path).eval()
+        assert prior.training_meta["caption_dropout"] == rate
+        plain = sample_image_codes(prior, text, seed=0)  # the plain draw is always allowed
+        assert plain.shape == (2, TINY.image_len)
+        if rate == 0.0:
+            with pytest.raises(ValueError, match=r"guidance_scale=2 needs a prior trained with caption dropout.*"
+                                                 r"records caption_dropout=0"):
+                sample_image_codes(prior, text, seed=0, guidance_scale=2.0)
+        else:
+            assert guidance_refusal(prior, 2.0) is None
+            sample_image_codes(prior, text, seed=0, guidance_scale=2.0)
+    # a file from before caption dropout existed records nothing: trained at 0, refused
+    blob = read_prior_file(r.model_path)
+    old = tmp_path / "old.pt"
+    save_prior(old, DalleTransformer(TINY), TINY, meta={k: v for k, v in blob["meta"].items() if k != "caption_dropout"})
+    assert "does not record caption dropout" in guidance_refusal(load_prior(old), 3.0)
+    assert guidance_refusal(load_prior(old), 1.0) is None
+    assert guidance_refusal(DalleTransformer(TINY), 2.0) is None  # built in memory: the caller's to know

@@ -344,7 +344,7 @@ def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3,
         pairs = []
         for _ in range(per_shard):
             t = int(rng.integers(0, n_templates))
-            text = np.arange(V, V + L, dtype=np.int32)  # the per-position padding tokens
+            text = empty_captions(1, L, V)[0].numpy().astype(np.int32)  # then the caption's 5 tokens
             text[:5] = [1 + t % (V // 4), V // 4 + t % (V // 4), V // 2, id_base + k % 32, id_base + 32 + (k // 32) % 8]
             codes = templates[t].copy()
             mask = rng.random(codes.shape) < noise

@@ -450,7 +450,9 @@ def read_prior_file(path: str | Path) -> dict[str, Any]:
 
 def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bool = True) -> DalleTransformer:
     """The `DalleTransformer` saved by `save_prior`, with the shape pinned in the
-    file (``model.config``); the EMA weights when present and `use_ema`."""
+    file (``model.config``); the EMA weights when present and `use_ema`. The file's meta
+    (the trainer's: steps, precision, caption dropout, ...) rides along as
+    ``model.training_meta``: the sampler reads it (`sampling.guidance_refusal`)."""
     blob = read_prior_file(path)
     config = PriorConfig.from_dict(blob["config"])
     model = DalleTransformer(config)
@@ -458,6 +460,7 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
     if use_ema and blob.get("ema_state_dict"):
         sd.update(blob["ema_state_dict"])
     model.load_state_dict(sd)
+    model.training_meta = dict(blob.get("meta") or {})
     return model.to(device)
 
 

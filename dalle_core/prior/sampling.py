@@ -57,7 +57,7 @@ the same codes drawn so far in both, and a token is drawn from
 ``uncond + s * (cond - uncond)`` of the two streams' logits (Ho & Salimans 2022;
 Make-A-Scene applied it to an autoregressive prior). It needs a prior trained with
 `PriorTrainingConfig.caption_dropout` > 0, or the empty caption is a stream it has
-never seen. s = 1 is the plain conditional draw (one stream: the paper's). The two
+never seen: a prior loaded from a file that says so is refused (`guidance_refusal`). s = 1 is the plain conditional draw (one stream: the paper's). The two
 streams double the rows a chunk decodes, so a chunk takes half the rows.
 
 Mixed precision: the model runs in whatever precision it is in; wrap the call in
@@ -175,12 +175,31 @@ def prompt_rows(codes: torch.Tensor, rows: int, grid: int | None = None) -> torc
     return codes[:, : rows * g]
 
 
+def guidance_refusal(model: nn.Module, guidance_scale: float) -> str | None:
+    """Why `model` cannot be drawn at `guidance_scale`, or None. Guidance reads the logits
+    under the empty caption, which a prior learns only from caption dropout; a prior loaded
+    from a file (`load_prior` keeps the trainer's meta as ``model.training_meta``) that was
+    trained without it is refused. A file that does not record the rate predates caption
+    dropout (trained at 0). A prior built in memory has no record: the caller's to know."""
+    meta = getattr(model, "training_meta", None)
+    if guidance_scale == 1.0 or meta is None or float(meta.get("caption_dropout") or 0.0) > 0.0:
+        return None
+    how = ("records caption_dropout=0" if "caption_dropout" in meta
+           else "does not record caption dropout (trained before it existed, at 0)")
+    return (f"guidance_scale={guidance_scale:g} needs a prior trained with caption dropout "
+            f"(PriorTrainingConfig.caption_dropout > 0): this prior's file {how}, so it never learnt the "
+            f"empty caption the guided draw contrasts with; draw it at guidance_scale=1")
+
+
 def _check_inputs(model: DalleTransformer, text, n_per_caption, temperature, top_k, top_p,
                   prompt_codes, batch_size, guidance_scale=1.0) -> tuple[int | None, torch.Tensor | None]:
     cfg = model.config
     if isinstance(guidance_scale, bool) or not (isinstance(guidance_scale, (int, float))
                                                 and 0 <= guidance_scale < float("inf")):
         raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance_scale!r}")
+    refusal = guidance_refusal(model, guidance_scale)
+    if refusal:
+        raise ValueError(refusal)
     if not isinstance(text, torch.Tensor):
         raise ValueError(f"text must be a LongTensor [B, {cfg.text_len}] of token ids, got {type(text).__name__}")
     if text.dim() != 2:
@@ -357,4 +376,4 @@ def sample_image_codes(
     return torch.cat(out, dim=0)
 
 
-__all__ = ["StaticKVCache", "filter_logits", "prompt_rows", "sample_from_logits", "sample_image_codes"]
+__all__ = ["StaticKVCache", "filter_logits", "guidance_refusal", "prompt_rows", "sample_from_logits", "sample_image_codes"]

@@ -430,7 +430,9 @@ def train_prior(
     model_path = None
     if save_final and step >= total:
         meta = {"steps": step, "precision": precision, "world_size": world,
-                "final_loss": losses[-1] if losses else None}
+                "final_loss": losses[-1] if losses else None,
+                # what the sampler needs to know: guidance needs a prior that learnt the empty caption
+                "caption_dropout": training.caption_dropout}
         # model.save_prior's file, but the full weights and EMA are gathered to rank 0 only
         if remote_checkpoints:
             model_path = _save_prior_to_url(f"{checkpoint_dir}/{model_filename}", model, config, ema.shadow, meta)
