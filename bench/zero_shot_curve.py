@@ -89,6 +89,8 @@ def main() -> None:
                    help="PriorConfig fields to change (bench/overrides.py), e.g. n_head=8 text_loss_weight=0.0")
     p.add_argument("--training-set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="PriorTrainingConfig fields to change (bench/overrides.py), e.g. weight_decay=0.0")
+    p.add_argument("--text-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="TextConfig fields to change, e.g. bpe_dropout=0.0 (the prior's training rate follows it)")
     p.add_argument("--captions", type=int, default=100, help="held-out captions per point")
     p.add_argument("--train-captions", type=int, default=50)
     p.add_argument("--candidates", type=int, default=8)
@@ -107,12 +109,15 @@ def main() -> None:
                             ("--warmup-steps", args.warmup_steps),
                             ("--attention", args.attention), ("--lr-cooldown-steps", args.lr_cooldown_steps)) if v is not None for a in (k, str(v))]
     which = ["--profile", args.profile]
-    if args.prior_set or args.training_set:
+    if args.prior_set or args.training_set or args.text_set:
         # a changed profile goes to the trainer the way every launcher hands it one: resolved, as JSON
         profile = get_profile(args.profile)
-        profile = replace(profile,
+        text = replace(profile.text, **parse_overrides(args.text_set, profile.text, "--text-set"))
+        # the stages that derive from the text's fields take the changed values
+        training = profile.prior_training.replace(bpe_dropout=text.bpe_dropout)
+        profile = replace(profile, text=text,
                           prior=profile.prior.replace(**parse_overrides(args.prior_set, profile.prior, "--prior-set")),
-                          prior_training=profile.prior_training.replace(
+                          prior_training=training.replace(
                               **parse_overrides(args.training_set, profile.prior_training, "--training-set")))
         args.out.mkdir(parents=True, exist_ok=True)
         manifest, source = read_code_manifest(storage)
@@ -136,7 +141,7 @@ def main() -> None:
             print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
                       "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps,
-                      "prior_set": args.prior_set, "training_set": args.training_set, "captions": args.captions,
+                      "prior_set": args.prior_set, "training_set": args.training_set, "text_set": args.text_set, "captions": args.captions,
                       "candidates": args.candidates, "temperature": args.temperature, "points": points, "threads": torch.get_num_threads(),
                       "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
 
