@@ -41,6 +41,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -187,6 +188,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="RerankerConfig override for every variant (e.g. lr=3e-3)")
     ap.add_argument("--cache", type=Path, default=None, help="rendered data (default: in the temp folder)")
+    ap.add_argument("--bpe-dropout", type=float, default=None,
+                    help="the tokenizer's BPE dropout of the training captions (default: the profile's text)")
     args = ap.parse_args()
 
     if args.threads:
@@ -198,7 +201,8 @@ def main() -> None:
     cache = args.cache or Path(tempfile.gettempdir()) / f"dalle-bench-reranker-{args.profile}.pt"
     data = build_data(args.profile, cache)
     t0 = time.time()
-    tok = train_bpe_tokenizer(data["train_caps"], prof.text)
+    text = prof.text if args.bpe_dropout is None else replace(prof.text, bpe_dropout=args.bpe_dropout)
+    tok = train_bpe_tokenizer(data["train_caps"], text)
     log(f"tokenizer: {time.time() - t0:.1f}s")
 
     names = []
@@ -243,7 +247,7 @@ def main() -> None:
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "profile": args.profile, "steps": steps, "batch_size": base.batch_size, "seeds": seeds,
-        "overrides": overrides, "train_pairs": len(data["train_caps"]), "held_out_pairs": len(data["eval_caps"]),
+        "overrides": overrides, "bpe_dropout": tok.config.bpe_dropout, "train_pairs": len(data["train_caps"]), "held_out_pairs": len(data["eval_caps"]),
         "variants": results,
     }
     if "old" in results:

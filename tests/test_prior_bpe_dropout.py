@@ -160,9 +160,13 @@ def test_rank_slices_make_up_the_single_process_batch_with_dropout(tok, shards):
         assert torch.equal(text, single[k][0][order])
 
 
-def test_every_profile_uses_the_papers_rate():
+def test_every_profile_but_the_demos_uses_the_papers_rate():
+    """0.1 everywhere but the laptop demo's (small, medium): its template captions learn ~1.5x
+    sooner without it (dalle_core/profiles.py, measured)."""
     profiles = [get_profile(name) for name in profile_names()]
-    assert {p.name: p.prior_training.bpe_dropout for p in profiles} == dict.fromkeys(profile_names(), 0.1)
+    demo = {"small", "medium"}
+    assert {p.name: p.prior_training.bpe_dropout for p in profiles} == {
+        name: 0.0 if name in demo else 0.1 for name in profile_names()}
     assert all(p.prior_training.bpe_dropout == p.text.bpe_dropout for p in profiles)  # one source: the text config
     tiny = get_profile("tiny").prior_training
     assert PriorTrainingConfig.from_dict({**tiny.to_dict(), "bpe_dropout": 0.3}).bpe_dropout == 0.3
