@@ -112,12 +112,11 @@ def main() -> None:
     if args.prior_set or args.training_set or args.text_set:
         # a changed profile goes to the trainer the way every launcher hands it one: resolved, as JSON
         profile = get_profile(args.profile)
-        text = replace(profile.text, **parse_overrides(args.text_set, profile.text, "--text-set"))
-        # the stages that derive from the text's fields take the changed values
-        training = profile.prior_training.replace(bpe_dropout=text.bpe_dropout)
-        profile = replace(profile, text=text,
+        # the stages that derive from the text's fields (the prior's BPE dropout) follow it
+        profile = profile.with_stage("text", **parse_overrides(args.text_set, profile.text, "--text-set"))
+        profile = replace(profile,
                           prior=profile.prior.replace(**parse_overrides(args.prior_set, profile.prior, "--prior-set")),
-                          prior_training=training.replace(
+                          prior_training=profile.prior_training.replace(
                               **parse_overrides(args.training_set, profile.prior_training, "--training-set")))
         args.out.mkdir(parents=True, exist_ok=True)
         manifest, source = read_code_manifest(storage)

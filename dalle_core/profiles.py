@@ -134,10 +134,15 @@ class Profile:
         return cls(name=str(d["name"]), **{stage: STAGES[stage].from_dict(dict(d[stage])) for stage in STAGES
                                            if stage in d})
 
+    def with_stage(self, stage: str, **changes) -> "Profile":
+        """The same profile with other settings of one stage; the values derived from them
+        follow (e.g. text.bpe_dropout -> prior_training.bpe_dropout)."""
+        stages = {name: getattr(self, name) for name in STAGES}
+        return _derive(self.name, {**stages, stage: replace(stages[stage], **changes)})
+
     def with_data(self, **changes) -> "Profile":
         """The same profile with other data settings; sizes derived from them follow."""
-        stages = {stage: getattr(self, stage) for stage in STAGES}
-        return _derive(self.name, {**stages, "data": replace(self.data, **changes)})
+        return self.with_stage("data", **changes)
 
 
 def _derive(name: str, stages: dict[str, Any]) -> Profile:

@@ -230,6 +230,9 @@ def test_a_tree_whose_stages_disagree_is_refused():
     # with_data re-derives what depends on the data
     bigger = tiny.with_data(image_size=64)
     assert (bigger.dvae.image_size, bigger.prior.image_grid, bigger.reranker.image_size) == (64, 16, 64)
+    # with_stage does the same for any stage: the text's BPE dropout is the prior's
+    quiet = tiny.with_stage("text", bpe_dropout=0.0, text_len=24)
+    assert (quiet.prior_training.bpe_dropout, quiet.prior.text_len, quiet.reranker.text_len) == (0.0, 24, 24)
 
 
 def test_data_config_round_trip():
