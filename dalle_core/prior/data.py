@@ -339,12 +339,13 @@ def write_synthetic_code_shards(storage, prefix: str, config, n_shards: int = 3,
     rng = np.random.default_rng(seed)
     templates = rng.integers(0, config.image_vocab_size, size=(n_templates, g, g))
     id_base = V - 40  # tokens [V - 40, V): 32 values for the id's low digit, 8 for the high one
+    pads = empty_captions(1, L, V)[0].numpy().astype(np.int32)  # every position's pad token
     infos, k = [], 0
     for s in range(n_shards):
         pairs = []
         for _ in range(per_shard):
             t = int(rng.integers(0, n_templates))
-            text = empty_captions(1, L, V)[0].numpy().astype(np.int32)  # then the caption's 5 tokens
+            text = pads.copy()  # then the caption's 5 tokens
             text[:5] = [1 + t % (V // 4), V // 4 + t % (V // 4), V // 2, id_base + k % 32, id_base + 32 + (k // 32) % 8]
             codes = templates[t].copy()
             mask = rng.random(codes.shape) < noise

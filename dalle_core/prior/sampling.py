@@ -57,8 +57,9 @@ the same codes drawn so far in both, and a token is drawn from
 ``uncond + s * (cond - uncond)`` of the two streams' logits (Ho & Salimans 2022;
 Make-A-Scene applied it to an autoregressive prior). It needs a prior trained with
 `PriorTrainingConfig.caption_dropout` > 0, or the empty caption is a stream it has
-never seen: a prior loaded from a file that says so is refused (`guidance_refusal`). s = 1 is the plain conditional draw (one stream: the paper's). The two
-streams double the rows a chunk decodes, so a chunk takes half the rows.
+never seen: a prior loaded from a file that says so is refused (`guidance_refusal`).
+s = 1 is the plain conditional draw (one stream: the paper's). The two streams double
+the rows a chunk decodes, so a chunk takes half the rows.
 
 Mixed precision: the model runs in whatever precision it is in; wrap the call in
 ``torch.autocast`` for fp16/bf16 on a GPU (the heads and logits stay fp32).
