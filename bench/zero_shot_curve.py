@@ -98,6 +98,9 @@ def main() -> None:
     p.add_argument("--guidance", type=float, nargs="+", default=[1.0],
                    help="classifier-free guidance scales to evaluate at each point (1: none; >1 needs "
                         "--training-set caption_dropout=...)")
+    p.add_argument("--weights", nargs="+", default=["ema"], choices=["ema", "raw"],
+                   help="which weights to draw from at each point: the EMA the platform samples with, "
+                        "and/or the raw last update")
     p.add_argument("--out", type=Path, required=True, help="training folder (resumed between points)")
     args = p.parse_args()
 
@@ -127,17 +130,18 @@ def main() -> None:
         train_main([*which, "--codes", str(storage), "--out", str(args.out), "--steps", str(steps),
                     "--checkpoint-every", str(steps), "--log-every", "100", "--quiet", *extra])
         train_s += time.perf_counter() - t
-        prior = load_prior(args.out / "prior.pt").eval()
-        chain = TextToImage(prior, decoder, tok)
-        for scale in args.guidance:
-            t = time.perf_counter()
-            kw = {"temperature": args.temperature, "guidance_scale": scale}
-            point = {"steps": steps, "train_s": round(train_s, 1), "guidance": scale,
-                     "heldout": caption_following(chain, held, args.candidates, **kw),
-                     "train": caption_following(chain, train, args.candidates, **kw), "eval_s": 0.0}
-            point["eval_s"] = round(time.perf_counter() - t, 1)
-            points.append(point)
-            print(json.dumps(point), flush=True)
+        for weights in args.weights:
+            prior = load_prior(args.out / "prior.pt", use_ema=weights == "ema").eval()
+            chain = TextToImage(prior, decoder, tok)
+            for scale in args.guidance:
+                t = time.perf_counter()
+                kw = {"temperature": args.temperature, "guidance_scale": scale}
+                point = {"steps": steps, "train_s": round(train_s, 1), "weights": weights, "guidance": scale,
+                         "heldout": caption_following(chain, held, args.candidates, **kw),
+                         "train": caption_following(chain, train, args.candidates, **kw), "eval_s": 0.0}
+                point["eval_s"] = round(time.perf_counter() - t, 1)
+                points.append(point)
+                print(json.dumps(point), flush=True)
     print(json.dumps({"benchmark": "zero_shot_curve", "profile": args.profile, "precision": args.precision,
                       "lr": args.lr, "batch_size": args.batch_size, "attention": args.attention, "lr_cooldown_steps": args.lr_cooldown_steps,
                       "prior_set": args.prior_set, "training_set": args.training_set, "text_set": args.text_set, "captions": args.captions,
