@@ -306,15 +306,25 @@ def small() -> Profile:
         # attention "auto": block-sparse on the CPU (dalle_core/prior/block_sparse.py): the same
         # outputs, and on the demo's codes 300 bf16 updates take 58 s vs 79 s with masked SDPA
         # (25.3k vs ~17-21k tokens/s), losses equal within 0.001 (2026-12-01, idle)
-        prior=dict(n_layer=4, n_head=4, d_head=32, conv_kernel=7, attention="auto"),
+        # text_loss_weight 0.5 (the paper's is 1/8, which the paper presets keep): predicting the
+        # caption's own tokens is an auxiliary task that makes the text positions encode the
+        # caption, which the image positions then read. On the demo's codes at 1,100 updates
+        # (200 held-out captions x 8 draws, seeds 0 / 1, 2026-12-02) any-of-8 went 0.195 / 0.265 at
+        # 1/8 to 0.275 / 0.285 at 0.5 (0.28 at 1.0, 0.125 at 0), and with lr 2e-3 below to 0.40 /
+        # 0.295 (a draw 0.062 / 0.053 vs 0.028 / 0.039): docs/benchmarks.md, "Learning rate and
+        # text-loss weight".
+        prior=dict(n_layer=4, n_head=4, d_head=32, conv_kernel=7, attention="auto", text_loss_weight=0.5),
         # amp_dtype "auto": bf16 on a CPU with AVX-512 BF16 (1.29x the fp32 step; over 250
         # updates on the demo's codes the loss matches fp32 within 0.0005, 2026-12-01), fp32
         # elsewhere. 900 updates: what the 10-minute demo has room for beside the fp32 dVAE
-        # (~0.18 s an update with block-sparse attention inside the demo; with 1,000 the demo
-        # took 600 s, 2026-12-01). Caption following is on the steep part of its curve
-        # (any-of-8 0.10-0.11 at 1,000 and 0.16-0.20 at 1,100 on the demo's codes,
-        # docs/benchmarks.md): every update the budget allows pays.
-        prior_training=dict(lr=1e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
+        # (~0.19 s an update with block-sparse attention inside the demo; with 1,000 the demo
+        # took 600 s, 2026-12-01; the ~15 s the faster world rendering saved in the crawl since
+        # is margin, as the machine's speed varies by 2x). Caption following is on the steep
+        # part of its curve (docs/benchmarks.md): every update the budget allows pays.
+        # lr 2e-3 (1e-3 before): without BPE dropout the higher rate is ahead at 1,100 updates
+        # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
+        # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
+        prior_training=dict(lr=2e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
                             batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
@@ -345,13 +355,15 @@ def medium() -> Profile:
     (bench/zero_shot_curve.py on the demo's codes, bf16, 100 held-out captions x 8 draws,
     2026-12-01; docs/benchmarks.md): at lr 1e-3 any-of-8 went 0.20 / 0.43 / 0.71 after
     1100 / 2200 / 3300 updates, at lr 2e-3 0.09 / 0.59 / 0.73, so past the small budget
-    the higher rate pays (first draw 0.18 vs 0.07 at 2200) and the curve still climbs at
+    the higher rate paid (first draw 0.18 vs 0.07 at 2200) and the curve still climbs at
     3300; shapes are what the prior learns last (20% of draws at 3300). Those curves had
     BPE dropout; without it (small's text, 2026-12-01) the medium run reranked 0.74 of 200
-    held-out captions (0.63-0.685 with it), first draw 0.36, any of 32 1.00, in 25 min 41 s."""
+    held-out captions (0.63-0.685 with it), first draw 0.36, any of 32 1.00, in 25 min 41 s.
+    Since 2026-12-02 small trains at lr 2e-3 with text-loss weight 0.5 too (ahead at 1,100
+    updates without BPE dropout), so medium inherits both and changes only the lengths."""
     p = small()
     return replace(p, name="medium",
-                   prior_training=replace(p.prior_training, lr=2e-3, total_steps=4400),
+                   prior_training=replace(p.prior_training, total_steps=4400),
                    reranker=replace(p.reranker, total_steps=900),
                    # Draws at temperature 0.7 (the paper's is 1): on the medium run's prior (4,400
                    # updates) and its 900-update reranker, 200 held-out captions x 8 draws, a draw

@@ -53,7 +53,10 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            ("small", "prior", "attention"): ("sdpa", "auto"),
            # no BPE dropout on the demo's template captions: learnt ~1.5x sooner (issue 15)
            ("small", "text", "bpe_dropout"): (0.1, 0.0),
-           ("small", "prior_training", "bpe_dropout"): (0.1, 0.0)}
+           ("small", "prior_training", "bpe_dropout"): (0.1, 0.0),
+           # the small prior's rate and text-loss weight, measured on the demo's codes (issue 15)
+           ("small", "prior", "text_loss_weight"): (1 / 8, 0.5),
+           ("small", "prior_training", "lr"): (1e-3, 2e-3)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
 # (dVAE bf16 autocast on CPUs with bf16 instructions: issue 15, off unless a profile turns it on).
 # The reranker's layout and training choices (issue 15): their defaults are the first design.
@@ -178,9 +181,9 @@ def test_the_prior_asset_run_digest_is_unchanged():
     assert digest(get_profile("tiny")) == "85f867d6cc68"  # the old tiny prior sized to its codes
     # small: "9ded11ada0c0" before its amp_dtype / total_steps changed on purpose (CHANGED),
     # "eefcee00e4c7" before its attention became "auto" (the 900 updates are the snapshot's
-    # again), "96463d683c3a" before its BPE dropout went to 0: a new run folder, as it should be
-    # for other training settings
-    assert digest(get_profile("small")) == "d786b001acd4"
+    # again), "96463d683c3a" before its BPE dropout went to 0, "d786b001acd4" before its lr and text
+    # loss weight changed: a new run folder, as it should be for other training settings
+    assert digest(get_profile("small")) == "eca792ca5107"
 
 
 def test_unknown_profile_is_one_error_listing_the_choices():
