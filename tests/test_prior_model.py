@@ -143,11 +143,11 @@ def test_loss_is_one_eighth_text_plus_seven_eighths_image():
     assert abs(out["image"].item() - math.log(TINY.image_vocab_size)) < 0.5
 
 
-def test_every_profile_but_the_demos_weights_text_by_one_eighth():
-    """The paper's 1/8 text + 7/8 image everywhere but the laptop demo's (small, medium: text 0.5,
+def test_every_profile_but_small_weights_text_by_one_eighth():
+    """The paper's 1/8 text + 7/8 image everywhere but the 10-minute demo's (small: text 0.5,
     measured to follow captions sooner on the demo's codes, dalle_core/profiles.py); the trainer's
     loss (`model.loss` without weights) takes the profile's weight."""
-    demo = {"small", "medium"}
+    demo = {"small"}
     assert {n: (get_profile(n).prior.text_loss_weight, get_profile(n).prior.image_loss_weight)
             for n in profile_names()} == {n: (0.5 if n in demo else 1 / 8, 7 / 8) for n in profile_names()}
     model = DalleTransformer(TINY.replace(text_loss_weight=0.5))
