@@ -116,6 +116,12 @@ def serve_demo_world(world: DemoWorld, host: str = "127.0.0.1", port: int = 0,
     `slow_delay_s` is how long "slow" items wait before answering: set it above
     the crawler's timeout.
     """
+    # Build the world's items before the first request, not during it: the
+    # first ~16 requests of a crawl used to each build the 1,500-item batch
+    # under the GIL, and on a slow or busy machine that outlasted the crawler's
+    # timeout three times, so ordinary items were dropped as "timeout" and the
+    # crawl's output depended on the machine's speed.
+    world.build()
     server = _Server((host, port), world, slow_delay_s)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
                               name=f"demo-world-server-{server.server_address[1]}", daemon=True)

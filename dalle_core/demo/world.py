@@ -22,6 +22,7 @@ Everything is a pure function of the seed; image bytes are rendered on demand.
 from __future__ import annotations
 
 import re
+import threading
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -43,6 +44,9 @@ class DemoWorld:
         self.fault_rate = fault_rate
         self._batches: dict[int, list[WorldItem]] = {}
         self._eval: list[EvalItem] | None = None
+        # Items are built lazily, and the server asks from many threads at once:
+        # one builds, the rest wait (re-entrant: a batch's plants need eval_items).
+        self._build_lock = threading.RLock()
 
     @classmethod
     def from_data_config(cls, data) -> "DemoWorld":
@@ -84,7 +88,9 @@ class DemoWorld:
         if not 0 <= batch < self.n_batches:
             raise IndexError(f"batch {batch} out of range (the world has {self.n_batches})")
         if batch not in self._batches:
-            self._batches[batch] = self._make_batch(batch)
+            with self._build_lock:
+                if batch not in self._batches:
+                    self._batches[batch] = self._make_batch(batch)
         return self._batches[batch]
 
     def _make_batch(self, batch: int) -> list[WorldItem]:
@@ -148,14 +154,24 @@ class DemoWorld:
         return Counter(item.expected for item in self.all_items())
 
     def eval_items(self) -> list[EvalItem]:
-        if self._eval is None:
-            self._eval = []
-            for i in range(self.n_eval):
-                rng = self._rng(3, i)
-                scene = random_scene(rng, held_out=True)
-                self._eval.append(EvalItem(i + 1, f"eval-{i + 1:06d}", scene, random_caption(scene, rng),
-                                           int(rng.integers(2**63))))
+        with self._build_lock:
+            if self._eval is None:
+                items = []
+                for i in range(self.n_eval):
+                    rng = self._rng(3, i)
+                    scene = random_scene(rng, held_out=True)
+                    items.append(EvalItem(i + 1, f"eval-{i + 1:06d}", scene, random_caption(scene, rng),
+                                          int(rng.integers(2**63))))
+                self._eval = items
         return self._eval
+
+    def build(self) -> "DemoWorld":
+        """Build every batch's and the evaluation set's items now (not rendering
+        their images), so that no request waits for it; returns the world."""
+        for batch in range(self.n_batches):
+            self.batch_items(batch)
+        self.eval_items()
+        return self
 
     def validation_items(self, n: int | None = None) -> list[EvalItem]:
         """`n` images (default: as many as the evaluation set) of validation
