@@ -297,3 +297,33 @@ def test_optimizer_groups_decay_only_linear_weights():
     assert id(model.text_head.weight) in ids and id(model.blocks[0].mlp.mlp.fc.weight) in ids
     assert id(model.text_embedding.weight) not in ids and id(model.blocks[0].attn.ln.weight) not in ids
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_backward_passes_give_bitwise_equal_gradients(dtype):
+    """The same batch, twice: the same gradients to the bit, so that two runs of one
+    config (and a resumed run and an uninterrupted one) stay equal. The image
+    position embeddings were gathered with repeated column indices, whose CPU
+    backward accumulates in a thread-dependent order: runs drifted apart."""
+    cfg = get_profile("small").prior.replace(text_len=32, text_vocab_size=2048)
+    torch.manual_seed(0)
+    model = DalleTransformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, cfg.text_vocab_size, (16, cfg.text_len), generator=g)
+    image = torch.randint(0, cfg.image_vocab_size, (16, cfg.image_grid ** 2), generator=g)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            model.loss(text, image)["total"].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))  # the race needs two threads
+    try:
+        first = grads()
+        for _ in range(4):
+            again = grads()
+            assert [n for n in first if not torch.equal(first[n], again[n])] == []
+    finally:
+        torch.set_num_threads(threads)

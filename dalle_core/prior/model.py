@@ -297,8 +297,14 @@ class DalleTransformer(nn.Module):
         if start < L:
             parts.append(self.text_position[start:min(end, L)])
         if end > L:
-            j = torch.arange(max(start, L) - L, end - L, device=self.image_row.device)
-            parts.append(self.image_row[j // g] + self.image_col[j % g])
+            # the image rows the span touches, each row + every column, then the span: sliced,
+            # not gathered. Gathering `image_col[j % g]` repeats every column index, and the
+            # CPU backward of such an index accumulates them in a thread-dependent order, so
+            # two identical training runs drifted apart (bf16: losses differed at update 10).
+            lo, hi = max(start, L) - L, end - L
+            r0, r1 = lo // g, -(-hi // g)
+            rows = (self.image_row[r0:r1, None, :] + self.image_col[None, :, :]).flatten(0, 1)
+            parts.append(rows[lo - r0 * g: hi - r0 * g])
         return torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
 
     def embed(self, text: torch.Tensor | None, image: torch.Tensor | None, start: int = 0) -> torch.Tensor:
