@@ -256,7 +256,10 @@ def small() -> Profile:
             crawl_workers=16,
             # 2 s, not less: at 1 s the crawl saved ~9 s of the demo on the "slow" items (3 s,
             # a timeout either way) but 2 ordinary items timed out under the machine's load,
-            # so what was crawled, and every model after it, depended on the load (2026-12-01)
+            # so what was crawled, and every model after it, depended on the load (2026-12-01).
+            # (Those, and the ~15-50 lost at 2 s on a slow machine, were a batch's first
+            # requests waiting for the server to build the world's items: it builds them
+            # before serving since 2026-12-02, dalle_core/demo/server.py.)
             crawl_timeout_s=2.0,
             crawl_retries=2,
             crawl_backoff_s=0.1,
@@ -341,6 +344,13 @@ def small() -> Profile:
                       text_heads=4, embed_dim=96, batch_size=64, total_steps=200, log_every=25,
                       checkpoint_every=100, lr=2e-3, warmup_steps=20,
                       image_pool="moments", text_conv=5, hard_negatives=0, mirrored_pairs=64, amp_dtype="auto"),
+        # Draws at temperature 0.7 (the paper's 1), as medium does: on the 900-update prior of
+        # `runs/d2` (this profile's lineage) with its reranker, 200 held-out captions x 8, a draw
+        # matched 0.039 vs 0.0275 at 1.0, the reranked pick 0.12 vs 0.08 (training captions 0.14
+        # vs 0.06); on a 2,200-update prior of these settings a draw 0.259 vs 0.215, the first
+        # draw 0.26 vs 0.21 (reranked 0.345 vs 0.365). At the older 1,000-update prior, which had
+        # not learnt the shapes, no temperature had mattered (docs/benchmarks.md, 2026-12-02).
+        sampling=dict(temperature=0.7),
     )
 
 
@@ -378,9 +388,8 @@ def medium() -> Profile:
                    # reranked pick 0.595 vs 0.525, the first draw 0.29 vs 0.23; the platform's own
                    # evaluation_job on a copy of that run (other seeds): a draw 0.273 vs 0.214,
                    # reranked 0.555 vs 0.54, first 0.26 vs 0.255, any of 8 0.81 vs 0.78. 0.5 gave
-                   # little more, top-k 16 nothing (docs/benchmarks.md, 2026-12-01). small keeps 1.0:
-                   # at ~1,000 updates no setting changed the match beyond noise (its prior has not
-                   # learnt the shapes a lower temperature would sharpen).
+                   # little more, top-k 16 nothing (docs/benchmarks.md, 2026-12-01). small draws at
+                   # 0.7 too since 2026-12-02 (measured on its own priors: small() above).
                    # 32 draws per caption for the zero-shot report (the paper reranks 512, "gains level
                    # off past 32"): from the same 32 draws of that prior at 0.7 for 200 held-out
                    # captions, its reranker picked a match for 0.605 / 0.685 / 0.715 of them among the

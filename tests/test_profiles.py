@@ -89,9 +89,10 @@ def test_medium_is_the_small_lineage_run_longer():
     assert code_sizes(m) == code_sizes(s)
     assert _json(m.prior_training.to_dict()) == {**_json(s.prior_training.to_dict()), "lr": 2e-3, "total_steps": 4400}
     assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 900}
-    # and how its prior is drawn: temperature 0.7 (measured on its own prior); small draws at the paper's 1
+    # and how its prior is drawn: temperature 0.7 (measured on its own prior and on small's), as small
     assert (m.sampling.temperature, m.sampling.top_k) == (0.7, None)
-    assert s.sampling == SamplingConfig() and s.sampling.key() == {} and m.sampling.key() == {"temperature": 0.7}
+    assert s.sampling == SamplingConfig(temperature=0.7) and s.sampling.key() == m.sampling.key() == {"temperature": 0.7}
+    assert get_profile("tiny").sampling == SamplingConfig()  # the tests' profile draws at the paper's 1
     # and how many draws its zero-shot report reranks: 32 (small 8, the paper's profiles 512); not
     # in key(): the evaluation's fingerprint and the chunk keys name the candidates already
     assert (s.sampling.candidates, m.sampling.candidates) == (8, 32)
