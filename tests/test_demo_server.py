@@ -151,10 +151,12 @@ def test_stop_frees_the_port(world):
 class _SlowToBuildWorld(DemoWorld):
     """The demo world on a slow machine: building a batch's items takes 0.5 s."""
 
-    builds = 0
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.builds = 0
 
     def _make_batch(self, batch):
-        type(self).builds += 1
+        self.builds += 1
         time.sleep(0.5)
         return super()._make_batch(batch)
 
@@ -174,13 +176,12 @@ def test_a_crawls_first_requests_do_not_wait_for_the_world_to_be_built():
         with ThreadPoolExecutor(max_workers=16) as pool:
             responses = list(pool.map(fetch, items))
     assert [r.status_code for r in responses] == [200] * 16
-    assert _SlowToBuildWorld.builds == 2  # each batch once
+    assert world.builds == 2  # each batch once
 
 
 def test_a_batch_is_built_once_however_many_threads_ask():
-    _SlowToBuildWorld.builds = 0
     world = _SlowToBuildWorld(seed=11, items_per_batch=120, n_batches=2, n_eval=16)
     with ThreadPoolExecutor(max_workers=8) as pool:
         batches = list(pool.map(lambda _: world.batch_items(0), range(8)))
-    assert _SlowToBuildWorld.builds == 1
+    assert world.builds == 1
     assert all(b is batches[0] for b in batches)
