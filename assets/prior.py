@@ -57,7 +57,8 @@ def codes_dir(storage: StorageResource, store) -> Path:
     group_name="prior",
     kinds={"pytorch"},
     description="Decoder-only sparse transformer over 'text then image' tokens (row/column/conv "
-    "masks, 1/8 text + 7/8 image loss), trained with torchrun; registered in MLflow as `prior`.",
+    "masks; text and image loss weighted as the profile says, the paper's 1/8 and 7/8), trained with "
+    "torchrun; registered in MLflow as `prior`.",
 )
 def prior(
     context: dg.AssetExecutionContext,

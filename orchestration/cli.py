@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="run the whole lineage on the built-in demo world")
-    p.add_argument("--profile", default=None, help="tiny | small (default: $DALLE_PROFILE or small)")
+    p.add_argument("--profile", default=None, help="tiny | small | medium (default: $DALLE_PROFILE or small)")
     p.add_argument("--run-dir", default=None, help="where everything goes (default runs/demo)")
     p.set_defaults(func=cmd_demo)
 
