@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from dalle_core.machine import matmul_rate  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
 from dalle_core.dvae.losses import elb_loss, gumbel_softmax_relaxation  # noqa: E402
 from dalle_core.dvae.model import build_dvae, encode_to_codes, map_pixels  # noqa: E402
@@ -58,13 +59,6 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def matmul_rate(device, dtype, n: int = 2048, repeats: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    s = timed(lambda: a @ b, device, repeats)
-    return 2 * n**3 / s
 
 
 def main() -> None:
@@ -121,7 +115,7 @@ def main() -> None:
         use_amp = True
     enc_flops = count_flops(encode)
     step_flops = count_flops(train_step)
-    peak = matmul_rate(device, amp if use_amp else torch.float32)
+    peak = matmul_rate(device, amp if use_amp else torch.float32, n=2048)
     out = {
         "benchmark": "dvae",
         "profile": args.profile,

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_venv import ensure_venv  # noqa: E402
 
+from dalle_core.machine import matmul_rate  # noqa: E402
 from dalle_core.prior import DalleTransformer  # noqa: E402
 from dalle_core.prior.config import ATTENTION_CHOICES, PriorConfig, PriorTrainingConfig, count_parameters  # noqa: E402
 from dalle_core.prior.block_sparse import layer_layout  # noqa: E402
@@ -110,21 +111,6 @@ def flops_per_token(cfg: PriorConfig) -> float:
     d = cfg.n_embd
     per_layer = 12 * d * d + 13 * d
     return 6 * cfg.n_layer * per_layer + 12 * cfg.n_layer * cfg.seq_len * d
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 4096, repeats: int = 5) -> float:
-    n = n if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * repeats / (time.perf_counter() - t)
 
 
 def random_batches(cfg: PriorConfig, batch: int, device: torch.device):
@@ -240,7 +226,7 @@ def main() -> None:
     else:
         runs = [measure(cfg, training, prec, device, batch, args.steps) for prec in precisions]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    baseline = matmul_rate(device, dtype)
+    baseline = matmul_rate(device, dtype, n=4096 if device.type == "cuda" else 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
     for r in runs:

@@ -3,8 +3,10 @@ Dagster instance so that `make ui` shows every run, asset and check afterwards."
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from orchestration.settings import Settings
@@ -29,6 +31,11 @@ def prepare_instance(settings: Settings):
     return DagsterInstance.get()
 
 
+# Where the small profile's 10-minute budget was set (2026-12-01, the 2-core machine idle): a run on a
+# machine that multiplies slower takes longer in proportion (docs/runs.md), hence the probe below.
+BUDGET_SET_AT = "the small profile's 10-minute budget was set at fp32 ~200 / bf16 ~857 GFLOP/s on 2 threads"
+TIMING_FILE = "demo_timing.json"
+
 BROKEN_LIST = "broken-links.csv"  # bad data: the quality gate holds this batch back from the shards
 
 
@@ -48,14 +55,17 @@ def write_demo_url_lists(settings: Settings) -> list[str]:
 
 
 def run_demo(settings: Settings, say=print) -> dict:
+    from dalle_core.machine import describe_speed, machine_speed
     from orchestration.definitions import build_definitions
 
-    t0 = time.monotonic()
+    t0, started = time.monotonic(), datetime.now(timezone.utc)
+    speed_before = machine_speed()  # the condition every timing below was measured under
     instance = prepare_instance(settings)
     defs = build_definitions(settings)
     resources = defs.resources
     profile = resources["profile"].get()
     say(f"[demo] profile={profile.name} run dir={settings.run_dir}")
+    say(f"[demo] machine: {describe_speed(speed_before)} ({BUDGET_SET_AT})")
 
     lists = write_demo_url_lists(settings)
     from assets.data import crawl_batches
@@ -66,6 +76,7 @@ def run_demo(settings: Settings, say=print) -> dict:
     say(f"[demo] URL lists (crawl batches): {', '.join(lists)}")
 
     held_back: list[str] = []
+    stages: list[dict] = []
 
     def run(job: str, label: str, partition_key: str | None = None):
         """One job in process on the demo's instance; stop with a pointer to the UI if it fails,
@@ -78,7 +89,9 @@ def run_demo(settings: Settings, say=print) -> dict:
         gated = (not res.success and job == "filter_job" and failed_checks
                  and res.get_asset_materialization_events())  # filtered, but its blocking suite failed
         status = "ok" if res.success else "HELD BACK by its data-quality suite" if gated else "FAILED"
-        say(f"[demo] {label}: {status} ({time.monotonic() - t:.0f}s)")
+        seconds = time.monotonic() - t
+        stages.append({"stage": label, "job": job, "seconds": round(seconds, 1), "status": status})
+        say(f"[demo] {label}: {status} ({seconds:.0f}s)")
         for e in res.get_asset_check_evaluations():
             say(f"[demo]   check {e.asset_check_key.name}: {'passed' if e.passed else 'FAILED'}")
             if not e.passed and "result" in e.metadata:
@@ -117,8 +130,11 @@ def run_demo(settings: Settings, say=print) -> dict:
     if held_back:
         summary["lines"].append(f"{'held back':15s} {', '.join(held_back)} (failed data-quality suite: not in the "
                                 "shards; see the filtered_pairs check in the Dagster UI)")
+    total, speed_after = time.monotonic() - t0, machine_speed()
+    summary["timing"] = write_timing(settings, profile.name, started, total, stages, speed_before, speed_after)
     say("")
-    say(f"[demo] done in {time.monotonic() - t0:.0f}s. What it produced:")
+    say(f"[demo] done in {total:.0f}s (machine at the end: {describe_speed(speed_after)}; "
+        f"stage timings in {Path(settings.run_dir) / TIMING_FILE}). What it produced:")
     for line in summary["lines"]:
         say(f"  {line}")
     say("")
@@ -131,6 +147,21 @@ def run_demo(settings: Settings, say=print) -> dict:
     say("  Dagster UI:     make ui  -> http://127.0.0.1:3000 (assets, checks, runs of this demo)")
     say("  MLflow UI:      make ui  -> http://127.0.0.1:5000")
     return summary
+
+
+def write_timing(settings: Settings, profile: str, started: datetime, total: float, stages: list[dict],
+                 speed_before: dict, speed_after: dict) -> dict:
+    """<run dir>/demo_timing.json: each stage's wall clock with the machine's matmul rates at the
+    start and the end, so that a timing is compared only with one taken on an equally fast machine."""
+    import torch
+
+    from dalle_core.io import atomic_write_text
+
+    timing = {"profile": profile, "started": started.isoformat(timespec="seconds"), "total_seconds": round(total, 1),
+              "stages": stages, "machine_before": speed_before, "machine_after": speed_after,
+              "torch": torch.__version__, "budget_set_at": BUDGET_SET_AT}
+    atomic_write_text(Path(settings.run_dir) / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
+    return timing
 
 
 def summarize(settings: Settings, instance) -> dict:
