@@ -376,7 +376,9 @@ def medium() -> Profile:
     0.25, any of 32 0.92 vs 0.97), a generalisation gap the 1/8 run (0.74 held-out vs 0.62
     training) did not have: at ~30 epochs of the demo's pairs, a heavier caption model
     seems to learn the training compositions rather than the words (one run each, on
-    different codes: a hint, measured as such)."""
+    different codes: a hint, measured as such). 4,400 updates stay: the m7 prior resumed to
+    6,600 (~7 more minutes) raised a draw's match 0.353 -> 0.383 and its reranked pick not at
+    all (0.71 -> 0.72; docs/benchmarks.md, "Medium's prior trained 1.5x as long")."""
     p = small()
     return replace(p, name="medium",
                    prior=p.prior.replace(text_loss_weight=1 / 8),
