@@ -3,7 +3,7 @@ was measured under.
 
 The project's 2-core machine runs the same 1024-square bf16 matmul at ~857 GFLOP/s in a
 good hour and at 310-435 in a bad one (same hardware, a shared host), and every stage of the
-demo slows with it (docs/runs.md: the same code took 587 s and 723 s). A timing stored
+demo slows with it (docs/runs.md: stages of the same sizes took 587 s and 723 s). A timing stored
 without that figure cannot be compared with another, so the demo probes the rate before and
 after its run (well under a second each) and stores it beside its stage timings, and the
 benchmarks take the same probe as their baseline.
