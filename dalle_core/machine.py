@@ -18,6 +18,8 @@ import torch
 
 from dalle_core.precision.device import cpu_has_fast_bf16
 
+PROBE_SIZE = 1024  # a product of ~2 GFLOP: a few ms a matmul on 2 cores, well above the timer's noise
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -52,8 +54,9 @@ def machine_speed() -> dict:
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "cpu_fast_bf16": fast_bf16,
-        "fp32_gflops": round(matmul_rate(dtype=torch.float32) / 1e9, 1),
-        "bf16_gflops": round(matmul_rate(dtype=torch.bfloat16) / 1e9, 1) if fast_bf16 else None,
+        "matmul_size": PROBE_SIZE,
+        "fp32_gflops": round(matmul_rate(dtype=torch.float32, n=PROBE_SIZE) / 1e9, 1),
+        "bf16_gflops": round(matmul_rate(dtype=torch.bfloat16, n=PROBE_SIZE) / 1e9, 1) if fast_bf16 else None,
     }
 
 
@@ -62,4 +65,4 @@ def describe_speed(speed: dict) -> str:
     rates = f"fp32 {speed['fp32_gflops']:.0f} GFLOP/s"
     if speed.get("bf16_gflops") is not None:
         rates += f", bf16 {speed['bf16_gflops']:.0f} GFLOP/s"
-    return f"{speed['threads']} threads, 1024-square matmul: {rates}"
+    return f"{speed['threads']} threads, {speed['matmul_size']}-square matmul: {rates}"
