@@ -14,7 +14,7 @@ from assets.data import SHARDS, STORAGE_RETRY, code_shards, load_eval_images, re
 from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER, DVAEModel
 from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
-from assets.text import TOKENIZER_KEY, bpe_tokenizer
+from assets.text import TOKENIZER_KEY, bpe_tokenizer, tokenizer_sha256
 from dalle_core.data import codes
 from dalle_core.data.loader import image_batches, image_to_tensor, local_shard_paths
 from dalle_core.data.shards import Manifest, ShardInfo, file_sha256, read_tar
@@ -72,12 +72,13 @@ def dvae(
     require_passing_shards(store)  # the dVAE (and so the weekly retrain) never trains on shards that failed their suite
     cfg = prof.dvae
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
-    # one checkpoint folder per config: a rerun resumes, a changed config starts afresh
+    # one checkpoint folder per config and data: a rerun on the same shards resumes (a finished run is
+    # loaded back), a changed config or new shards (the retrain after new data landed) start afresh
     world = config.nodes * config.nproc_per_node
     distributed = world > 1 or torchrun.backend != "local"
     # (a data-parallel run draws its gumbel noise per image: its own folder, resumable at any world size)
-    checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(cfg.to_dict())}"
-                                  + ("-dp" if distributed else ""))
+    key = {**cfg.to_dict(), "shards": Manifest.load(store, SHARDS).content_digest()}
+    checkpoints = storage.scratch(f"dvae-checkpoints/{config_digest(key)}" + ("-dp" if distributed else ""))
 
     def batches(start_step: int):
         return image_batches(paths, cfg.batch_size, cfg.image_size, seed=cfg.seed, start_step=start_step)
@@ -238,7 +239,7 @@ def source_shard(store, name: str) -> ShardInfo:
 def codes_encoded_with(store, model_file) -> dict:
     """What a code shard depends on besides its source: the champion dVAE and the tokenizer."""
     return {"dvae_sha256": file_sha256(model_file),
-            "tokenizer_sha256": hashlib.sha256(store.get_text(TOKENIZER_KEY).encode()).hexdigest()}
+            "tokenizer_sha256": tokenizer_sha256(store)}
 
 
 def encode_shard(encoder, tokenizer, image_size: int, pairs, shard_name: str, chunk: int = 256) -> list:

@@ -16,8 +16,9 @@ from assets.metadata import md, md_image, md_table
 from assets.model_registry import CHALLENGER, DEFAULT_ALIAS, RerankerModel
 from assets.resources import MlflowResource, ProfileResource, StorageResource, code_version, data_version
 from assets.prior import prior
-from assets.text import TOKENIZER_KEY, bpe_tokenizer
+from assets.text import TOKENIZER_KEY, bpe_tokenizer, tokenizer_sha256
 from dalle_core.data.image_decode import resize_center_crop
+from dalle_core.data.shards import Manifest
 from dalle_core.data.loader import image_caption_batches, local_shard_paths
 from dalle_core.demo.checker import check_image
 from dalle_core.demo.near_misses import near_miss_sets
@@ -130,7 +131,11 @@ def reranker(
         cfg = cfg.replace(hard_negatives=config.hard_negatives)
     paths = local_shard_paths(store, SHARDS, cache_dir=storage.scratch("shard-cache"))
     image_size = prof.data.image_size  # the shards' image size
-    checkpoints = storage.scratch(f"reranker-checkpoints/{config_digest({**cfg.to_dict(), 'steps': steps})}")
+    # one checkpoint folder per config, length and data (shards and tokenizer): a rerun on the same data
+    # resumes, new data (the retrain after it landed) or a new tokenizer starts afresh
+    key = {**cfg.to_dict(), "steps": steps, "shards": Manifest.load(store, SHARDS).content_digest(),
+           "tokenizer": tokenizer_sha256(store)}
+    checkpoints = storage.scratch(f"reranker-checkpoints/{config_digest(key)}")
 
     def batches(start_step: int):
         rng = random.Random(cfg.seed * 7919 + start_step)  # a resumed run draws its own, reproducible negatives

@@ -18,6 +18,7 @@ from assets.model_registry import CHALLENGER, DEFAULT_ALIAS, PriorModel
 from assets.resources import MlflowResource, ProfileResource, StorageResource, data_version
 from assets.text import TOKENIZER_KEY
 from dalle_core.data.codes import iter_code_shard
+from dalle_core.data.shards import Manifest
 from dalle_core.data.loader import local_shard_paths
 from dalle_core.prior.baseline import unigram_baseline
 from dalle_core.profiles import ProfileMismatchError, resolve_profile, write_resolved_profile
@@ -78,9 +79,12 @@ def prior(
         raise dg.Failure(str(e)) from e
     # model + training settings, one flat dict: the run folder's digest (as before the split) and MLflow params
     cfg = {**prof.prior.to_dict(), **prof.prior_training.to_dict()}
+    # the run folder is keyed on the model, the launch and the codes (every code shard, the dVAE and the
+    # tokenizer they were made with): a rerun on the same codes resumes (a finished run is loaded back),
+    # new data (the retrain after it landed), a new dVAE or tokenizer trains afresh
     run_key = {"model": cfg, "steps": config.steps, "world": config.nproc_per_node * config.nodes,
-               "powersgd_rank": config.powersgd_rank, "codes": manifest["extra"].get("dvae_sha256")}
-    out = storage.scratch(f"prior-runs/{config_digest(run_key)}")  # a rerun resumes
+               "powersgd_rank": config.powersgd_rank, "codes": Manifest.from_dict(manifest).content_digest()}
+    out = storage.scratch(f"prior-runs/{config_digest(run_key)}")
     if config.fresh:
         shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -1,6 +1,8 @@
 """The text side: a lowercased BPE tokenizer trained on the shards' captions."""
 
 
+import hashlib
+
 import dagster as dg
 
 from assets.data import SHARDS, require_passing_shards, shards_asset
@@ -10,6 +12,11 @@ from dalle_core.data import shards
 from dalle_core.text.bpe import train_bpe_tokenizer
 
 TOKENIZER_KEY = "tokenizer/bpe.json"
+
+
+def tokenizer_sha256(store) -> str:
+    """sha256 of the stored tokenizer: what the codes and the models that read captions were made with."""
+    return hashlib.sha256(store.get_text(TOKENIZER_KEY).encode()).hexdigest()
 
 
 @dg.asset(

@@ -5,15 +5,17 @@ storage and MLflow at the run directory it is given."""
 import os
 
 
-def execute_platform_job(settings, job: str, run_config: dict):
-    """`build_definitions(settings)`'s job `job`, executed in process on `settings`' instance."""
+def execute_platform_job(settings, job: str, run_config: dict, partition_key: str | None = None,
+                         tags: dict | None = None):
+    """`build_definitions(settings)`'s job `job`, executed in process on `settings`' instance (for one
+    partition, with run tags, as a sensor's or schedule's run request would start it)."""
     from orchestration.definitions import build_definitions
     from orchestration.demo import prepare_instance
 
     saved = dict(os.environ)
     try:
         return build_definitions(settings).resolve_job_def(job).execute_in_process(
-            instance=prepare_instance(settings), run_config=run_config)
+            instance=prepare_instance(settings), run_config=run_config, partition_key=partition_key, tags=tags)
     finally:
         os.environ.clear()
         os.environ.update(saved)

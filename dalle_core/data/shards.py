@@ -94,6 +94,14 @@ class Manifest:
             "extra": dict(self.extra),
         }
 
+    def content_digest(self) -> str:
+        """sha256 naming the data alone: every shard's name, size and sha256 in order, and the
+        extra fields (what the data was made with), not when the manifest was written. A model
+        trained on one digest is not the model of another: training runs key their checkpoints
+        on it, so new data starts a run afresh and a rerun on the same data resumes."""
+        content = {"shards": [[s.name, s.count, s.sha256] for s in self.shards], "extra": self.extra}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
         try:

@@ -444,7 +444,10 @@ def train_prior(
         model_path=str(model_path) if model_path else None, elapsed_s=time.time() - t_start,
         precision=precision, world_size=world, compression=reducer.stats() if reducer else None,
         model=model, ema=ema.shadow)
-    emit({"event": "end", "step": step, "final_loss": result.final_loss, "elapsed_s": result.elapsed_s,
+    # start_step: 0 for a run trained from the start, the checkpoint's step for a resumed one (equal to
+    # `step` when a finished run was only loaded back)
+    emit({"event": "end", "step": step, "start_step": start, "final_loss": result.final_loss,
+          "elapsed_s": result.elapsed_s,
           "model_path": result.model_path, **({"compression": result.compression} if reducer else {})})
     return result
 
