@@ -105,6 +105,18 @@ def test_deterministic_and_stale_shards_removed(storage):
     assert verify_shards(storage, PREFIX) == []
 
 
+def test_content_digest_names_the_data_not_when_it_was_written(storage):
+    """What training runs key their checkpoints on: the same pairs sharded again (a new manifest,
+    another write time) give the same digest; one more pair or other pairs give another."""
+    from dataclasses import replace
+
+    m1 = write_shards(make_pairs(12), storage, PREFIX, shard_size=4)
+    m2 = replace(write_shards(make_pairs(12), storage, PREFIX, shard_size=4), created="2031-01-01T00:00:00+00:00")
+    assert m1.created != m2.created and m1.content_digest() == m2.content_digest()
+    assert write_shards(make_pairs(13), storage, PREFIX, shard_size=4).content_digest() != m1.content_digest()
+    assert replace(m1, extra={"dvae_sha256": "other"}).content_digest() != m1.content_digest()
+
+
 def test_empty_input_and_duplicate_keys(storage):
     m = write_shards([], storage, PREFIX, shard_size=4)
     assert m.total == 0 and m.shards == []
