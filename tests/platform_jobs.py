@@ -19,3 +19,15 @@ def execute_platform_job(settings, job: str, run_config: dict, partition_key: st
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def retrain_chain_result(instance, run):
+    """What `retrain_chain_sensor` returns once `run` (a DagsterRun on `instance`) succeeded."""
+    import dagster as dg
+
+    from orchestration.sensors import retrain_chain_sensor
+
+    event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name=run.job_name)
+    ctx = dg.build_run_status_sensor_context(sensor_name=retrain_chain_sensor.name, dagster_event=event,
+                                             dagster_instance=instance, dagster_run=run)
+    return retrain_chain_sensor(ctx)

@@ -10,6 +10,7 @@ import dagster as dg
 
 from orchestration.definitions import build_definitions
 from orchestration.settings import Settings
+from platform_jobs import retrain_chain_result
 
 
 def test_schedule_automation_and_retries_are_declared(tmp_path):
@@ -115,15 +116,6 @@ def _finished_run(instance, job: str, tags: dict | None = None, partition: str |
     return instance.add_run(dg.DagsterRun(job_name=job, run_id=str(uuid.uuid4()), tags=tags, status=status))
 
 
-def _sensor_result(instance, run):
-    from orchestration.sensors import retrain_chain_sensor
-
-    event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name=run.job_name)
-    ctx = dg.build_run_status_sensor_context(sensor_name=retrain_chain_sensor.name, dagster_event=event,
-                                             dagster_instance=instance, dagster_run=run)
-    return retrain_chain_sensor(ctx)
-
-
 def test_the_weekly_retrain_is_chained_past_the_per_shard_encoding():
     """retrain_job -> image_codes_job for every shard (a run each) -> retrain_tail_job once all succeeded."""
     from assets.data import code_shards
@@ -132,16 +124,16 @@ def test_the_weekly_retrain_is_chained_past_the_per_shard_encoding():
     instance = dg.DagsterInstance.ephemeral()
     instance.add_dynamic_partitions(code_shards.name, ["shard-00000.tar", "shard-00001.tar"])
     retrain = _finished_run(instance, "retrain_job")
-    requests = _sensor_result(instance, retrain)
+    requests = retrain_chain_result(instance, retrain)
     assert [(r.job_name, r.partition_key, r.tags[RETRAIN_TAG]) for r in requests] == [
         ("image_codes_job", "shard-00000.tar", retrain.run_id), ("image_codes_job", "shard-00001.tar", retrain.run_id)]
     tag = {RETRAIN_TAG: retrain.run_id}
     first = _finished_run(instance, "image_codes_job", tag, "shard-00000.tar")
     _finished_run(instance, "image_codes_job", tag, "shard-00001.tar", status=dg.DagsterRunStatus.STARTED)
-    waiting = _sensor_result(instance, first)
+    waiting = retrain_chain_result(instance, first)
     assert isinstance(waiting, dg.SkipReason) and "shard-00001.tar" in waiting.skip_message
     last = _finished_run(instance, "image_codes_job", tag, "shard-00001.tar")  # (a rerun would do the same)
-    tail = _sensor_result(instance, last)
+    tail = retrain_chain_result(instance, last)
     assert tail.job_name == "retrain_tail_job" and tail.run_key == f"{retrain.run_id}:tail"
     # an image_codes run outside a retrain (the demo, a person in the UI) starts nothing
-    assert isinstance(_sensor_result(instance, _finished_run(instance, "image_codes_job")), dg.SkipReason)
+    assert isinstance(retrain_chain_result(instance, _finished_run(instance, "image_codes_job")), dg.SkipReason)

@@ -10,21 +10,11 @@ import shutil
 import dagster as dg
 import pytest
 
-from platform_jobs import execute_platform_job
+from platform_jobs import execute_platform_job, retrain_chain_result
 
 
 def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _chain(instance, run):
-    """What retrain_chain_sensor requests after `run` succeeded."""
-    from orchestration.sensors import retrain_chain_sensor
-
-    event = dg.DagsterEvent(event_type_value="PIPELINE_SUCCESS", job_name=run.job_name)
-    ctx = dg.build_run_status_sensor_context(sensor_name=retrain_chain_sensor.name, dagster_event=event,
-                                             dagster_instance=instance, dagster_run=run)
-    return retrain_chain_sensor(ctx)
 
 
 @pytest.mark.slow
@@ -90,13 +80,13 @@ def test_the_retrain_after_new_data_trains_every_model_on_it_and_a_rerun_resumes
     assert dvae_meta["resumed_from"].value == "none"  # trained on the new shards, not loaded back
     assert _sha(models["dvae"]) != before["dvae"]
     instance = prepare_instance(copy)
-    codes = _chain(instance, instance.get_run_by_id(retrain.run_id))
+    codes = retrain_chain_result(instance, instance.get_run_by_id(retrain.run_id))
     assert codes and all(r.job_name == "image_codes_job" for r in codes)
     for r in codes:
         last = execute_platform_job(copy, r.job_name, {}, partition_key=r.partition_key, tags=r.tags)
         assert last.success
     instance = prepare_instance(copy)
-    tail = _chain(instance, instance.get_run_by_id(last.run_id))
+    tail = retrain_chain_result(instance, instance.get_run_by_id(last.run_id))
     assert tail.job_name == "retrain_tail_job"
     res = execute_platform_job(copy, tail.job_name, {}, tags=tail.tags)
     assert res.success
