@@ -244,7 +244,13 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
     if optimizer is None:
         return get_model_state_dict(model), None
-    return get_state_dict(model, optimizer)
+    return get_state_dict(model, _optimizers(optimizer))
+
+
+def _optimizers(optimizer: Any) -> Any:
+    """What DCP takes: an optimizer, or the list inside a container of several
+    (dalle_core.prior.muon.MuonWithAdamW: one state dict keyed by parameter name)."""
+    return list(getattr(optimizer, "optimizers", None) or [optimizer])
 
 
 def save_checkpoint(directory: str | Path, step: int, model: torch.nn.Module,
@@ -397,7 +403,7 @@ def load_latest(directory: str | Path, model: torch.nn.Module, optimizer: torch.
         else:
             dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
     if osd is not None:
-        set_state_dict(model, optimizer, model_state_dict=_uncanon_model(state["model"], mback),
+        set_state_dict(model, _optimizers(optimizer), model_state_dict=_uncanon_model(state["model"], mback),
                        optim_state_dict=_uncanon_optim(state["optim"], oback))
     else:
         set_model_state_dict(model, _uncanon_model(state["model"], mback))

@@ -407,8 +407,14 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, config: PriorTrainingConfig, fused: bool | None = None) -> torch.optim.AdamW:
-    """AdamW with the config's (the paper's) hyper-parameters."""
+def build_optimizer(model: nn.Module, config: PriorTrainingConfig, fused: bool | None = None):
+    """AdamW with the config's (the paper's) hyper-parameters; with `config.optimizer ==
+    "muon"` (not the paper's: the laptop profiles) Muon on the resblocks' matrices and that
+    AdamW on the rest (dalle_core/prior/muon.py)."""
+    if config.optimizer == "muon":
+        from .muon import build_muon_with_adamw
+
+        return build_muon_with_adamw(model, config, optimizer_param_groups(model, config.weight_decay))
     kw = {} if fused is None else {"fused": fused}
     return torch.optim.AdamW(optimizer_param_groups(model, config.weight_decay), lr=config.lr,
                              betas=config.betas, eps=config.eps, **kw)

@@ -21,7 +21,9 @@ What each step does
                          most once per 125 updates. Meant for
                          GPUs; CPU fp16 autocast works but is slow.
 - AdamW with the paper's hyper-parameters (betas 0.9 / 0.96, eps 1e-8, weight
-  decay 4.5e-2 on the weight matrices only: `build_optimizer`);
+  decay 4.5e-2 on the weight matrices only: `build_optimizer`); the laptop
+  profiles put the resblocks' matrices on Muon instead (`training.optimizer`,
+  not the paper's: dalle_core/prior/muon.py);
 - learning rate: linear warm-up to `training.lr` over `training.warmup_steps`, then
   constant, halved (x `lr_plateau_factor`) each time the training loss
   plateaus, at most `lr_max_decays` times (the paper: 5 over 430k updates). The
@@ -98,6 +100,7 @@ from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .export import save_prior_rank0
 from .model import DalleTransformer, build_optimizer
+from .muon import LR_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -299,11 +302,18 @@ def train_prior(
     start, resumed_from = 0, None
     if resume:
         # Refuse a checkpoint of another shape before touching any tensor.
-        saved = ((read_latest_meta(checkpoint_dir) or {}).get("meta") or {}).get("config") or {}
+        saved_meta = (read_latest_meta(checkpoint_dir) or {}).get("meta") or {}
+        saved = saved_meta.get("config") or {}
         diff = {k: (saved.get(k), getattr(config, k)) for k in SHAPE_FIELDS
                 if k in saved and saved.get(k) != getattr(config, k)}
         if diff:
             raise ValueError(f"checkpoint in {checkpoint_dir} has another model shape (saved, now): {diff}")
+        # ... or of another optimizer: its state would not fit (an old checkpoint without the
+        # field was written by AdamW, the paper's and then the only one)
+        saved_opt = (saved_meta.get("training") or {}).get("optimizer", "adamw")
+        if saved_meta and saved_opt != training.optimizer:
+            raise ValueError(f"checkpoint in {checkpoint_dir} was trained with optimizer {saved_opt!r}, this run "
+                             f"asks for {training.optimizer!r}: resume with {saved_opt!r} or use another folder")
         extra: dict[str, Any] = {"state": {"ema": ema.shadow}}
         step0 = load_latest(checkpoint_dir, model, optimizer, extra)
         if step0 is not None:
@@ -363,8 +373,8 @@ def train_prior(
             text = text.to(device, non_blocking=True)
             image = image.to(device, non_blocking=True)
             lr = schedule.lr_at(step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g in optimizer.param_groups:  # Muon's groups move lr_ratio x as fast (prior/muon.py)
+                g["lr"] = lr * g.get(LR_RATIO, 1.0)
             with _autocast(precision, device):
                 out = model.loss(text, image)
             out["total"].backward()
