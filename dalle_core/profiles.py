@@ -327,7 +327,14 @@ def small() -> Profile:
         # lr 2e-3 (1e-3 before): without BPE dropout the higher rate is ahead at 1,100 updates
         # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
         # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
+        # Muon on the resblocks' matrices at twice AdamW's rate (not the paper's AdamW:
+        # dalle_core/prior/muon.py). The small prior on the demo's codes (`runs/b0`), 900 updates,
+        # 200 held-out captions x 8 draws at temperature 1 (docs/benchmarks.md, 2026-12-02): a
+        # draw matched 0.044 with AdamW, 0.111 / 0.133 / 0.088 with Muon at 1x / 2x / 4x the
+        # rate; any of 8 0.28 vs 0.545 / 0.58 / 0.50; first draw 0.025 vs 0.11-0.12; the step's
+        # time the same within the machine's noise.
         prior_training=dict(lr=2e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
+                            optimizer="muon", muon_lr_ratio=2.0,
                             batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
@@ -392,7 +399,10 @@ def medium() -> Profile:
                    # Costs ~1 minute more of crawl, filters and encoding; the dVAE trains the same steps.
                    data=replace(p.data, demo_batches=4),
                    prior=p.prior.replace(text_loss_weight=1 / 8),
-                   prior_training=replace(p.prior_training, total_steps=4400),
+                   # AdamW (the paper's), as in every medium run measured (runs/m7-m10): Muon,
+                   # small's since 2026-12-02, is not measured at 4,400 updates yet.
+                   prior_training=replace(p.prior_training, total_steps=4400, optimizer="adamw",
+                                          muon_lr_ratio=1.0),
                    reranker=replace(p.reranker, total_steps=900),
                    # Draws at temperature 0.7 (the paper's is 1): on the medium run's prior (4,400
                    # updates) and its 900-update reranker, 200 held-out captions x 8 draws, a draw

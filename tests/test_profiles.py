@@ -56,7 +56,11 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            ("small", "prior_training", "bpe_dropout"): (0.1, 0.0),
            # the small prior's rate and text-loss weight, measured on the demo's codes (issue 15)
            ("small", "prior", "text_loss_weight"): (1 / 8, 0.5),
-           ("small", "prior_training", "lr"): (1e-3, 2e-3)}
+           ("small", "prior_training", "lr"): (1e-3, 2e-3),
+           # Muon on the small prior's resblock matrices at twice the rate (issue 15; AdamW,
+           # the paper's, is implied and left out of to_dict)
+           ("small", "prior_training", "optimizer"): ("adamw", "muon"),
+           ("small", "prior_training", "muon_lr_ratio"): (1.0, 2.0)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
 # (dVAE bf16 autocast on CPUs with bf16 instructions: issue 15, off unless a profile turns it on).
 # The reranker's layout and training choices (issue 15): their defaults are the first design.
@@ -96,7 +100,10 @@ def test_medium_is_the_small_lineage_run_longer():
     assert [i.caption for i in small_world.eval_items()] == [i.caption for i in medium_world.eval_items()]
     assert m.prior == s.prior.replace(text_loss_weight=1 / 8) and s.prior.text_loss_weight == 0.5
     assert code_sizes(m) == code_sizes(s)
-    assert _json(m.prior_training.to_dict()) == {**_json(s.prior_training.to_dict()), "lr": 2e-3, "total_steps": 4400}
+    small_training = {k: v for k, v in _json(s.prior_training.to_dict()).items() if k not in ("optimizer", "muon_lr_ratio")}
+    # medium keeps AdamW (its runs' optimizer), small trains with Muon
+    assert (s.prior_training.optimizer, m.prior_training.optimizer) == ("muon", "adamw")
+    assert _json(m.prior_training.to_dict()) == {**small_training, "lr": 2e-3, "total_steps": 4400}
     assert _json(m.reranker.to_dict()) == {**_json(s.reranker.to_dict()), "total_steps": 900}
     # and how its prior is drawn: temperature 0.7 (measured on its own prior and on small's), as small
     assert (m.sampling.temperature, m.sampling.top_k) == (0.7, None)
@@ -194,8 +201,11 @@ def test_the_prior_asset_run_digest_is_unchanged():
     # small: "9ded11ada0c0" before its amp_dtype / total_steps changed on purpose (CHANGED),
     # "eefcee00e4c7" before its attention became "auto" (the 900 updates are the snapshot's
     # again), "96463d683c3a" before its BPE dropout went to 0, "d786b001acd4" before its lr and text
-    # loss weight changed: a new run folder, as it should be for other training settings
-    assert digest(get_profile("small")) == "eca792ca5107"
+    # loss weight changed, "eca792ca5107" before it trained with Muon: a new run folder, as it
+    # should be for other training settings
+    assert digest(get_profile("small")) == "da4e05afee25"
+    # medium's AdamW is implied: its run folders keep their names
+    assert "optimizer" not in get_profile("medium").prior_training.to_dict()
 
 
 def test_unknown_profile_is_one_error_listing_the_choices():
