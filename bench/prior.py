@@ -139,6 +139,7 @@ def measure(cfg: PriorConfig, training: PriorTrainingConfig, precision: str, dev
     tokens_per_s = sorted(r["tokens_per_s"] for r in steady)[len(steady) // 2]
     return {
         "precision": precision,
+        "optimizer": training.optimizer,
         "tokens_per_s": round(tokens_per_s, 1),
         "step_s": round(batch * cfg.seq_len / tokens_per_s, 4),
         "achieved_tflops": round(tokens_per_s * flops_per_token(cfg) / 1e12, 4),
@@ -201,6 +202,14 @@ def attention_ratios(runs: list[dict], how: str) -> dict:
     return out
 
 
+def _steps_by_optimizer(runs: list[dict]) -> dict[str, dict[str, float]]:
+    by: dict[str, dict[str, float]] = {}
+    for r in runs:
+        if r.get("optimizer") and r.get("step_s"):
+            by.setdefault(r["precision"], {})[r["optimizer"]] = r["step_s"]
+    return by
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--profile", default="small", help="profile whose prior to time, or gpu-1B (~1B params, paper sequence), "
@@ -214,17 +223,21 @@ def main() -> None:
     p.add_argument("--no-install", action="store_true", help="do not create/update the DALLE-pytorch venv")
     p.add_argument("--attention", nargs="+", choices=ATTENTION_CHOICES, default=None,
                    help="time each attention path (sdpa | flex | auto) in the same run, with the ratio flex / sdpa")
+    p.add_argument("--optimizers", nargs="+", choices=("adamw", "muon"), default=None,
+                   help="time each optimizer (PriorTrainingConfig.optimizer; default: the profile's) in the "
+                        "same run, with the step ratio muon / adamw")
     args = p.parse_args()
 
     device = torch.device(args.device)
     cfg, training = config_for(args.profile)
     batch = args.batch or training.batch_size
     precisions = args.precisions or (["fp32"] if device.type == "cpu" else ["fp16-per-resblock", "bf16"])
+    optimizers = [training.replace(optimizer=o) for o in (args.optimizers or [training.optimizer])]
     if args.attention:
-        runs = [measure_attention(cfg, training, prec, att, device, batch, args.steps)
-                for prec in precisions for att in args.attention]
+        runs = [measure_attention(cfg, t, prec, att, device, batch, args.steps)
+                for prec in precisions for att in args.attention for t in optimizers]
     else:
-        runs = [measure(cfg, training, prec, device, batch, args.steps) for prec in precisions]
+        runs = [measure(cfg, t, prec, device, batch, args.steps) for prec in precisions for t in optimizers]
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     baseline = matmul_rate(device, dtype, n=4096 if device.type == "cuda" else 1024)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -268,6 +281,8 @@ def main() -> None:
         "runs": runs,
         "baselines": baselines,
         **({"attention": attention} if attention else {}),
+        **({"step_muon_over_adamw": {prec: round(by["muon"] / by["adamw"], 3) for prec, by in _steps_by_optimizer(runs).items()
+                                     if {"muon", "adamw"} <= by.keys()}} if args.optimizers else {}),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
