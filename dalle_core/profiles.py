@@ -328,7 +328,7 @@ def small() -> Profile:
         # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
         # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
         # Muon on the resblocks' matrices at twice AdamW's rate (not the paper's AdamW:
-        # dalle_core/prior/muon.py). The small prior on the demo's codes (`runs/b0`), 900 updates,
+        # dalle_core/muon.py). The small prior on the demo's codes (`runs/b0`), 900 updates,
         # 200 held-out captions x 8 draws at temperature 1 (docs/benchmarks.md, 2026-12-02): a
         # draw matched 0.044 with AdamW, 0.111 / 0.133 / 0.088 with Muon at 1x / 2x / 4x the
         # rate; any of 8 0.28 vs 0.545 / 0.58 / 0.50; first draw 0.025 vs 0.11-0.12; the step's

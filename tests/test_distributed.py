@@ -263,7 +263,7 @@ def test_powersgd_algebra_on_a_2x2_mesh(tmp_path):
 
 @pytest.mark.timeout(170)
 def test_muon_on_sharded_matrices_follows_one_process(codes, tmp_path):
-    """optimizer='muon' (the laptop profiles'; dalle_core/prior/muon.py) with the parameters
+    """optimizer='muon' (the laptop profiles'; dalle_core/muon.py) with the parameters
     sharded inside each "machine": Newton-Schulz must orthogonalise each whole matrix, not
     each rank's rows. 4 ranks against one process on the global batch; Newton-Schulz runs in
     bf16, whose rounding differs with the reduction order, so the match is close, not exact

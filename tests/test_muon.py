@@ -1,4 +1,4 @@
-"""Muon on the prior's resblock matrices, AdamW on the rest (dalle_core/prior/muon.py; the
+"""Muon on the prior's resblock matrices, AdamW on the rest (dalle_core/muon.py; the
 laptop profiles' optimizer, not the paper's): what goes where, what one step does, the
 rate ratio, resume, and the refusals."""
 
@@ -11,7 +11,8 @@ from dalle_core.prior.config import PriorTrainingConfig
 from dalle_core.prior.init import materialize_prior
 from dalle_core.prior.data import code_batches, code_shards, write_synthetic_code_shards
 from dalle_core.prior.model import DalleTransformer, build_optimizer
-from dalle_core.prior.muon import LR_RATIO, MuonWithAdamW, hidden_matrices
+from dalle_core.muon import LR_RATIO, MuonWithAdamW
+from dalle_core.prior.model import hidden_matrices
 from dalle_core.prior.train import train_prior
 from dalle_core.profiles import get_profile
 from dalle_core.storage import LocalStorage
@@ -157,3 +158,46 @@ def test_config_names_the_optimizer_only_when_it_is_not_the_papers():
         PriorTrainingConfig(optimizer="muon", muon_lr_ratio=0.0)
     for name in ("paper-1.3B", "paper-12B"):
         assert get_profile(name).prior_training.optimizer == "adamw"
+
+
+# --- the reranker (RerankerConfig.optimizer) ------------------------------------------------------
+
+# a micro reranker for the mechanics (as tests/test_rerank.py's)
+MICRO = get_profile("tiny").reranker.replace(image_stem=8, image_widths=(8, 16), text_width=16, text_layers=1,
+                                             text_heads=2, embed_dim=16, batch_size=8, warmup_steps=2)
+
+
+def _reranker_batches(cfg, n=12):
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=g),
+             torch.randint(0, cfg.text_vocab_size, (cfg.batch_size, cfg.text_len), generator=g)) for _ in range(n)]
+    return lambda start: iter(data[start:])
+
+
+def test_reranker_muon_takes_the_linears_resumes_and_refuses_the_other_optimizer(tmp_path):
+    from dalle_core.rerank.model import ContrastiveReranker, RerankerConfig
+    from dalle_core.rerank.train import build_optimizer as build_reranker_optimizer
+    from dalle_core.rerank.train import train_reranker
+
+    cfg = MICRO.replace(optimizer="muon", muon_lr_ratio=2.0)
+    model = ContrastiveReranker(cfg)
+    opt = build_reranker_optimizer(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in opt.optimizers[0].param_groups for p in g["params"]}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert on_muon == linears and "image_encoder.proj.weight" in on_muon
+    assert not any("token" in n or "position" in n or "stem" in n for n in on_muon)  # embeddings, convs: AdamW
+    assert opt.optimizers[0].param_groups[0][LR_RATIO] == 2.0
+    # the config names the optimizer only when it is not AdamW (earlier digests unchanged)
+    assert "optimizer" not in MICRO.to_dict() and RerankerConfig.from_dict(cfg.to_dict()) == cfg
+
+    fn = _reranker_batches(cfg)
+    straight = train_reranker(cfg, fn, tmp_path / "a", total_steps=6)
+    train_reranker(cfg, fn, tmp_path / "b", total_steps=6, stop_after=3)
+    resumed = train_reranker(cfg, fn, tmp_path / "b", total_steps=6)
+    assert resumed.resumed_from == 3 and resumed.losses == straight.losses[3:]
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    train_reranker(MICRO, fn, tmp_path / "c", total_steps=6, stop_after=3)  # AdamW
+    with pytest.raises(ValueError, match="optimizer 'adamw', this run asks for 'muon'"):
+        train_reranker(cfg, fn, tmp_path / "c", total_steps=6)

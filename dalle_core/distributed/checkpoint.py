@@ -249,7 +249,7 @@ def _state_dicts(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 
 def _optimizers(optimizer: Any) -> Any:
     """What DCP takes: an optimizer, or the list inside a container of several
-    (dalle_core.prior.muon.MuonWithAdamW: one state dict keyed by parameter name)."""
+    (dalle_core.muon.MuonWithAdamW: one state dict keyed by parameter name)."""
     return list(getattr(optimizer, "optimizers", None) or [optimizer])
 
 

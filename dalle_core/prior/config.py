@@ -264,7 +264,7 @@ class PriorTrainingConfig:
     weight_decay: float = 4.5e-2
     # Not the paper's ("adamw" = AdamW on every parameter, its choice): "muon" = Muon on the
     # resblocks' weight matrices, AdamW (the settings above) on the rest
-    # (dalle_core/prior/muon.py; the laptop profiles, where the prior has ~1,000 updates and a
+    # (dalle_core/muon.py; the laptop profiles, where the prior has ~1,000 updates and a
     # held-out draw matched ~2.5x as often at 900 of them: docs/benchmarks.md). The matrices'
     # rate is lr x muon_lr_ratio (scaled to AdamW's update size per matrix). Both are left out
     # of `to_dict` while optimizer is "adamw", so digests of runs without Muon are unchanged.

@@ -407,14 +407,24 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def hidden_matrices(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The resblocks' 2-D weights (attention qkv and output, MLP in and out): what Muon is
+    for (dalle_core/muon.py); not embeddings, heads, gains or biases."""
+    return [(n, p) for n, p in model.named_parameters()
+            if p.requires_grad and p.ndim == 2 and n.startswith("blocks.")]
+
+
 def build_optimizer(model: nn.Module, config: PriorTrainingConfig, fused: bool | None = None):
     """AdamW with the config's (the paper's) hyper-parameters; with `config.optimizer ==
     "muon"` (not the paper's: the laptop profiles) Muon on the resblocks' matrices and that
-    AdamW on the rest (dalle_core/prior/muon.py)."""
+    AdamW on the rest (dalle_core/muon.py)."""
     if config.optimizer == "muon":
-        from .muon import build_muon_with_adamw
+        from dalle_core.muon import build_muon_with_adamw
 
-        return build_muon_with_adamw(model, config, optimizer_param_groups(model, config.weight_decay))
+        return build_muon_with_adamw([p for _, p in hidden_matrices(model)],
+                                     optimizer_param_groups(model, config.weight_decay), lr=config.lr,
+                                     muon_lr_ratio=config.muon_lr_ratio, weight_decay=config.weight_decay,
+                                     betas=config.betas, eps=config.eps)
     kw = {} if fused is None else {"fused": fused}
     return torch.optim.AdamW(optimizer_param_groups(model, config.weight_decay), lr=config.lr,
                              betas=config.betas, eps=config.eps, **kw)
@@ -478,6 +488,6 @@ def load_prior(path: str | Path, device: str | torch.device = "cpu", use_ema: bo
 
 __all__ = [
     "AttentionResblock", "Block", "DalleTransformer", "FP32LayerNorm", "KVCache", "MLP", "MLPResblock",
-    "SelfAttention", "build_optimizer", "count_parameters", "optimizer_param_groups",
+    "SelfAttention", "build_optimizer", "count_parameters", "hidden_matrices", "optimizer_param_groups",
     "PRIOR_FORMAT", "load_prior", "read_prior_file", "save_prior",
 ]

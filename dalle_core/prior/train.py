@@ -23,7 +23,7 @@ What each step does
 - AdamW with the paper's hyper-parameters (betas 0.9 / 0.96, eps 1e-8, weight
   decay 4.5e-2 on the weight matrices only: `build_optimizer`); the laptop
   profiles put the resblocks' matrices on Muon instead (`training.optimizer`,
-  not the paper's: dalle_core/prior/muon.py);
+  not the paper's: dalle_core/muon.py);
 - learning rate: linear warm-up to `training.lr` over `training.warmup_steps`, then
   constant, halved (x `lr_plateau_factor`) each time the training loss
   plateaus, at most `lr_max_decays` times (the paper: 5 over 430k updates). The
@@ -93,6 +93,7 @@ from dalle_core.distributed.mesh import (
 )
 from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
 from dalle_core.precision.device import resolve_amp_dtype
+from dalle_core.muon import LR_RATIO
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
 from .config import ATTENTION_CHOICES, SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
@@ -100,7 +101,6 @@ from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .export import save_prior_rank0
 from .model import DalleTransformer, build_optimizer
-from .muon import LR_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +373,7 @@ def train_prior(
             text = text.to(device, non_blocking=True)
             image = image.to(device, non_blocking=True)
             lr = schedule.lr_at(step)
-            for g in optimizer.param_groups:  # Muon's groups move lr_ratio x as fast (prior/muon.py)
+            for g in optimizer.param_groups:  # Muon's groups move lr_ratio x as fast (dalle_core/muon.py)
                 g["lr"] = lr * g.get(LR_RATIO, 1.0)
             with _autocast(precision, device):
                 out = model.loss(text, image)

@@ -1,6 +1,7 @@
 """Training the contrastive reranker (`dalle_core.rerank.model`).
 
-`train_reranker(config, pair_batches_fn, checkpoint_dir)` runs AdamW on the
+`train_reranker(config, pair_batches_fn, checkpoint_dir)` runs AdamW (or Muon on
+the linear layers' matrices: ``optimizer="muon"``, dalle_core/muon.py) on the
 symmetric InfoNCE loss over batches of (images float [b, 3, H, W] in [0, 1],
 caption ids [b, text_len]), optionally with hard-negative captions
 [b, K, text_len] as a third item (see `ContrastiveReranker.loss`);
@@ -42,6 +43,7 @@ import torch.nn as nn
 
 from dalle_core.checkpointing import list_step_files, load_latest_step_file
 from dalle_core.io import atomic_torch_save
+from dalle_core.muon import LR_RATIO, build_muon_with_adamw
 
 from .model import (
     CHECKPOINT_FORMAT,
@@ -91,13 +93,24 @@ def lr_at(config: RerankerConfig, step: int, total: int) -> float:
     return end + 0.5 * (config.lr - end) * (1 + math.cos(math.pi * t))
 
 
-def build_optimizer(model: nn.Module, config: RerankerConfig) -> torch.optim.AdamW:
+def reranker_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The linear layers' weight matrices (text blocks, the two projections): what Muon
+    takes with `optimizer="muon"`; not the token and position embeddings, nor the convs."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def build_optimizer(model: nn.Module, config: RerankerConfig):
+    """AdamW, weight decay on the matrices of the linears and convs; with `optimizer="muon"`
+    the linears' matrices on Muon instead (dalle_core/muon.py)."""
     decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     decay = [p for p in model.parameters() if id(p) in decay_ids]
     other = [p for p in model.parameters() if id(p) not in decay_ids]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                              {"params": other, "weight_decay": 0.0}],
-                             lr=config.lr, betas=config.betas, eps=config.eps)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    if config.optimizer == "muon":
+        return build_muon_with_adamw(reranker_matrices(model), groups, lr=config.lr,
+                                     muon_lr_ratio=config.muon_lr_ratio, weight_decay=config.weight_decay,
+                                     betas=config.betas, eps=config.eps)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -167,6 +180,9 @@ def train_reranker(
             if diff:
                 raise ValueError(f"cannot resume from {path}: the model shape differs (checkpoint, now): "
                                  f"{diff}; use another checkpoint_dir or resume=False")
+            if saved.optimizer != config.optimizer:
+                raise ValueError(f"cannot resume from {path}: it was trained with optimizer {saved.optimizer!r}, "
+                                 f"this run asks for {config.optimizer!r}; use another checkpoint_dir or resume=False")
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             _set_rng_state(ckpt["rng"])
@@ -213,8 +229,8 @@ def train_reranker(
             images, text = batch[0], batch[1]
             negatives = batch[2] if len(batch) == 3 else None
             lr = lr_at(config, step, total)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            for g in optimizer.param_groups:  # Muon's groups move lr_ratio x as fast (dalle_core/muon.py)
+                g["lr"] = lr * g.get(LR_RATIO, 1.0)
             with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 out = model.loss(images, text, negatives)
             out["loss"].backward()
@@ -264,5 +280,5 @@ def train_reranker(
     return result
 
 
-__all__ = ["RerankTrainResult", "build_optimizer", "checkpoint_name", "list_checkpoints", "lr_at",
+__all__ = ["RerankTrainResult", "build_optimizer", "checkpoint_name", "list_checkpoints", "lr_at", "reranker_matrices",
            "train_reranker"]
