@@ -331,8 +331,8 @@ def small() -> Profile:
         # dalle_core/muon.py). The small prior on the demo's codes (`runs/b0`), 900 updates,
         # 200 held-out captions x 8 draws at temperature 1 (docs/benchmarks.md, 2026-12-02): a
         # draw matched 0.044 with AdamW, 0.111 / 0.133 / 0.088 with Muon at 1x / 2x / 4x the
-        # rate; any of 8 0.28 vs 0.545 / 0.58 / 0.50; first draw 0.025 vs 0.11-0.12; the step's
-        # time the same within the machine's noise.
+        # rate; any of 8 0.28 vs 0.545 / 0.58 / 0.50; first draw 0.025 vs 0.11-0.12; an update
+        # costs 1.09-1.19x AdamW's (bench/prior.py --optimizers adamw muon).
         prior_training=dict(lr=2e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
                             optimizer="muon", muon_lr_ratio=2.0,
                             batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,

@@ -265,7 +265,7 @@ class PriorTrainingConfig:
     # Not the paper's ("adamw" = AdamW on every parameter, its choice): "muon" = Muon on the
     # resblocks' weight matrices, AdamW (the settings above) on the rest
     # (dalle_core/muon.py; the laptop profiles, where the prior has ~1,000 updates and a
-    # held-out draw matched ~2.5x as often at 900 of them: docs/benchmarks.md). The matrices'
+    # held-out draw matched ~3x as often at 900 of them: docs/benchmarks.md). The matrices'
     # rate is lr x muon_lr_ratio (scaled to AdamW's update size per matrix). Both are left out
     # of `to_dict` while optimizer is "adamw", so digests of runs without Muon are unchanged.
     optimizer: str = "adamw"

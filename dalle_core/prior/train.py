@@ -92,8 +92,8 @@ from dalle_core.distributed.mesh import (
     is_distributed,
 )
 from dalle_core.distributed.parallelize import ParallelSetup, parallelize_prior
-from dalle_core.precision.device import resolve_amp_dtype
 from dalle_core.muon import LR_RATIO
+from dalle_core.precision.device import resolve_amp_dtype
 from dalle_core.precision.grad_scaling import PerResblockGradScaler, apply_per_resblock_grad_scaling
 
 from .config import ATTENTION_CHOICES, SHAPE_FIELDS, PriorConfig, PriorTrainingConfig
