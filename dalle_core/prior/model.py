@@ -59,7 +59,7 @@ from dalle_core.distributed.checkpoint import canonical_key
 from dalle_core.distributed.mesh import get_rank
 from dalle_core.io import atomic_torch_save, load_torch_file
 
-from . import block_sparse, flex
+from . import block_sparse, decode_attention, flex
 from .config import PriorConfig, PriorTrainingConfig, count_parameters
 from .masks import build_attention_mask
 
@@ -125,14 +125,16 @@ class SelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, layer: int = 0,
-                cache: KVCache | None = None, block_mask=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, layer: int = 0,
+                cache: KVCache | None = None, block_mask=None, decode_keys=None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.d_head).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if isinstance(block_mask, block_sparse.BlockSparseLayout):
+        if decode_keys is not None:  # a sampling step: (text_len, image-key slice, window mask)
+            y = decode_attention.decode_attention(q, k, v, *decode_keys)
+        elif isinstance(block_mask, block_sparse.BlockSparseLayout):
             y = block_sparse.block_sparse_attention(q, k, v, block_mask,
                                                     dropout_p=self.dropout if self.training else 0.0)
         elif block_mask is not None:
@@ -197,6 +199,12 @@ class AttentionResblock(nn.Module):
         return None
 
     def branch(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and x.shape[1] == 1 and start > self.text_len:
+            # a sampling step of one image query: read only the keys its mask row keeps
+            plan = decode_attention.key_plan(self.kind, self.text_len, self.grid, self.kernel,
+                                             self.wraparound, start, x.device)
+            return self.attn(self.ln(x), None, layer=self.layer_index, cache=cache,
+                             decode_keys=(self.text_len, *plan))
         mask = self.mask(x.device, start, x.shape[1])
         block_mask = self.block_mask(x.device, start, x.shape[1])
         return self.attn(self.ln(x), mask, layer=self.layer_index, cache=cache, block_mask=block_mask)
