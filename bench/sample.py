@@ -6,9 +6,13 @@ weights) and, for the whole chain, the dVAE decoder. The baseline, measured in
 the same run, is uncached sampling (every step recomputes the whole stream): the
 figure is the cache's speed-up. Cached and uncached tokens are compared too.
 
-No --attention option: sampling runs SDPA whatever `PriorConfig.attention` says (a
-decode step is one query row; only the whole stream uses FlexAttention:
-dalle_core/prior/sampling.py), so SDPA vs flex is timed by bench/prior.py.
+A second baseline of the same run: cached sampling with dense attention over every
+cached key under the mask row (`AttentionResblock.sparse_decode = False`) against the
+sampler's sparse step, which reads only the keys the row keeps
+(dalle_core/prior/decode_attention.py): `sparse_decode_speedup`, and whether both
+drew the same tokens. No --attention option: the prefill runs SDPA whatever
+`PriorConfig.attention` says (only the whole stream uses FlexAttention or the
+block-sparse layout), so those are timed by bench/prior.py.
 
     .venv/bin/python bench/sample.py                       # small (16x16) and the 32x32 grid, CPU
     .venv/bin/python bench/sample.py --device cuda --rows 64 --grids 16 32
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dalle_core.dvae.model import build_dvae, decode_codes  # noqa: E402
 from dalle_core.prior import DalleTransformer  # noqa: E402
+from dalle_core.prior.model import AttentionResblock  # noqa: E402
 from dalle_core.prior.sampling import sample_image_codes  # noqa: E402
 from dalle_core.profiles import get_profile  # noqa: E402
 
@@ -61,6 +66,11 @@ def bench_grid(grid: int, rows: int, device: str, dtype: torch.dtype, uncached_r
     t_sub_cached, codes_sub = timed(lambda: sample_image_codes(model, sub, seed=1, use_cache=True), device)
     t_uncached, codes_u = timed(lambda: sample_image_codes(model, sub, seed=1, use_cache=False), device)
     same = float((codes_sub == codes_u).float().mean())
+    AttentionResblock.sparse_decode = False
+    try:
+        t_dense, codes_d = timed(lambda: sample_image_codes(model, text, seed=1, use_cache=True), device)
+    finally:
+        AttentionResblock.sparse_decode = True
     dv = get_profile("small").dvae.replace(image_size=grid * 4)
     _, decoder = build_dvae(dv, device=device)
     t_decode, _ = timed(lambda: decode_codes(decoder, codes.view(rows, grid, grid)), device)
@@ -73,6 +83,8 @@ def bench_grid(grid: int, rows: int, device: str, dtype: torch.dtype, uncached_r
         "uncached_s_per_image": round(t_uncached / len(sub), 4),
         "cache_speedup": round(t_uncached / t_sub_cached, 2),
         "identical_tokens": same,
+        "dense_decode_s": round(t_dense, 3), "sparse_decode_speedup": round(t_dense / t_cached, 2),
+        "sparse_decode_identical_tokens": float((codes == codes_d).float().mean()),
     }
 
 

@@ -91,7 +91,8 @@ def test_prior_logits_and_gradients_equal_sdpa():
 
 def test_block_is_the_path_taken_and_sampling_keeps_sdpa(monkeypatch):
     """Training runs block_sparse_attention in every layer; the sampler's prefixes
-    (prefill, one-row decode steps) are not whole streams and keep SDPA."""
+    (prefill, one-row decode steps) are not whole streams and get no block layout (the
+    prefill runs SDPA, a decode step dalle_core.prior.decode_attention)."""
     _, blk = _pair(_cfg())
     calls = []
     real = block_sparse.block_sparse_attention

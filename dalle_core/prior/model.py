@@ -198,8 +198,12 @@ class AttentionResblock(nn.Module):
                                              kernel=self.kernel, wraparound=self.wraparound)
         return None
 
+    # a sampling step reads only its mask row's keys (decode_attention.py); False: dense masked
+    # SDPA over every cached key, the same attention (the baseline of bench/sample.py)
+    sparse_decode = True
+
     def branch(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        if cache is not None and x.shape[1] == 1 and start > self.text_len:
+        if self.sparse_decode and cache is not None and x.shape[1] == 1 and start > self.text_len:
             # a sampling step of one image query: read only the keys its mask row keeps
             plan = decode_attention.key_plan(self.kind, self.text_len, self.grid, self.kernel,
                                              self.wraparound, start, x.device)

@@ -30,15 +30,16 @@ With ``use_cache=True`` the caption (and the image prompt, if any) is run once
 through the model, filling a key/value cache (`StaticKVCache`: buffers
 preallocated to the stream's length, so appending costs no copy); after that
 each new token costs one step: its embedding at its position goes through every
-layer, where its query attends to the cached keys under that layer's mask row
-(`AttentionResblock.mask(start=p, length=1)`: the row, column or convolutional
-pattern of the paper), and its key and value are appended. With
+layer, where its query attends to the cached keys that layer's mask row keeps
+(the row, column or convolutional pattern of the paper: the caption block and
+one slice of image keys, read in place, `dalle_core.prior.decode_attention`),
+and its key and value are appended. With
 ``use_cache=False`` every step recomputes the whole stream so far (the
 reference the cached path is tested against, and the speed baseline).
 
-Sampling keeps SDPA whatever `PriorConfig.attention` says: a decode step is one
-query row against the cached keys (no empty tiles to skip), and the prefill is
-the caption (causal text, no image masks). FlexAttention (dalle_core.prior.flex)
+Sampling ignores `PriorConfig.attention`: a decode step is one query row against
+its slice of the cached keys (no empty tiles to skip), and the prefill is the
+caption (causal text under SDPA, no image masks). FlexAttention (dalle_core.prior.flex)
 only runs on the whole stream (`AttentionResblock.block_mask`): training, scoring,
 and the last step of the uncached path.
 
