@@ -113,7 +113,13 @@ def test_diagnose_names_what_falls_short():
     assert all(w in line for w in ("the prior", "the reranker", "generalisation")) and "\n" not in line
 
     # without training captions: the prior judged on held-out ones, generalisation not measured
-    assert "the prior (any-of-N 0.20 on held-out captions" in diagnose(weak_prior)
+    assert "the prior (first draw 0.05, any-of-N 0.20 on held-out captions" in diagnose(weak_prior)
+
+    # a prior whose plain draw rarely matches, though one of 8 often does (the small demo,
+    # runs/d8: first draw 0.22 of training captions, any-of-8 0.59, reranked 0.41 held-out)
+    line = diagnose(_figures(0.54, 0.41, 0.12), _figures(0.59, 0.53, 0.22))
+    assert line.startswith("falls short: the prior (first draw 0.22, any-of-N 0.59 on training captions")
+    assert "reranker" not in line
     assert "training captions not measured" in diagnose(good)
 
 
