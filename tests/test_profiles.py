@@ -62,6 +62,9 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            # the paper's, is implied and left out of to_dict)
            ("small", "prior_training", "optimizer"): ("adamw", "muon"),
            ("small", "prior_training", "muon_lr_ratio"): (1.0, 2.0),
+           # the rate falls linearly to 0 over the small prior's last 300 updates (issue 15, two seeds;
+           # 0, the paper's schedule, is implied and left out of to_dict)
+           ("small", "prior_training", "lr_cooldown_steps"): (0, 300),
            ("small", "reranker", "optimizer"): ("adamw", "muon"),
            ("small", "reranker", "muon_lr_ratio"): (1.0, 2.0)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
@@ -103,8 +106,11 @@ def test_medium_is_the_small_lineage_run_longer():
     assert [i.caption for i in small_world.eval_items()] == [i.caption for i in medium_world.eval_items()]
     assert m.prior == s.prior.replace(text_loss_weight=1 / 8) and s.prior.text_loss_weight == 0.5
     assert code_sizes(m) == code_sizes(s)
-    small_training = {k: v for k, v in _json(s.prior_training.to_dict()).items() if k not in ("optimizer", "muon_lr_ratio")}
-    # medium keeps AdamW (its runs' optimizer), small trains with Muon
+    small_training = {k: v for k, v in _json(s.prior_training.to_dict()).items()
+                      if k not in ("optimizer", "muon_lr_ratio", "lr_cooldown_steps")}
+    # medium keeps AdamW (its runs' optimizer) and the paper's schedule, small trains with Muon
+    # and a linear cooldown
+    assert (s.prior_training.lr_cooldown_steps, m.prior_training.lr_cooldown_steps) == (300, 0)
     assert (s.prior_training.optimizer, m.prior_training.optimizer) == ("muon", "adamw")
     assert _json(m.prior_training.to_dict()) == {**small_training, "lr": 2e-3, "total_steps": 4400}
     small_reranker = {k: v for k, v in _json(s.reranker.to_dict()).items() if k not in ("optimizer", "muon_lr_ratio")}
@@ -206,9 +212,9 @@ def test_the_prior_asset_run_digest_is_unchanged():
     # small: "9ded11ada0c0" before its amp_dtype / total_steps changed on purpose (CHANGED),
     # "eefcee00e4c7" before its attention became "auto" (the 900 updates are the snapshot's
     # again), "96463d683c3a" before its BPE dropout went to 0, "d786b001acd4" before its lr and text
-    # loss weight changed, "eca792ca5107" before it trained with Muon: a new run folder, as it
-    # should be for other training settings
-    assert digest(get_profile("small")) == "da4e05afee25"
+    # loss weight changed, "eca792ca5107" before it trained with Muon, "da4e05afee25" before its
+    # linear cooldown: a new run folder, as it should be for other training settings
+    assert digest(get_profile("small")) == "d5db60040481"
     # medium's AdamW is implied: its run folders keep their names
     assert "optimizer" not in get_profile("medium").prior_training.to_dict()
 
