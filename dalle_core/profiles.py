@@ -266,6 +266,11 @@ def small() -> Profile:
             allow_private_addresses=True,  # the demo world is served on 127.0.0.1
             max_image_pixels=1024 * 1024,  # 1 MP: <= 4 MiB a decoded copy; demo images are <= ~400x200
             demo_items_per_batch=1500,
+            # 2 batches (~2,384 pairs, ~6 passes in the prior's 900 x 16), not medium's 4: on d9's dVAE
+            # codes a held-out draw matched 0.070 / 0.101 / 0.091 on 1,000 / 2,384 / 4,768 pairs (any
+            # of 8 0.39 / 0.505 / 0.50), and through the platform the 4-batch demo (`runs/d10`: its dVAE,
+            # 900 steps on twice the images, recognised 0.925 of its reconstructions vs 0.975) reranked
+            # 0.45 vs 0.49 for ~60 s more (docs/benchmarks.md, 2026-12-03, "Twice the pairs for small").
             demo_batches=2,
             demo_eval_items=200,
         ),
