@@ -65,6 +65,9 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            # the rate falls linearly to 0 over the small prior's last 300 updates (issue 15, two seeds;
            # 0, the paper's schedule, is implied and left out of to_dict)
            ("small", "prior_training", "lr_cooldown_steps"): (0, 300),
+           # 8 heads of 16 instead of 4 of 32 in the small prior: the same width (issue 15, two seeds)
+           ("small", "prior", "n_head"): (4, 8),
+           ("small", "prior", "d_head"): (32, 16),
            ("small", "reranker", "optimizer"): ("adamw", "muon"),
            ("small", "reranker", "muon_lr_ratio"): (1.0, 2.0)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
@@ -104,7 +107,8 @@ def test_medium_is_the_small_lineage_run_longer():
         assert [(i.key, i.caption, i.seed) for i in small_world.batch_items(batch)] == [
             (i.key, i.caption, i.seed) for i in medium_world.batch_items(batch)]
     assert [i.caption for i in small_world.eval_items()] == [i.caption for i in medium_world.eval_items()]
-    assert m.prior == s.prior.replace(text_loss_weight=1 / 8) and s.prior.text_loss_weight == 0.5
+    assert m.prior == s.prior.replace(text_loss_weight=1 / 8, n_head=4, d_head=32) and s.prior.text_loss_weight == 0.5
+    assert s.prior.n_head * s.prior.d_head == m.prior.n_head * m.prior.d_head == 128  # the same width
     assert code_sizes(m) == code_sizes(s)
     small_training = {k: v for k, v in _json(s.prior_training.to_dict()).items()
                       if k not in ("optimizer", "muon_lr_ratio", "lr_cooldown_steps")}
@@ -213,8 +217,9 @@ def test_the_prior_asset_run_digest_is_unchanged():
     # "eefcee00e4c7" before its attention became "auto" (the 900 updates are the snapshot's
     # again), "96463d683c3a" before its BPE dropout went to 0, "d786b001acd4" before its lr and text
     # loss weight changed, "eca792ca5107" before it trained with Muon, "da4e05afee25" before its
-    # linear cooldown: a new run folder, as it should be for other training settings
-    assert digest(get_profile("small")) == "d5db60040481"
+    # linear cooldown, "d5db60040481" before its 8 heads of 16: a new run folder, as it should be
+    # for other training settings
+    assert digest(get_profile("small")) == "0977169a8617"
     # medium's AdamW is implied: its run folders keep their names
     assert "optimizer" not in get_profile("medium").prior_training.to_dict()
 
