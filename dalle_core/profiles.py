@@ -390,7 +390,8 @@ def small() -> Profile:
 @profile_builder("medium")
 def medium() -> Profile:
     """The small lineage run longer (about half an hour on 2 CPU cores): the same world,
-    dVAE and shapes, twice the crawl (below), the prior trained 4.4x as long (4,400 updates) and the reranker
+    dVAE and shapes (but the prior's 128 width split 4 x 32, as measured here; small's is 8 x 16),
+    twice the crawl (below), the prior trained 4.4x as long (4,400 updates) and the reranker
     4.5x as long (900: swap binding 0.905, pick of 8 0.775 vs 0.88 / 0.725 at 600 updates,
     bench/reranker.py, 2026-12-01; at 600 the medium run's reranker picked a match for 41%
     of held-out captions where one of the 8 draws matched for 77%).

@@ -93,7 +93,8 @@ def test_the_profiles():
 
 
 def test_medium_is_the_small_lineage_run_longer():
-    """Same world, dVAE, shapes and codes as small, crawled twice as far (small's two URL
+    """Same world, dVAE, shapes (the prior's heads split 4 x 32, small's 8 x 16) and codes as
+    small, crawled twice as far (small's two URL
     lists and two more: twice the pairs measured ~0.2 higher on every per-draw figure at
     medium's length); the prior's and the reranker's training budgets differ, and the prior's
     text-loss weight (the paper's 1/8: small's 0.5 opened a generalisation gap at medium's length)."""
