@@ -123,11 +123,11 @@ def test_medium_is_the_small_lineage_run_longer():
     assert _json(m.reranker.to_dict()) == {**small_reranker, "total_steps": 900}
     # and how its prior is drawn: temperature 0.7 (measured on its own prior and on small's), as small
     assert (m.sampling.temperature, m.sampling.top_k) == (0.7, None)
-    assert s.sampling == SamplingConfig(temperature=0.7) and s.sampling.key() == m.sampling.key() == {"temperature": 0.7}
+    assert s.sampling == SamplingConfig(temperature=0.7, candidates=16) and s.sampling.key() == m.sampling.key() == {"temperature": 0.7}
     assert get_profile("tiny").sampling == SamplingConfig()  # the tests' profile draws at the paper's 1
-    # and how many draws its zero-shot report reranks: 32 (small 8, the paper's profiles 512); not
+    # and how many draws its zero-shot report reranks: 32 (small 16, the paper's profiles 512); not
     # in key(): the evaluation's fingerprint and the chunk keys name the candidates already
-    assert (s.sampling.candidates, m.sampling.candidates) == (8, 32)
+    assert (s.sampling.candidates, m.sampling.candidates) == (16, 32)
     assert {get_profile(n).sampling.candidates for n in ("paper-1.3B", "paper-12B")} == {512}
     assert get_profile("paper-12B").sampling.key() == {}
 
