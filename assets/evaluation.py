@@ -44,7 +44,7 @@ STAGE = "coco_zero_shot_report"
 class ZeroShotConfig(dg.Config):
     captions: int = 0  # evaluation captions used; 0 = all (the paper: 30,000 MS-COCO val captions)
     # samples per caption, the reranker keeps the best one (the paper: 512 -> 1); None: the
-    # profile's `sampling.candidates` (8 on the laptop profiles, 32 on medium, 512 on the paper's)
+    # profile's `sampling.candidates` (16 on small, 8 on tiny, 32 on medium, 512 on the paper's)
     candidates: Optional[int] = None
     radii: List[float] = [1.0, 2.0, 4.0, 8.0]  # Gaussian blur of both sets, as the paper plotted
     inception_weights: str = ""  # path or s3:// URI of torch-fidelity's Inception weights (default: $DALLE_INCEPTION_WEIGHTS)

@@ -179,8 +179,9 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None  # keep only the k most likely codes at each position (None: all)
     # Draws per caption the zero-shot evaluation's reranker chooses among. The paper reranks 512
-    # ("gains level off past 32"; the paper profiles take 512); 8 is what the platform's laptop
-    # profiles have drawn since the first runs (sampling is most of their evaluation's time).
+    # ("gains level off past 32"; the paper profiles take 512); 8, what the laptop profiles drew
+    # in the first runs, is the default (sampling is most of their evaluation's time); small
+    # draws 16, medium 32 (profiles.py says what each bought).
     # Not part of key(): the evaluation's fingerprint and its chunks' keys hold it already.
     candidates: int = 8
     # Classifier-free guidance (dalle_core.prior.sampling; not the paper's, which is 1: no
