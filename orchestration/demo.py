@@ -200,18 +200,20 @@ def summarize(settings: Settings, instance) -> dict:
 
 
 def caption_match_lines(instance) -> tuple[str | None, str | None]:
-    """("caption match    held-out: reranked .., first draw .., any-of-8 ..; training captions:
+    """("caption match    held-out: reranked .., first draw .., any-of-N ..; training captions:
     ...; reranker swap binding ..", "diagnosis        ..."), from the zero-shot report's and the
     reranker's latest metadata; (None, None) before there is a report with the figures."""
     report = latest_metadata(instance, "coco_zero_shot_report", None)
     if not report or "heldout/caption_match_reranked" not in report[0]:
         return None, None
+    from dalle_core.eval.caption_match import figures_line
+
     m = {k: v.value for k, v in report[0].items()}
     n = m.get("candidates", "N")
 
     def figures(split: str) -> str:
-        return (f"reranked {m[f'{split}/caption_match_reranked']:.2f}, first draw "
-                f"{m[f'{split}/caption_match_first_draw']:.2f}, any-of-{n} {m[f'{split}/caption_match_any']:.2f}")
+        keys = ("caption_match_reranked", "caption_match_first_draw", "caption_match_any")
+        return figures_line({k: m[f"{split}/{k}"] for k in keys}, n)
 
     parts = [f"held-out: {figures('heldout')}"]
     if "train/caption_match_reranked" in m:

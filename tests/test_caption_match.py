@@ -148,4 +148,7 @@ def test_generalisation_is_judged_against_sampling_noise():
 
 
 def test_figures_line():
-    assert figures_line(_figures(0.5, 0.25, 0.125)) == "reranked 0.25, first draw 0.12, any-of-N 0.50"
+    assert figures_line(_figures(0.5, 0.25, 0.125)) == "reranked 0.25, first draw 0.125, any-of-N 0.50"
+    # runs/d12: 119 of 200 is 0.595, not "0.59" beside a 0.60 goal; 29 of 32 is 0.906
+    assert figures_line(_figures(0.755, 0.595, 0.17), 16) == "reranked 0.595, first draw 0.17, any-of-16 0.755"
+    assert figures_line(_figures(29 / 32, 0.7, 0.295)) == "reranked 0.70, first draw 0.295, any-of-N 0.906"
