@@ -325,7 +325,8 @@ def small() -> Profile:
         # wide): on `runs/d8`'s codes, 900 updates, seeds 0 / 1, 200 held-out captions x 8 draws at
         # temperature 1 (docs/benchmarks.md, 2026-12-03): a draw matched 0.113 / 0.128 vs 0.101 / 0.098,
         # any of 8 0.57 / 0.605 vs 0.505 / 0.53, the first draw 0.11 / 0.10 vs 0.075 / 0.10; 284 / 276 s
-        # of training vs ~280. Not yet run through the demo. medium keeps 4 x 32 (its measured runs).
+        # of training vs ~280. Through the demo (runs/d11 vs d9) it did not show: a draw 0.126 vs 0.122,
+        # reranked 0.44 vs 0.49 (one run each, +-0.035). medium keeps 4 x 32 (its measured runs).
         prior=dict(n_layer=4, n_head=8, d_head=16, conv_kernel=7, attention="auto", text_loss_weight=0.5),
         # amp_dtype "auto": bf16 on a CPU with AVX-512 BF16 (1.29x the fp32 step; over 250
         # updates on the demo's codes the loss matches fp32 within 0.0005, 2026-12-01), fp32
@@ -388,7 +389,9 @@ def small() -> Profile:
         # than one of 8, and the reranker finds it: on the d11 / d9 chains (200 held-out captions,
         # the report's protocol, 2026-12-03) reranked 0.595 / 0.515 vs 0.44 / 0.495 at 8, any of
         # the draws 0.755 / 0.77 vs 0.525 / 0.575, for ~50 s more of the report on the slow machine
-        # (106 vs 55 s of drawing), less than 150 prior updates would cost and more than they buy.
+        # (106 vs 55 s of drawing). 200 more prior updates cost about as much and buy about as much
+        # (d11's codes, 1,100 updates, 8 draws: reranked 0.555, first draw 0.165); both together at
+        # 1,300 updates meet the issue's figures (runs/d13: 0.70 / 0.295) at ~+95 s of the demo.
         sampling=dict(temperature=0.7, candidates=16),
     )
 
