@@ -60,6 +60,39 @@ def test_outputs_and_gradients_equal_sdpa(kind, sizes):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"S{s[0] + s[1] ** 2}")
+def test_the_reorders_are_skipped_or_gathered_where_they_can_be(sizes):
+    """Row and conv layers block the queries in stream order when the blocks divide the
+    stream (the demo's 288: no reorder at all); column layers permute them (the backward
+    a gather); a padded layout is neither (the backward sums rows). Each path's gradients
+    are the ones compared with SDPA's above."""
+    L, g = sizes
+    S = L + g * g
+    divides = S % (2 * g) == 0
+    for kind in ("row", "conv", "column"):
+        lay = block_sparse.layer_layout(kind, L, g, "cpu", kernel=3 if g < 12 else 7)
+        assert lay.permutes == divides
+        assert lay.in_order == (divides and kind != "column")
+    if (L, g) == (32, 16):
+        assert divides
+
+
+def test_take_positions_matches_index_select_with_repeats_and_permutations():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 9, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    perm = torch.randperm(9, generator=gen)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(9)
+    for index, inv in ((torch.tensor([0, 3, 3, 8, 1, 0, 0]), None), (perm, inverse)):
+        w = torch.randn(2, 3, index.numel(), 4, dtype=torch.float64, generator=gen)
+        ours = block_sparse.take_positions(x, index, inv)
+        ref = x.index_select(2, index)
+        assert torch.equal(ours, ref)
+        (g_ours,) = torch.autograd.grad((ours * w).sum(), x)
+        (g_ref,) = torch.autograd.grad((ref * w).sum(), x)
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-12, rtol=0)
+
+
 def _pair(cfg: PriorConfig) -> tuple[DalleTransformer, DalleTransformer]:
     return sdpa_and(cfg, "block")
 
