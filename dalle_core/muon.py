@@ -2,7 +2,7 @@
 
 The paper trains with AdamW (the prior: appendix B, betas 0.9 / 0.96, eps 1e-8, weight
 decay 4.5e-2; the dVAE: appendix A.2), and its presets keep it. The 2-core demo gives
-the prior ~900 updates and the reranker 200, the foot of their learning curves, so what
+the prior ~1,000 updates and the reranker 400, the foot of their learning curves, so what
 one update learns is what the demo shows. Muon (K. Jordan et al. 2024, "Muon: an
 optimizer for hidden layers"; `torch.optim.Muon`) replaces a weight matrix's momentum
 by the nearest semi-orthogonal matrix (five Newton-Schulz iterations), so that every

@@ -310,7 +310,7 @@ def small() -> Profile:
         # 10-minute budget on 2 CPU cores (~23k tokens/s: 0.2 s a step at batch 16).
         # Four layers still exercise the pattern: row, column, row, conv. 200 steps x 8
         # learned the code statistics but hardly the caption; 1000 x 16 (~7 epochs of
-        # the demo's shards; the demo runs 900) draws the captioned colours in most samples.
+        # the demo's shards; the demo runs 1,000) draws the captioned colours in most samples.
         # attention "auto": block-sparse on the CPU (dalle_core/prior/block_sparse.py): the same
         # outputs, and on the demo's codes 300 bf16 updates take 58 s vs 79 s with masked SDPA
         # (25.3k vs ~17-21k tokens/s), losses equal within 0.001 (2026-12-01, idle)
@@ -330,11 +330,13 @@ def small() -> Profile:
         prior=dict(n_layer=4, n_head=8, d_head=16, conv_kernel=7, attention="auto", text_loss_weight=0.5),
         # amp_dtype "auto": bf16 on a CPU with AVX-512 BF16 (1.29x the fp32 step; over 250
         # updates on the demo's codes the loss matches fp32 within 0.0005, 2026-12-01), fp32
-        # elsewhere. 900 updates: what the 10-minute demo has room for beside the fp32 dVAE
-        # (~0.19 s an update with block-sparse attention inside the demo; with 1,000 the demo
-        # took 600 s, 2026-12-01; the ~15 s the faster world rendering saved in the crawl since
-        # is margin, as the machine's speed varies by 2x). Caption following is on the steep
-        # part of its curve (docs/benchmarks.md): every update the budget allows pays.
+        # elsewhere. 1,000 updates: what the 10-minute demo had room for beside the fp32 dVAE was
+        # 900 (~0.19 s an update with block-sparse attention inside the demo, 2026-12-01); the
+        # block-sparse gathers' faster backward (1.09-1.11x the bf16 step, bench/block_sparse_gather.py,
+        # 2026-12-03) pays for the 100 more. Caption following is on the steep part of its curve
+        # (docs/benchmarks.md): every update the budget allows pays. On `runs/d12`'s codes and
+        # reranker (the report's protocol, 16 draws): 1,000 updates reranked 0.63, first draw
+        # 0.185, any of 16 0.82, vs 0.595 / 0.17 / 0.755 at 900 (1,100: 0.64 / 0.245 / 0.845).
         # lr 2e-3 (1e-3 before): without BPE dropout the higher rate is ahead at 1,100 updates
         # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
         # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
@@ -345,13 +347,13 @@ def small() -> Profile:
         # rate; any of 8 0.28 vs 0.545 / 0.58 / 0.50; first draw 0.025 vs 0.11-0.12; an update
         # costs 1.09-1.19x AdamW's (bench/prior.py --optimizers adamw muon).
         # lr_cooldown_steps 300 (not the paper's schedule): the rate falls linearly to 0 over the last
-        # 300 of the 900 updates, as Muon runs usually end. On `runs/d7`'s codes, 200 held-out
+        # 300 updates (measured at 900), as Muon runs usually end. On `runs/d7`'s codes, 200 held-out
         # captions x 8 draws at temperature 1, seeds 0 / 1 (docs/benchmarks.md, 2026-12-03): a draw
         # matched 0.101 / 0.098 vs 0.086 / 0.081 without it, any of 8 0.505 / 0.53 vs 0.46 / 0.44,
         # training captions a draw 0.095 / 0.095 vs 0.088 / 0.085; the loss 0.943 vs 1.011. Free.
         prior_training=dict(lr=2e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
                             optimizer="muon", muon_lr_ratio=2.0, lr_cooldown_steps=300,
-                            batch_size=16, total_steps=900, log_every=50, checkpoint_every=300,
+                            batch_size=16, total_steps=1000, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
         # 400 updates, ~1.7 minutes on 2 CPU cores. The prior's draws (`runs/d7`'s prior, 200
