@@ -333,10 +333,11 @@ def small() -> Profile:
         # elsewhere. 1,000 updates: what the 10-minute demo had room for beside the fp32 dVAE was
         # 900 (~0.19 s an update with block-sparse attention inside the demo, 2026-12-01); the
         # block-sparse gathers' faster backward (1.09-1.11x the bf16 step, bench/block_sparse_gather.py,
-        # 2026-12-03) pays for the 100 more. Caption following is on the steep part of its curve
-        # (docs/benchmarks.md): every update the budget allows pays. On `runs/d12`'s codes and
-        # reranker (the report's protocol, 16 draws): 1,000 updates reranked 0.63, first draw
-        # 0.185, any of 16 0.82, vs 0.595 / 0.17 / 0.755 at 900 (1,100: 0.64 / 0.245 / 0.845).
+        # 2026-12-03) pays for about half of the 100 more: through the demo 1,000 updates took 305 s
+        # (`runs/d14`) vs 287 s for 900 (`runs/d12`), both on the slow machine. Caption following is
+        # on the steep part of its curve (docs/benchmarks.md): every update the budget allows pays.
+        # d14's report: held-out reranked 0.63, first draw 0.185, any of 16 0.82, vs d12's 0.595 /
+        # 0.17 / 0.755 (at 1,100 updates on d12's codes: 0.64 / 0.245 / 0.845).
         # lr 2e-3 (1e-3 before): without BPE dropout the higher rate is ahead at 1,100 updates
         # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
         # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
