@@ -403,7 +403,8 @@ def small() -> Profile:
 def medium() -> Profile:
     """The small lineage run longer (about half an hour on 2 CPU cores): the same world,
     dVAE and shapes (but the prior's 128 width split 4 x 32, as measured here; small's is 8 x 16),
-    twice the crawl (below), the prior trained 4.4x as long (4,400 updates) and the reranker
+    twice the crawl (below), the prior trained 2.2x as long (2,200 updates, with small's Muon;
+    4,400 with AdamW until 2026-12-03) and the reranker
     4.5x as long (900: swap binding 0.905, pick of 8 0.775 vs 0.88 / 0.725 at 600 updates,
     bench/reranker.py, 2026-12-01; at 600 the medium run's reranker picked a match for 41%
     of held-out captions where one of the 8 draws matched for 77%).
@@ -422,13 +423,14 @@ def medium() -> Profile:
     0.25, any of 32 0.92 vs 0.97), a generalisation gap the 1/8 run (0.74 held-out vs 0.62
     training) did not have: at ~30 epochs of the demo's pairs, a heavier caption model
     seems to learn the training compositions rather than the words (one run each, on
-    different codes: a hint, measured as such). 4,400 updates stay: the m7 prior resumed to
-    6,600 (~7 more minutes) raised a draw's match 0.353 -> 0.383 and its reranked pick not at
-    all (0.71 -> 0.72; docs/benchmarks.md, "Medium's prior trained 1.5x as long")."""
+    different codes: a hint, measured as such). With AdamW, more than 4,400 updates did not
+    pay: the m7 prior resumed to 6,600 (~7 more minutes) raised a draw's match 0.353 -> 0.383
+    and its reranked pick not at all (0.71 -> 0.72; docs/benchmarks.md, "Medium's prior
+    trained 1.5x as long")."""
     p = small()
     return replace(p, name="medium",
                    # Twice small's crawl (4 batches of the same world: ~4,770 pairs), so that the prior's
-                   # 4,400 updates see each pair ~15 times instead of ~30. On the m7 run's dVAE and
+                   # 4,400 AdamW updates (those measured here) saw each pair ~15 times instead of ~30. On the m7 run's dVAE and
                    # tokenizer, the same prior and seed trained on the 4-batch world's pairs (the
                    # platform's own crawl, filter, shards and image-code jobs) drew a held-out match 0.553
                    # of the time against 0.353 on the 2-batch world's, its first draw 0.55 vs 0.385, and
@@ -438,10 +440,13 @@ def medium() -> Profile:
                    # Costs ~1 minute more of crawl, filters and encoding; the dVAE trains the same steps.
                    data=replace(p.data, demo_batches=4),
                    prior=p.prior.replace(text_loss_weight=1 / 8, n_head=4, d_head=32),  # small's 8 x 16: unmeasured here
-                   # AdamW (the paper's), as in every medium run measured (runs/m7-m10): Muon,
-                   # small's since 2026-12-02, is not measured at 4,400 updates yet.
-                   prior_training=replace(p.prior_training, total_steps=4400, optimizer="adamw",
-                                          muon_lr_ratio=1.0, lr_cooldown_steps=0),  # small's cooldown: unmeasured here
+                   # small's optimizer and schedule (Muon on the matrices at 2x, the rate cooling down
+                   # over the last 300 updates) at half the updates AdamW had (4,400 in runs/m7-m10):
+                   # through the platform (`runs/mm1`, 2026-12-03, slow machine) 2,200 Muon updates took
+                   # 593 s vs m10's 1,086 s for 4,400 AdamW ones, and the report (200 held-out captions x
+                   # 32 draws) went reranked 0.96 vs 0.94, first draw 0.785 vs 0.55, any of 32 1.00
+                   # both; the whole run 1,486 s vs 2,178 s (docs/benchmarks.md, "Muon for medium").
+                   prior_training=replace(p.prior_training, total_steps=2200),
                    reranker=replace(p.reranker, total_steps=900, optimizer="adamw", muon_lr_ratio=1.0),
                    # Draws at temperature 0.7 (the paper's is 1): on the medium run's prior (4,400
                    # updates) and its 900-update reranker, 200 held-out captions x 8 draws, a draw
