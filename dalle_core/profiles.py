@@ -445,7 +445,7 @@ def medium() -> Profile:
                    # through the platform (`runs/mm1`, 2026-12-03, slow machine) 2,200 Muon updates took
                    # 593 s vs m10's 1,086 s for 4,400 AdamW ones, and the report (200 held-out captions x
                    # 32 draws) went reranked 0.96 vs 0.94, first draw 0.785 vs 0.55, any of 32 1.00
-                   # both; the whole run 1,486 s vs 2,178 s (docs/benchmarks.md, "Muon for medium").
+                   # both; the whole run 1,486 s vs 2,178 s (docs/benchmarks.md, nineteenth session).
                    prior_training=replace(p.prior_training, total_steps=2200),
                    reranker=replace(p.reranker, total_steps=900, optimizer="adamw", muon_lr_ratio=1.0),
                    # Draws at temperature 0.7 (the paper's is 1): on the medium run's prior (4,400
