@@ -430,10 +430,11 @@ def medium() -> Profile:
     p = small()
     return replace(p, name="medium",
                    # Twice small's crawl (4 batches of the same world: ~4,770 pairs), so that the prior's
-                   # 4,400 AdamW updates (those measured here) saw each pair ~15 times instead of ~30. On the m7 run's dVAE and
-                   # tokenizer, the same prior and seed trained on the 4-batch world's pairs (the
-                   # platform's own crawl, filter, shards and image-code jobs) drew a held-out match 0.553
-                   # of the time against 0.353 on the 2-batch world's, its first draw 0.55 vs 0.385, and
+                   # 4,400 AdamW updates (those measured here) saw each pair ~15 times instead of ~30
+                   # (its 2,200 Muon updates now ~7.5 times). On the m7 run's dVAE and tokenizer, the
+                   # same prior and seed trained on the 4-batch world's pairs (the platform's own crawl,
+                   # filter, shards and image-code jobs) drew a held-out match 0.553 of the time against
+                   # 0.353 on the 2-batch world's, its first draw 0.55 vs 0.385, and
                    # m7's reranker (trained on the 2 batches) picked a match for 0.83 vs 0.71 of 200
                    # held-out captions (32 draws at 0.7; validation 0.78 vs 0.73, a draw 0.544 vs 0.346):
                    # the largest gain measured for medium (docs/benchmarks.md, "Twice the pairs", 2026-12-02).
