@@ -76,3 +76,25 @@ def test_at_the_papers_size_a_step_reads_few_keys():
     assert len(planned_keys("row", L, g, 11, True, last)) == L + 1 + g + 1
     assert len(planned_keys("column", L, g, 11, True, last)) == L + 1 + g
     assert len(planned_keys("conv", L, g, 11, True, last)) < L + 1 + 6 * g
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_a_caption_block_shared_by_a_captions_draws_gives_each_draws_attention(kind):
+    # 2 captions x 3 draws: the caption block held once per caption (StaticKVCache.share_rows)
+    # gives what each row's own copy of it gives
+    L, g, kernel, C, n = 6, 5, 3, 2, 3
+    gen = torch.Generator().manual_seed(1)
+    T = L + g * g
+    k = torch.randn(C * n, 2, T, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(C * n, 2, T, 8, generator=gen, dtype=torch.float64)
+    kc = torch.randn(C, 2, L + 3, 8, generator=gen, dtype=torch.float64)  # a prefix longer than the block
+    vc = torch.randn(C, 2, L + 3, 8, generator=gen, dtype=torch.float64)
+    k[:, :, :L + 1], v[:, :, :L + 1] = kc[:, :, :L + 1].repeat_interleave(n, 0), vc[:, :, :L + 1].repeat_interleave(n, 0)
+    for pos in range(L + 1, T):
+        q = torch.randn(C * n, 2, 1, 8, generator=gen, dtype=torch.float64)
+        plan = key_plan(kind, L, g, kernel, True, pos)
+        own = decode_attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1], L, *plan)
+        shared = decode_attention(q, k[:, :, :pos + 1], v[:, :, :pos + 1], L, *plan, caption=(kc, vc))
+        torch.testing.assert_close(shared, own, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="groups"):
+        decode_attention(q[:5], k[:5], v[:5], L, *plan, caption=(kc, vc))

@@ -106,6 +106,34 @@ def test_seeding_is_deterministic_and_independent_of_batch_size(model32):
     assert torch.equal(torch.rand(1), before)
 
 
+def test_the_draws_of_a_caption_share_its_prefill(model64, monkeypatch):
+    # a caption is run once for its draws and its block read once for them (share_rows);
+    # the tokens are those of every draw run on its own, however the rows are chunked
+    from dalle_core.prior import sampling
+
+    caches = []
+
+    class Recording(sampling.StaticKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(sampling, "StaticKVCache", Recording)
+    text = captions(B=3, seed=2)
+    alone = sample_image_codes(model64, text.repeat_interleave(4, 0), seed=4, top_k=6)
+    assert all(c.shared_prefix(0) is None for c in caches)
+    for batch_size, groups in [(None, [4]), (9, [4, 4]), (2, [2] * 6)]:  # 9: two whole captions, then one
+        caches.clear()
+        shared = sample_image_codes(model64, text, n_per_caption=4, seed=4, top_k=6, batch_size=batch_size)
+        assert torch.equal(shared, alone), batch_size
+        for cache, g in zip(caches, groups):
+            prefix_k, _ = cache.shared_prefix(0)
+            assert prefix_k.shape[0] * g == cache.k[0].shape[0] and prefix_k.shape[2] == TINY.text_len + 1
+    with pytest.raises(ValueError, match="groups of 2"):
+        sampling._sample_chunk(model64, text[:2], None, torch.rand(2, TINY.image_len, dtype=torch.float64),
+                               1.0, None, None, True, lambda: None, group=2)
+
+
 def test_rows_are_caption_major(model32):
     text = captions(B=2)
     both = sample_image_codes(model32, torch.stack([text[0], text[0], text[1]]), n_per_caption=1, seed=3)

@@ -81,7 +81,7 @@ def test_cpu_samples_in_fp32_and_the_chain_sizes_its_batch(monkeypatch):
     from dalle_core.prior import sampling_memory
 
     assert sampling_dtype("cpu") == torch.float32
-    assert sampling_memory.batch_size_for(torch.nn.Linear(1, 1), "cpu", torch.float32) == 256
+    assert sampling_memory.batch_size_for(torch.nn.Linear(1, 1), "cpu", torch.float32) == 512
 
 
 def test_dalle_plan_reports_the_sampling_batch():

@@ -109,6 +109,11 @@ class KVCache:
     def length(self) -> int:
         return 0 if self.k[0] is None else self.k[0].shape[2]
 
+    def shared_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values of a prefix held once per group of rows (the sampler's
+        `StaticKVCache.share_rows`); None: every row holds its own."""
+        return None
+
 
 class SelfAttention(nn.Module):
     """Multi-head attention under a boolean [S, S] mask (True = may attend), with
@@ -133,7 +138,7 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if decode_keys is not None:  # a sampling step: (text_len, image-key slice, window mask)
-            y = decode_attention.decode_attention(q, k, v, *decode_keys)
+            y = decode_attention.decode_attention(q, k, v, *decode_keys, caption=cache.shared_prefix(layer))
         elif isinstance(block_mask, block_sparse.BlockSparseLayout):
             y = block_sparse.block_sparse_attention(q, k, v, block_mask,
                                                     dropout_p=self.dropout if self.training else 0.0)

@@ -33,7 +33,9 @@ each new token costs one step: its embedding at its position goes through every
 layer, where its query attends to the cached keys that layer's mask row keeps
 (the row, column or convolutional pattern of the paper: the caption block and
 one slice of image keys, read in place, `dalle_core.prior.decode_attention`),
-and its key and value are appended. With
+and its key and value are appended. The draws of one caption share the
+caption: it is run once for them, and each step reads its caption block once
+for them all (`StaticKVCache.share_rows`). With
 ``use_cache=False`` every step recomputes the whole stream so far (the
 reference the cached path is tested against, and the speed baseline).
 
@@ -68,6 +70,7 @@ Mixed precision: the model runs in whatever precision it is in; wrap the call in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -95,6 +98,30 @@ class StaticKVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self._len = [0] * n_layer
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+
+    def share_rows(self, group: int) -> None:
+        """After a prefill of one row per group of `group` rows with the same caption (and
+        prompt): give each of the group's rows a copy of what is cached so far, and keep that
+        prefix once per group too, for `decode_attention` to read the caption block once for
+        the group's draws. Rows c * group .. c * group + group - 1 are row c's copies."""
+        if group == 1:
+            return
+        for layer, (k, v) in enumerate(zip(self.k, self.v)):
+            if k is None:
+                raise RuntimeError(f"share_rows comes after the prefill: layer {layer} holds nothing yet")
+            n = self._len[layer]
+            self._prefix[layer] = (k[:, :, :n].clone(), v[:, :, :n].clone())
+            C, H, T, D = k.shape
+            for buffers, old in ((self.k, k), (self.v, v)):  # copy the prefix only, not the empty rest
+                new = old.new_empty(C * group, H, T, D)
+                new.view(C, group, H, T, D)[:, :, :, :n] = old[:, None, :, :n]
+                buffers[layer] = new
+
+    def shared_prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The prefix's keys and values once per group of rows ([rows / group, H, T, D]),
+        or None before `share_rows` (every row holds its own)."""
+        return self._prefix[layer]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.k[layer] is None:
@@ -259,8 +286,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def _sample_chunk(model: DalleTransformer, text: torch.Tensor, prompt: torch.Tensor | None,
                   uniforms: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                  use_cache: bool, tick: Callable[[], None], guidance_scale: float = 1.0) -> torch.Tensor:
-    """Codes [b, N] for one chunk of rows (text [b, L] on the model's device)."""
+                  use_cache: bool, tick: Callable[[], None], guidance_scale: float = 1.0,
+                  group: int = 1) -> torch.Tensor:
+    """Codes [b, N] for one chunk of rows (text [b, L] on the model's device), whose rows
+    come in groups of `group` with the same caption and prompt (the draws of a caption)."""
     cfg = model.config
     L, N = cfg.text_len, cfg.image_len
     b = text.shape[0]
@@ -286,11 +315,17 @@ def _sample_chunk(model: DalleTransformer, text: torch.Tensor, prompt: torch.Ten
 
     if use_cache:
         cache = StaticKVCache(cfg.n_layer, L + N)
-        # prefill: BOS, the caption and the prompt (positions 0 .. L + r)
-        x = model.embed(text, streams(codes[:, :r]) if r else None, start=0)
+        # prefill: BOS, the caption and the prompt (positions 0 .. L + r), once per group of
+        # draws that share them; the cache then gives every draw its copy (share_rows)
+        one = slice(None, None, group)
+        if group > 1 and not (torch.equal(text, text[one].repeat_interleave(group, 0)) and
+                              (prompt is None or torch.equal(prompt, prompt[one].repeat_interleave(group, 0)))):
+            raise ValueError(f"rows must come in groups of {group} with the same caption and prompt")
+        x = model.embed(text[one], streams(codes[:, :r])[one] if r else None, start=0)
         h = model.hidden_states(x, start=0, cache=cache)
+        cache.share_rows(group)
         _, logits = model.head_logits(h[:, -1:], start=L + r)
-        draw(logits[:, 0], r)
+        draw(logits[:, 0].repeat_interleave(group, 0), r)
         for j in range(r + 1, N):
             pos = L + j  # the input i_j (codes[:, j - 1]) predicts token j
             x = model.embed(None, streams(codes[:, :j]), start=pos)
@@ -304,6 +339,11 @@ def _sample_chunk(model: DalleTransformer, text: torch.Tensor, prompt: torch.Ten
             _, logits = model.head_logits(h[:, -1:], start=L + j)
             draw(logits[:, 0], j)
     return codes
+
+
+# the draws of a caption share its prefill and caption block (StaticKVCache.share_rows); False:
+# every draw runs its own, the same tokens up to float rounding (the baseline of bench/sample.py)
+share_caption_rows = True
 
 
 @torch.no_grad()
@@ -354,6 +394,12 @@ def sample_image_codes(
     chunk = R if batch_size is None else batch_size
     if guidance_scale != 1.0 and batch_size is not None:
         chunk = max(1, chunk // 2)  # two streams a row: the same memory as batch_size plain rows
+    # whole captions per chunk where they fit, so that a caption's draws share its prefill and
+    # caption block (StaticKVCache.share_rows); every chunk's rows then come in groups of `group`
+    # (chunks start at multiples of `chunk`, captions at multiples of n_per_caption)
+    if chunk >= n_per_caption:
+        chunk -= chunk % n_per_caption
+    group = math.gcd(chunk, n_per_caption) if share_caption_rows else 1
     r = 0 if rows_prompt is None else rows_prompt.shape[1]
     total = -(-R // chunk) * (N - r)
     done = 0
@@ -372,7 +418,7 @@ def sample_image_codes(
             e = min(s + chunk, R)
             out.append(_sample_chunk(model, rows_text[s:e], None if rows_prompt is None else rows_prompt[s:e],
                                      uniforms[s:e], float(temperature), top_k, top_p, use_cache, tick,
-                                     float(guidance_scale)))
+                                     float(guidance_scale), group))
     finally:
         model.train(was_training)
     return torch.cat(out, dim=0)
