@@ -163,7 +163,7 @@ def judge_candidates(out, judge: Judge, picked: np.ndarray | None = None) -> Jud
 def _generate_chunk(chain, chunk: list[str], candidates: int, seed: int, judge: Judge | None,
                     sampling: SamplingConfig | None = None) -> dict[str, np.ndarray]:
     sampling = sampling or SamplingConfig()
-    # batch_size None: rows sized from the KV cache per row and free GPU memory (256 on CPU)
+    # batch_size None: rows sized from the KV cache per row and free GPU memory (512 on CPU)
     out = chain.generate(chunk, n=candidates, keep=1, seed=seed, batch_size=None, return_candidates=True,
                          temperature=sampling.temperature, top_k=sampling.top_k,
                          guidance_scale=sampling.guidance_scale)
