@@ -80,3 +80,19 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         yield b
         b.close()
+
+
+@pytest.fixture
+def sampler_caches(monkeypatch):
+    """Every StaticKVCache the sampler makes while the test runs, in order."""
+    from dalle_core.prior import sampling
+
+    caches = []
+
+    class Recording(sampling.StaticKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(sampling, "StaticKVCache", Recording)
+    return caches

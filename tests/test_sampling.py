@@ -106,23 +106,17 @@ def test_seeding_is_deterministic_and_independent_of_batch_size(model32):
     assert torch.equal(torch.rand(1), before)
 
 
-def test_the_draws_of_a_caption_share_its_prefill(model64, monkeypatch):
+def test_the_draws_of_a_caption_share_its_prefill(model64, sampler_caches):
     # a caption is run once for its draws and its block read once for them (share_rows);
     # the tokens are those of every draw run on its own, however the rows are chunked
     from dalle_core.prior import sampling
 
-    caches = []
-
-    class Recording(sampling.StaticKVCache):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            caches.append(self)
-
-    monkeypatch.setattr(sampling, "StaticKVCache", Recording)
+    caches = sampler_caches
     text = captions(B=3, seed=2)
     alone = sample_image_codes(model64, text.repeat_interleave(4, 0), seed=4, top_k=6)
     assert all(c.shared_prefix(0) is None for c in caches)
-    for batch_size, groups in [(None, [4]), (9, [4, 4]), (2, [2] * 6)]:  # 9: two whole captions, then one
+    # 9: two whole captions, then one; 3: a chunk of 2 (a divisor of the 4 draws), not 3
+    for batch_size, groups in [(None, [4]), (9, [4, 4]), (2, [2] * 6), (3, [2] * 6)]:
         caches.clear()
         shared = sample_image_codes(model64, text, n_per_caption=4, seed=4, top_k=6, batch_size=batch_size)
         assert torch.equal(shared, alone), batch_size

@@ -53,7 +53,7 @@ def test_too_small_a_device_is_an_error_that_says_why():
         sampling_batch_size(cfg, count_parameters(cfg), 16 * GIB)
 
 
-def test_kv_cache_formula_matches_the_cache_the_sampler_allocates(monkeypatch):
+def test_kv_cache_formula_matches_the_cache_the_sampler_allocates(sampler_caches):
     """Measured: the StaticKVCache buffers of a real (tiny) sampling run, per row."""
     from dalle_core.prior import sampling
     from dalle_core.prior.model import DalleTransformer
@@ -61,14 +61,7 @@ def test_kv_cache_formula_matches_the_cache_the_sampler_allocates(monkeypatch):
     cfg = get_profile("tiny").prior
     torch.manual_seed(0)
     model = DalleTransformer(cfg).eval()
-    caches = []
-
-    class Recording(sampling.StaticKVCache):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            caches.append(self)
-
-    monkeypatch.setattr(sampling, "StaticKVCache", Recording)
+    caches = sampler_caches
     text = torch.randint(0, cfg.text_vocab_size, (3, cfg.text_len))
     sampling.sample_image_codes(model, text, n_per_caption=2, batch_size=6)
     [cache] = caches

@@ -373,7 +373,9 @@ def sample_image_codes(
     progress(done, total): called after every drawn token position of every
         chunk (total = number of chunks * (N - r));
     batch_size: at most this many rows are decoded together (None = all; with
-        guidance, half as many captions' rows, each run in two streams);
+        guidance, half as many captions' rows, each run in two streams), rounded
+        down to whole captions, or to a divisor of n_per_caption when a caption's
+        draws do not fit, so that draws of one caption share its caption block;
     guidance_scale: classifier-free guidance (module docstring; 1 = none, the paper's).
 
     Returns LongTensor [B * n_per_caption, N] on the model's device, caption-major
@@ -394,11 +396,15 @@ def sample_image_codes(
     chunk = R if batch_size is None else batch_size
     if guidance_scale != 1.0 and batch_size is not None:
         chunk = max(1, chunk // 2)  # two streams a row: the same memory as batch_size plain rows
-    # whole captions per chunk where they fit, so that a caption's draws share its prefill and
-    # caption block (StaticKVCache.share_rows); every chunk's rows then come in groups of `group`
-    # (chunks start at multiples of `chunk`, captions at multiples of n_per_caption)
+    # whole captions per chunk where they fit, else a divisor of a caption's draws, so that the
+    # draws in a chunk share their caption's prefill and block (StaticKVCache.share_rows): at the
+    # paper's size the caption block is 257 of the ~290 keys a row or column step reads. Every
+    # chunk's rows then come in groups of `group` (chunks start at multiples of `chunk`, captions
+    # at multiples of n_per_caption).
     if chunk >= n_per_caption:
         chunk -= chunk % n_per_caption
+    else:
+        chunk = max(d for d in range(1, chunk + 1) if n_per_caption % d == 0)
     group = math.gcd(chunk, n_per_caption) if share_caption_rows else 1
     r = 0 if rows_prompt is None else rows_prompt.shape[1]
     total = -(-R // chunk) * (N - r)
