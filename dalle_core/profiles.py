@@ -401,7 +401,7 @@ def small() -> Profile:
 
 @profile_builder("medium")
 def medium() -> Profile:
-    """The small lineage run longer (about 25 minutes on 2 CPU cores): the same world,
+    """The small lineage run longer (about 21-25 minutes on 2 CPU cores): the same world,
     dVAE and shapes (but the prior's 128 width split 4 x 32, as measured here; small's is 8 x 16),
     twice the crawl (below), the prior trained 2.2x as long (2,200 updates, with small's Muon;
     4,400 with AdamW until 2026-12-03) and the reranker
