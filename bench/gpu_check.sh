@@ -10,7 +10,8 @@
 #   prior_attention  SDPA vs FlexAttention (bench/prior.py --attention sdpa flex), only when
 #                    bench/prior.py --help lists --attention; else a note says it was skipped
 #   dvae             the paper dVAE's train step and encode rate in bf16, peak memory (bench/dvae.py)
-#   sample           cached sampling at 32x32 vs uncached (bench/sample.py)
+#   sample           cached sampling at 32x32 vs uncached, 16 draws a caption sharing its
+#                    caption block vs each its own (bench/sample.py)
 #   inception        Inception feature rate, random weights unless $DALLE_INCEPTION_WEIGHTS
 #                    (bench/inception.py)
 # Every <part>.json: {"part", "ok", "rc", "timed_out", "skipped", "wall_s", "timeout_s",
@@ -108,13 +109,13 @@ if [ "$TINY" = 1 ]; then
     PRIOR_ARGS=(--profile tiny --device "$DEVICE" --batch 2 --steps 3)
     PRECISIONS=(fp16-per-resblock bf16)
     DVAE_ARGS=(--profile tiny --device "$DEVICE" --batch 2 --repeats 1 --dtype bf16)
-    SAMPLE_ARGS=(--device "$DEVICE" --grids 8 --rows 2 --uncached-rows 1)
+    SAMPLE_ARGS=(--device "$DEVICE" --grids 8 --rows 2 --uncached-rows 1 --draws 2)
     INCEPTION_ARGS=(--device "$DEVICE" --images 2 --batch-size 2 --baseline-images 1 --size 64)
 else
     PRIOR_ARGS=(--profile gpu-1B --device "$DEVICE" --batch 8 --steps 12)
     PRECISIONS=(fp16-per-resblock bf16)
     DVAE_ARGS=(--device "$DEVICE" --dtype bf16 --batch 8 --repeats 3)
-    SAMPLE_ARGS=(--device "$DEVICE" --dtype bf16 --grids 32 --rows 64 --uncached-rows 4)
+    SAMPLE_ARGS=(--device "$DEVICE" --dtype bf16 --grids 32 --rows 64 --uncached-rows 16 --draws 16)
     INCEPTION_ARGS=(--device "$DEVICE" --images 2048 --batch-size 256 --baseline-images 16)
 fi
 if [ "$DEVICE" = cpu ]; then export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"; fi
@@ -157,7 +158,9 @@ if d:
 s = res("sample")
 if s:
     figures["sample"] = [{k: r.get(k) for k in ("grid", "rows", "cached_images_per_s", "cached_s_per_image",
-                                                 "cache_speedup", "identical_tokens")} for r in s.get("results", [])]
+                                                 "cache_speedup", "identical_tokens", "sparse_decode_speedup",
+                                                 "draws_per_caption", "shared_caption_speedup",
+                                                 "shared_caption_identical_tokens")} for r in s.get("results", [])]
 i = res("inception")
 if i:
     figures["inception"] = {k: i.get(k) for k in ("images_per_s", "batch_size", "batching_speedup", "peak_memory_gib")}

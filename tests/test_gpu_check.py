@@ -50,6 +50,7 @@ def test_gpu_check_dry_run_writes_every_figure(tmp_path):
     assert {"prior_fp16-per-resblock", "prior_bf16", "dvae", "sample", "inception"} <= set(figures)
     assert figures["dvae"]["encode_images_per_s"] > 0 and figures["inception"]["images_per_s"] > 0
     assert figures["sample"][0]["identical_tokens"] == 1.0
+    assert figures["sample"][0]["draws_per_caption"] == 2 and figures["sample"][0]["shared_caption_speedup"] > 0
 
 
 def test_a_failing_part_is_recorded_and_the_others_still_run(tmp_path):
