@@ -58,8 +58,9 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            # the small prior's rate and text-loss weight, measured on the demo's codes (issue 15)
            ("small", "prior", "text_loss_weight"): (1 / 8, 0.5),
            ("small", "prior_training", "lr"): (1e-3, 2e-3),
-           # 1,000 updates: the block-sparse gathers' faster backward paid for 100 more (issue 15, 2026-12-03)
-           ("small", "prior_training", "total_steps"): (900, 1000),
+           # 1,000 updates: the block-sparse gathers' faster backward paid for 100 more; 1,333 with 3
+           # layers instead of 4, in the same time (issue 15, 2026-12-03)
+           ("small", "prior_training", "total_steps"): (900, 1333),
            # Muon on the small prior's resblock matrices at twice the rate (issue 15; AdamW,
            # the paper's, is implied and left out of to_dict)
            ("small", "prior_training", "optimizer"): ("adamw", "muon"),
@@ -70,6 +71,8 @@ CHANGED = {("tiny", "prior", "image_vocab_size"): (128, 64),
            # 8 heads of 16 instead of 4 of 32 in the small prior: the same width (issue 15, two seeds)
            ("small", "prior", "n_head"): (4, 8),
            ("small", "prior", "d_head"): (32, 16),
+           # 3 layers trained 4/3 as long instead of 4 (issue 15, 2026-12-03)
+           ("small", "prior", "n_layer"): (4, 3),
            ("small", "reranker", "optimizer"): ("adamw", "muon"),
            ("small", "reranker", "muon_lr_ratio"): (1.0, 2.0)}
 # Fields added since the snapshot, (stage, field): the value every profile has unless CHANGED
@@ -110,7 +113,7 @@ def test_medium_is_the_small_lineage_run_longer():
         assert [(i.key, i.caption, i.seed) for i in small_world.batch_items(batch)] == [
             (i.key, i.caption, i.seed) for i in medium_world.batch_items(batch)]
     assert [i.caption for i in small_world.eval_items()] == [i.caption for i in medium_world.eval_items()]
-    assert m.prior == s.prior.replace(text_loss_weight=1 / 8, n_head=4, d_head=32) and s.prior.text_loss_weight == 0.5
+    assert m.prior == s.prior.replace(text_loss_weight=1 / 8, n_layer=4, n_head=4, d_head=32) and s.prior.text_loss_weight == 0.5
     assert s.prior.n_head * s.prior.d_head == m.prior.n_head * m.prior.d_head == 128  # the same width
     assert code_sizes(m) == code_sizes(s)
     # medium's prior trains as small's (Muon, the cooldown over the last 300) for 2,200 updates
@@ -218,8 +221,9 @@ def test_the_prior_asset_run_digest_is_unchanged():
     # again), "96463d683c3a" before its BPE dropout went to 0, "d786b001acd4" before its lr and text
     # loss weight changed, "eca792ca5107" before it trained with Muon, "da4e05afee25" before its
     # linear cooldown, "d5db60040481" before its 8 heads of 16, "0977169a8617" before its 1,000
-    # updates: a new run folder, as it should be for other training settings
-    assert digest(get_profile("small")) == "fc2c05ad256b"
+    # updates, "fc2c05ad256b" before its 3 layers and 1,333 updates: a new run folder, as it
+    # should be for other training settings
+    assert digest(get_profile("small")) == "31a3d1e155b4"
     # medium's prior trains with Muon since 2026-12-03 (runs/mm1): a new run folder, as for small
     assert get_profile("medium").prior_training.to_dict()["optimizer"] == "muon"
 
