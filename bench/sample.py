@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({
         "bench": "sample", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": args.device, "device_name": device_name, "dtype": args.dtype,
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "prior": "small shape (4 layers x 128)",
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "prior": "small shape ({0.n_layer} layers x {0.n_embd})".format(get_profile("small").prior),
         "results": results,
     }, indent=1))
     return 0

@@ -306,11 +306,11 @@ def small() -> Profile:
                   # A second seed of each (2026-12-01): bf16 0.14 vs fp32 0.30, lower again; the seed
                   # moves it as much as the precision (docs/benchmarks.md, "A second dVAE seed").
                   cpu_bf16=False),
-        # 4 layers x 128 wide (~1.1M parameters), sized so its training fits the demo's
-        # 10-minute budget on 2 CPU cores (~23k tokens/s: 0.2 s a step at batch 16).
-        # Four layers still exercise the pattern: row, column, row, conv. 200 steps x 8
-        # learned the code statistics but hardly the caption; 1000 x 16 (~7 epochs of
-        # the demo's shards; the demo runs 1,000) draws the captioned colours in most samples.
+        # 3 layers x 128 wide (~1.0M parameters with the embeddings and heads), sized so its
+        # training fits the demo's 10-minute budget on 2 CPU cores (~0.18-0.21 s a bf16 step at
+        # batch 16). Three layers still exercise every kind of the pattern: row, column, conv.
+        # 200 steps x 8 learned the code statistics but hardly the caption; 1,333 x 16 (~9 epochs
+        # of the demo's shards) draws the captioned colours in most samples.
         # attention "auto": block-sparse on the CPU (dalle_core/prior/block_sparse.py): the same
         # outputs, and on the demo's codes 300 bf16 updates take 58 s vs 79 s with masked SDPA
         # (25.3k vs ~17-21k tokens/s), losses equal within 0.001 (2026-12-01, idle)
