@@ -78,17 +78,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len
     read instead of k/v[:, :, :L + 1], which must then hold the same values."""
     head = text_len + 1
     B, H, _, D = q.shape
-    if caption is None:
-        kt, vt = k[:, :, :head], v[:, :, :head]
-        scores = [q @ kt.transpose(-1, -2)]
-    else:
-        kt, vt = caption[0][:, :, :head], caption[1][:, :, :head]
-        C = kt.shape[0]
-        if B % C:
-            raise ValueError(f"{B} rows do not split into groups for {C} shared caption blocks")
-        g = B // C
-        qg = q.reshape(C, g, H, D).transpose(1, 2)  # [C, H, g, D]: the draws of a caption together
-        scores = [(qg @ kt.transpose(-1, -2)).transpose(1, 2).reshape(B, H, 1, head)]
+    kc, vc = caption if caption is not None else (k, v)  # without sharing, every row is its own group
+    kt, vt = kc[:, :, :head], vc[:, :, :head]
+    C = kt.shape[0]
+    if B % C:
+        raise ValueError(f"{B} rows do not split into groups for {C} shared caption blocks")
+    g = B // C
+    qg = q.reshape(C, g, H, D).transpose(1, 2)  # [C, H, g, D]: the draws of a caption together
+    scores = [(qg @ kt.transpose(-1, -2)).transpose(1, 2).reshape(B, H, 1, head)]
     if image_keys is not None:
         ki, vi = k[:, :, image_keys], v[:, :, image_keys]
         s = q @ ki.transpose(-1, -2)
@@ -98,11 +95,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_len
     scores = torch.cat(scores, -1)
     scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # half-precision scores: fp32 softmax
     p = (scores * q.shape[-1] ** -0.5).softmax(-1).to(v.dtype)
-    if caption is None:
-        y = p[..., :head] @ vt
-    else:
-        pg = p[..., :head].reshape(C, g, H, head).transpose(1, 2)  # [C, H, g, L + 1]
-        y = (pg @ vt).transpose(1, 2).reshape(B, H, 1, D)
+    pg = p[..., :head].reshape(C, g, H, head).transpose(1, 2)  # [C, H, g, L + 1]
+    y = (pg @ vt).transpose(1, 2).reshape(B, H, 1, D)
     if image_keys is not None:
         y = y + p[..., head:] @ vi
     return y
