@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from dalle_core.heap import keep_freed_heap
 from dalle_core.profiles import UnknownProfileError, get_profile, profile_names
 from orchestration.human_eval.cli import add_human_eval_parser
 
@@ -580,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     args, rest = build_parser().parse_known_args(argv)
+    keep_freed_heap()  # the in-process stages (reranker, sampling) reuse freed pages (dalle_core/heap.py)
     if rest and not getattr(args, "passthrough", False):
         build_parser().parse_args(argv)  # the usual error for unknown options
     try:

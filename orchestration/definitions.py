@@ -18,6 +18,11 @@ from orchestration.jobs import ALL_JOBS
 from orchestration.schedules import retrain_schedule
 from orchestration.sensors import new_url_list_sensor, retrain_chain_sensor
 from orchestration.settings import Settings
+from dalle_core.heap import keep_freed_heap
+
+# the code location's run processes train and sample on the CPU too: freed pages are reused
+# (dalle_core/heap.py)
+keep_freed_heap()
 
 
 def build_resources(settings: Settings) -> dict:

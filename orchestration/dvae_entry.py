@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from dalle_core.heap import keep_freed_heap
 from orchestration.rank0_report import rank0_reporter
 
 
@@ -68,6 +69,7 @@ def run(args: argparse.Namespace, on_log=None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_freed_heap()  # each step reuses the last one's pages (dalle_core/heap.py)
     with rank0_reporter() as report:
         metrics_file = Path(args.out) / "metrics.jsonl"
 

@@ -101,6 +101,7 @@ from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .export import save_prior_rank0
 from .model import DalleTransformer, build_optimizer
+from ..heap import keep_freed_heap
 
 log = logging.getLogger(__name__)
 
@@ -550,6 +551,7 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
     from dalle_core.profiles import check_profile_against_codes, get_profile, load_resolved_profile
 
     args = build_arg_parser().parse_args(argv)
+    keep_freed_heap()  # each update reuses the last one's pages (dalle_core/heap.py: ~13% of a CPU update)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     storage, prefix = _codes_location(args.codes)
     profile = load_resolved_profile(args.profile_json) if args.profile_json else get_profile(args.profile)
