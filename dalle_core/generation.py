@@ -61,6 +61,10 @@ class TextToImage:
     def __init__(self, prior: DalleTransformer, decoder: nn.Module, tokenizer: DalleTokenizer,
                  reranker: nn.Module | None = None, encoder: nn.Module | None = None):
         self.prior, self.decoder, self.tokenizer = prior.eval(), decoder.eval(), tokenizer
+        # the decoder's weights in channels_last, the layout of its one-hot input (decode_codes):
+        # oneDNN's convolutions then skip a layout change per layer; on 2 CPU threads 512 of the
+        # small dVAE's images decode in 1.95 s instead of 2.50 (2026-12-03), the same pixels
+        self.decoder.to(memory_format=torch.channels_last)
         self.reranker = reranker.eval() if reranker is not None else None
         self.encoder = encoder.eval() if encoder is not None else None
         self._check_parts()
