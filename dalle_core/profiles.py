@@ -307,9 +307,9 @@ def small() -> Profile:
                   # moves it as much as the precision (docs/benchmarks.md, "A second dVAE seed").
                   cpu_bf16=False),
         # 3 layers x 128 wide (~1.0M parameters with the embeddings and heads), sized so its
-        # training fits the demo's 10-minute budget on 2 CPU cores (~0.18-0.21 s a bf16 step at
-        # batch 16). Three layers still exercise every kind of the pattern: row, column, conv.
-        # 200 steps x 8 learned the code statistics but hardly the caption; 1,333 x 16 (~9 epochs
+        # training fits the demo's 10-minute budget on 2 CPU cores (~0.12-0.13 s a bf16 step at
+        # batch 16 since dalle_core/heap.py). Three layers still exercise every kind of the pattern: row, column, conv.
+        # 200 steps x 8 learned the code statistics but hardly the caption; 1,800 x 16 (~12 epochs
         # of the demo's shards) draws the captioned colours in most samples.
         # attention "auto": block-sparse on the CPU (dalle_core/prior/block_sparse.py): the same
         # outputs, and on the demo's codes 300 bf16 updates take 58 s vs 79 s with masked SDPA
@@ -344,7 +344,11 @@ def small() -> Profile:
         # on the steep part of its curve (docs/benchmarks.md): every update the budget allows pays.
         # d14's report: held-out reranked 0.63, first draw 0.185, any of 16 0.82, vs d12's 0.595 /
         # 0.17 / 0.755 (at 1,100 updates on d12's codes: 0.64 / 0.245 / 0.845). 1,333 since the
-        # prior has 3 layers (above): the time of 4 layers' 1,000 updates.
+        # prior has 3 layers (above): the time of 4 layers' 1,000 updates. 1,800 since its steps
+        # stopped faulting in fresh pages (dalle_core/heap.py: 1,333 updates took 163 s of the
+        # demo instead of 240, `runs/d18` vs d17, the same model): through the demo (`runs/d19`,
+        # 570 s in all, 2026-12-03) held-out first draw 0.33 (1,333: 0.235), reranked 0.715
+        # (0.735), any of 16 0.93 (0.90), training captions first draw 0.438 (0.281).
         # lr 2e-3 (1e-3 before): without BPE dropout the higher rate is ahead at 1,100 updates
         # too (any-of-8 0.275 / 0.32 vs 0.195 / 0.265, seeds 0 / 1; 3e-3: 0.265), as it was past
         # 2,000 with dropout; medium, which had taken 2e-3 for that, now inherits it.
@@ -361,7 +365,7 @@ def small() -> Profile:
         # training captions a draw 0.095 / 0.095 vs 0.088 / 0.085; the loss 0.943 vs 1.011. Free.
         prior_training=dict(lr=2e-3, warmup_steps=50, ema_decay=0.99, ema_every=1, amp_dtype="auto",
                             optimizer="muon", muon_lr_ratio=2.0, lr_cooldown_steps=300,
-                            batch_size=16, total_steps=1333, log_every=50, checkpoint_every=300,
+                            batch_size=16, total_steps=1800, log_every=50, checkpoint_every=300,
                             # the detector checks only in the last ~250 updates and needs a flat, confident fit
                             lr_plateau_window=50, lr_plateau_patience=3, lr_plateau_min_gap=200),
         # 400 updates, ~1.7 minutes on 2 CPU cores. The prior's draws (`runs/d7`'s prior, 200
