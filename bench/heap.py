@@ -43,7 +43,8 @@ def run_child(keep: bool, profile: str, precision: str, steps: int) -> dict:
     if result.get("freed_heap_kept") != keep:
         raise RuntimeError(f"the child's heap setting is {result.get('freed_heap_kept')}, asked {keep} "
                            f"(not glibc? dalle_core/heap.py does nothing there)")
-    return {"kept": keep, "step_s": run["step_s"], "minor_faults": faults, "final_loss": run["final_loss"]}
+    return {"kept": keep, "step_s": run["step_s"], "minor_faults": faults, "final_loss": run["final_loss"],
+            "threads": result["threads"]}
 
 
 def main() -> None:
@@ -77,7 +78,7 @@ def main() -> None:
         "same_loss": len({r["final_loss"] for r in runs}) == 1,
         "runs": runs,
         "matmul_gflops_fp32": round(matmul_rate("cpu") / 1e9, 1),
-        "threads": int(os.environ.get("OMP_NUM_THREADS", 0)) or None,
+        "threads": runs[0]["threads"],  # the children's torch threads
         "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }))

@@ -228,7 +228,7 @@ def main() -> None:
                    help="time each optimizer (PriorTrainingConfig.optimizer; default: the profile's) in the "
                         "same run, with the step ratio muon / adamw")
     args = p.parse_args()
-    keep_freed_heap()  # as the platform's trainer does (DALLE_KEEP_FREED_HEAP=0: not; bench/heap.py)
+    heap_kept = keep_freed_heap()  # as the platform's trainer does (DALLE_KEEP_FREED_HEAP=0: not; bench/heap.py)
 
     device = torch.device(args.device)
     cfg, training = config_for(args.profile)
@@ -285,7 +285,7 @@ def main() -> None:
         **({"attention": attention} if attention else {}),
         **({"step_muon_over_adamw": {prec: round(by["muon"] / by["adamw"], 3) for prec, by in _steps_by_optimizer(runs).items()
                                      if {"muon", "adamw"} <= by.keys()}} if args.optimizers else {}),
-        "freed_heap_kept": keep_freed_heap(),
+        "freed_heap_kept": heap_kept,
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

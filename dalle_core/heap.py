@@ -11,8 +11,9 @@ update of the small prior at batch 16, ~8,000 per step of the small dVAE.
 
 `keep_freed_heap` sets the mmap threshold to glibc's largest (32 MiB; this also stops its
 adaptation) and the trim threshold to 2 GiB (mallopt takes an int), so freed blocks stay in
-the heap and are reused. On 2 CPU threads (2026-12-03): 150 updates of the small prior 26.7 / 23.5 s -> 23.6 /
-20.0 s (1.6-1.8M -> 0.16M faults); 65 steps of the small dVAE 10.9 / 12.2 s -> 10.1 / 10.5 s.
+the heap and are reused. On 2 CPU threads (2026-12-03): 150 updates of the small prior 26.6 /
+24.3 s -> 20.5 / 21.1 s (1.6M -> 0.15M faults); 65 steps of the small dVAE 10.9 / 12.2 s ->
+10.1 / 10.5 s; `bench/heap.py` 1.18x on the prior's step.
 The numbers computed are the same (only where memory comes from changes); the cost is that
 the process keeps its peak heap instead of returning it between steps.
 

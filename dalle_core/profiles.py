@@ -308,7 +308,8 @@ def small() -> Profile:
                   cpu_bf16=False),
         # 3 layers x 128 wide (~1.0M parameters with the embeddings and heads), sized so its
         # training fits the demo's 10-minute budget on 2 CPU cores (~0.12-0.13 s a bf16 step at
-        # batch 16 since dalle_core/heap.py). Three layers still exercise every kind of the pattern: row, column, conv.
+        # batch 16 since dalle_core/heap.py). Three layers still exercise every kind of the
+        # pattern: row, column, conv.
         # 200 steps x 8 learned the code statistics but hardly the caption; 1,800 x 16 (~12 epochs
         # of the demo's shards) draws the captioned colours in most samples.
         # attention "auto": block-sparse on the CPU (dalle_core/prior/block_sparse.py): the same
