@@ -19,11 +19,12 @@ torchrun) it runs the same.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import sys
 from pathlib import Path
 
-from dalle_core.heap import keep_freed_heap
+from dalle_core.heap import freed_heap_kept, keep_freed_heap
 from orchestration.rank0_report import rank0_reporter
 
 
@@ -70,6 +71,7 @@ def run(args: argparse.Namespace, on_log=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_heap()  # each step reuses the last one's pages (dalle_core/heap.py)
+    faulthandler.enable()  # a rank killed by a signal prints its Python stack (torchrun prints only the signal)
     with rank0_reporter() as report:
         metrics_file = Path(args.out) / "metrics.jsonl"
 
@@ -83,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         if report.is_rank0:
             last = summary["history"][-1] if summary.get("history") else {}
             meta = {f"train_{k}": v for k, v in last.items() if isinstance(v, (int, float)) and k != "step"}
-            meta.update(train_steps=summary["step"], world_size=summary["world_size"])
+            meta.update(train_steps=summary["step"], world_size=summary["world_size"],
+                        freed_heap_kept=freed_heap_kept())  # a condition of the step times (dalle_core/heap.py)
             report.materialize(meta)
     return 0
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# A C++ std::terminate in one rank (SIGABRT, "terminate called without an active exception"):
+# seen once in CI (2026-12-03, the Muon test, ~8 s into a 12-update run), not reproduced in
+# 100 runs of that test here since; in torch's gloo the message is known from worker threads
+# that outlive their process group (pytorch/pytorch#190489). Such a run (not one with an
+# injected crash) is rerun once from an empty --out, with a warning; a second abort fails.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(args: list[str], nproc: int = 4, timeout: float = 150, env: dict | None = None
              ) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
@@ -53,7 +63,13 @@ def torchrun(args: list[str], nproc: int = 4, timeout: float = 150, env: dict | 
     full_env = dict(os.environ, OMP_NUM_THREADS="1",
                     PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     full_env.update(env or {})
-    return subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr and "--out" in args and "--crash-after-step" not in args:
+        warnings.warn(f"a rank aborted ({GLOO_ABORT!r}); rerunning once:\n{proc.stderr[-2000:]}")
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+        cmd[cmd.index("--rdzv-endpoint") + 1] = f"127.0.0.1:{free_port()}"
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return proc
 
 
 def train_cmd(codes: Path, out: Path, *extra: str) -> list[str]:
@@ -63,7 +79,13 @@ def train_cmd(codes: Path, out: Path, *extra: str) -> list[str]:
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if proc.returncode == 0:
+        return
+    reached = ""  # how far the run got: the last records of its metrics (a rank's abort says nothing of that)
+    if "--out" in proc.args and (m := Path(proc.args[proc.args.index("--out") + 1]) / "metrics.jsonl").exists():
+        reached = "\n".join(m.read_text().splitlines()[-3:])
+    raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+                         f"\nlast metrics:\n{reached}")
 
 
 def metrics(out: Path) -> list[dict]:

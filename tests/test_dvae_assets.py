@@ -179,6 +179,7 @@ def test_dvae_job_trains_data_parallel_on_two_processes(demo_run, tmp_path, monk
 
     import mlflow
 
+    from dalle_core import heap
     from dalle_core.dvae.model import load_dvae
     from dalle_core.profiles import get_profile
     from orchestration.settings import Settings
@@ -194,6 +195,8 @@ def test_dvae_job_trains_data_parallel_on_two_processes(demo_run, tmp_path, monk
     meta = result.asset_materializations_for_node("dvae")[0].metadata
     assert meta["world_size"].value == 2 and meta["steps"].value == 60
     assert meta["train_steps"].value == 60 and meta["train_recon"].value < 0  # rank 0's own figures
+    # the torchrun entry kept freed pages for reuse (dalle_core/heap.py), and says so next to its times
+    assert meta["freed_heap_kept"].value is (heap._glibc() is not None)
     assert 0 < meta["eval_codebook_usage"].value <= 1
     assert meta["model_version"].value.startswith("dvae v1")  # a fresh registry: the copy's
     encoder, _, cfg = load_dvae(tmp_path / "storage" / "dvae" / "dvae.pt")

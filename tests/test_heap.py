@@ -58,8 +58,9 @@ def test_a_training_step_reuses_freed_pages_instead_of_faulting_in_new_ones():
 
 def test_it_can_be_turned_off_and_does_nothing_without_glibc(monkeypatch):
     monkeypatch.setattr(heap, "_applied", [])
+    assert heap.freed_heap_kept() is False  # asking does not apply it
     monkeypatch.setenv("DALLE_KEEP_FREED_HEAP", "0")
-    assert heap.keep_freed_heap() is False
+    assert heap.keep_freed_heap() is False and heap.freed_heap_kept() is False
     monkeypatch.setattr(heap, "_applied", [])
     monkeypatch.delenv("DALLE_KEEP_FREED_HEAP")
     monkeypatch.setattr(heap, "_glibc", lambda: None)

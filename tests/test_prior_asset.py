@@ -20,6 +20,10 @@ def test_prior_trained_through_pipes_and_registered(demo_run):
     meta = event.asset_materialization.metadata
     # reported by rank 0 through Pipes
     assert meta["train_step"].value == 60 and meta["world_size"].value == 1
+    # the trainer kept freed pages for reuse (dalle_core/heap.py) and stored that with its elapsed_s
+    from dalle_core import heap
+
+    assert meta["train_freed_heap_kept"].value is (heap._glibc() is not None)
     # 60 tiny steps: well below guessing uniformly among the codes; the unigram
     # figure is reported next to it (the small demo run is what must beat it)
     import math

@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import math
@@ -101,7 +102,7 @@ from .init import materialize_prior
 from .lr_schedule import CONTROL_FILE, LRSchedule, poll_lr_requests
 from .export import save_prior_rank0
 from .model import DalleTransformer, build_optimizer
-from ..heap import keep_freed_heap
+from ..heap import freed_heap_kept, keep_freed_heap
 
 log = logging.getLogger(__name__)
 
@@ -361,7 +362,7 @@ def train_prior(
 
     emit({"event": "start", "step": start, "total_steps": total, "world_size": world,
           "precision": precision, "resumed_from": resumed_from,
-          "n_params": sum(p.numel() for p in params)})
+          "n_params": sum(p.numel() for p in params), "freed_heap_kept": freed_heap_kept()})
 
     # --- the loop ------------------------------------------------------------------------------------
     model.train()
@@ -458,7 +459,7 @@ def train_prior(
     # start_step: 0 for a run trained from the start, the checkpoint's step for a resumed one (equal to
     # `step` when a finished run was only loaded back)
     emit({"event": "end", "step": step, "start_step": start, "final_loss": result.final_loss,
-          "elapsed_s": result.elapsed_s,
+          "elapsed_s": result.elapsed_s, "freed_heap_kept": freed_heap_kept(),  # a condition of elapsed_s
           "model_path": result.model_path, **({"compression": result.compression} if reducer else {})})
     return result
 
@@ -552,6 +553,9 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
 
     args = build_arg_parser().parse_args(argv)
     keep_freed_heap()  # each update reuses the last one's pages (dalle_core/heap.py: ~13% of a CPU update)
+    # a rank killed by a signal (SIGABRT from a C++ std::terminate, SIGSEGV) prints every
+    # thread's Python stack: torchrun itself reports only "Signal 6 received by PID ..."
+    faulthandler.enable()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     storage, prefix = _codes_location(args.codes)
     profile = load_resolved_profile(args.profile_json) if args.profile_json else get_profile(args.profile)
