@@ -85,6 +85,7 @@ from dalle_core.distributed.checkpoint import (canonical_key, checkpoint_locatio
                                                save_checkpoint)
 from dalle_core.distributed.mesh import (
     ParallelConfig,
+    barrier,
     build_mesh,
     data_parallel_replicas,
     get_rank,
@@ -636,6 +637,8 @@ def main(argv: list[str] | None = None, extra_on_log: Callable[[dict], None] | N
                     total_steps=args.steps, parallel=parallel, log_every=args.log_every,
                     checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                     resume=not args.no_resume, after_step=after_step, seed=seed)
+        if is_distributed():
+            barrier()  # no rank tears its process groups down while another still talks to it
     finally:
         if metrics_file is not None:
             metrics_file.close()
